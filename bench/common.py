@@ -1,0 +1,67 @@
+"""Helpers shared by the benchmarks: synthetic repositories and side-by-side timing."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ENV = {
+    **os.environ,
+    "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
+    "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.com",
+}
+
+
+def git(repo: Path, *args: str, input: bytes | None = None) -> str:
+    return subprocess.run(["git", *args], cwd=repo, env=ENV, input=input, check=True,
+                          capture_output=True).stdout.decode()
+
+
+def make_repo(root: Path, folders: int = 1000, per_folder: int = 20) -> Path:
+    """A committed repository of folders x per_folder small files, with tq.gpus set."""
+    root.mkdir(parents=True)
+    git(root, "init", "-q")
+    git(root, "config", "tq.gpus", "0,1")
+    for d in range(folders):
+        folder = root / f"pkg{d:04d}"
+        folder.mkdir()
+        for f in range(per_folder):
+            (folder / f"mod{f:02d}.py").write_text(f"# module {d}.{f}\nVALUE = {d * f}\n")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "synthetic tree")
+    return root
+
+
+def dirty(repo: Path, modified: int, untracked: int) -> None:
+    for i in range(modified):
+        with open(repo / f"pkg{i:04d}" / "mod00.py", "a") as fh:
+            fh.write("# edited\n")
+    for i in range(untracked):
+        (repo / f"untracked{i}.py").write_text("new\n")
+
+
+def timed(cmd: Sequence[str], cwd: Path) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, env=ENV, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def side_by_side(cmds: dict[str, Sequence[str]], cwd: Path, rounds: int) -> dict[str, float]:
+    """Median seconds per command, the commands interleaved round by round."""
+    samples: dict[str, list[float]] = {k: [] for k in cmds}
+    for cmd in cmds.values():  # warm the caches once
+        timed(cmd, cwd)
+    for _ in range(rounds):
+        for name, cmd in cmds.items():
+            samples[name].append(timed(cmd, cwd))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def machine() -> str:
+    cpus = os.cpu_count()
+    git_version = subprocess.run(["git", "--version"], capture_output=True, text=True).stdout
+    return f"{cpus} cores, {git_version.strip()}"

@@ -1,0 +1,58 @@
+"""Submit latency of `git tq run -q -- true` against `git stash create`, side by side.
+
+Also shows how the snapshot's cost moves with the number of changed files
+and with the size of the repository.
+
+    python bench/submit.py [--rounds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import dirty, git, machine, make_repo, side_by_side  # noqa: E402
+
+TQ = ["git", "tq", "run", "-q", "--cpu", "--", "true"]
+STASH = ["git", "stash", "create"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=15)
+    rounds = parser.parse_args().rounds
+    print(f"machine: {machine()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        big = make_repo(Path(tmp) / "big")  # 20,000 files in 1,000 folders
+        dirty(big, modified=10, untracked=5)
+        r = side_by_side({"git tq run": TQ, "git stash create": STASH}, big, rounds)
+        ratio = r["git tq run"] / r["git stash create"]
+        print(f"20,000 files, 10 modified + 5 untracked, median of {rounds}:")
+        print(f"  git tq run -q -- true   {r['git tq run'] * 1000:7.1f} ms")
+        print(f"  git stash create        {r['git stash create'] * 1000:7.1f} ms")
+        print(f"  ratio                   {ratio:7.2f}x  (aim: <= 1.5x)")
+
+        print("snapshot cost against changes (same 20,000-file repository):")
+        git(big, "stash", "-u", "-q")
+        for modified in (0, 10, 100, 1000):
+            git(big, "checkout", "-q", "--", ".")
+            dirty(big, modified=modified, untracked=0)
+            t = side_by_side({"tq": TQ}, big, max(5, rounds // 3))["tq"]
+            print(f"  {modified:5d} modified files  {t * 1000:7.1f} ms")
+        git(big, "checkout", "-q", "--", ".")
+
+        small = make_repo(Path(tmp) / "small", folders=100)  # 2,000 files
+        dirty(small, modified=10, untracked=5)
+        ts = side_by_side({"tq": TQ, "stash": STASH}, small, max(5, rounds // 3))
+        print("repository size, 10 modified + 5 untracked:")
+        print(f"   2,000 files: git tq run {ts['tq'] * 1000:6.1f} ms, "
+              f"git stash create {ts['stash'] * 1000:6.1f} ms")
+        print(f"  20,000 files: git tq run {r['git tq run'] * 1000:6.1f} ms, "
+              f"git stash create {r['git stash create'] * 1000:6.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

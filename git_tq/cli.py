@@ -1,0 +1,406 @@
+"""The `git-tq` command line: click wiring from arguments to `service`, and printing.
+
+No logic lives here: each command parses, calls one service function, prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, TypeVar
+
+import click
+
+from git_tq import __version__
+from git_tq.errors import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_USAGE, TqError
+
+F = TypeVar("F", bound=Callable[..., Any])
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+ALIASES = {"st": "ls"}
+
+
+class TqGroup(click.Group):
+    """A group that knows command aliases (`st` for `ls`)."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> Optional[click.Command]:
+        return super().get_command(ctx, ALIASES.get(cmd_name, cmd_name))
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[Optional[str], Optional[click.Command], list[str]]:
+        _, cmd, rest = super().resolve_command(ctx, args)
+        return (cmd.name if cmd else None), cmd, rest
+
+
+class PathspecCommand(click.Command):
+    """A command whose arguments after `--` are paths, as in git (click would drop the `--`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            cut = args.index("--")
+            ctx.meta["pathspec"] = args[cut + 1:]
+            args = args[:cut]
+        return super().parse_args(ctx, args)
+
+
+def open_context() -> Any:
+    from git_tq.service import Context
+
+    return Context.open()
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print machine-readable JSON (stable; see the man page).")(f)
+
+
+@click.group(cls=TqGroup, context_settings=CONTEXT, invoke_without_command=True)
+@click.version_option(__version__, "--version", prog_name="git tq")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """git tq: a preemptive GPU job queue built into git.
+
+    `git tq --help` (through git) opens the man page; `git tq -h` prints this.
+    """
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+# --- run ---------------------------------------------------------------------------
+
+
+@cli.command(context_settings={**CONTEXT, "allow_interspersed_args": False,
+                               "ignore_unknown_options": False})
+@click.option("-p", "--priority", type=int, default=None,
+              help="Priority: a smaller number runs first and preempts larger ones [100].")
+@click.option("-g", "--grace", type=click.IntRange(min=0), default=None,
+              help="Seconds between SIGTERM and SIGKILL when preempted [180].")
+@click.option("-t", "--tag", help="A short label (also used in the log file name).")
+@click.option("-e", "--env", "env_name", help="Conda env name, or a virtualenv/conda prefix path.")
+@click.option("--gpu", "gpu_ids", metavar="IDS", help="Exactly these GPUs, e.g. 0 or 0,1.")
+@click.option("--gpus", "gpu_count", type=click.IntRange(min=0), metavar="N",
+              help="Any N free GPUs.")
+@click.option("--cpu", is_flag=True, help="No GPU: run in a CPU slot.")
+@click.option("--sh", "shell", flag_value=True, default=None,
+              help="Run the command through `sh -c` (automatic for one quoted string).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the job id.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+def run(priority: Optional[int], grace: Optional[int], tag: Optional[str],
+        env_name: Optional[str], gpu_ids: Optional[str], gpu_count: Optional[int], cpu: bool,
+        shell: Optional[bool], quiet: bool, command: tuple[str, ...]) -> None:
+    """Snapshot the work tree and queue COMMAND as a job.
+
+    Options end at the first word that is not an option (or at `--`).
+    """
+    from git_tq import service
+    from git_tq.model import DEFAULT_GRACE, DEFAULT_PRIORITY
+
+    ctx = open_context()
+    req = service.SubmitRequest(
+        command=command,
+        priority=DEFAULT_PRIORITY if priority is None else priority,
+        grace=DEFAULT_GRACE if grace is None else grace,
+        tag=tag, env=env_name, gpu_ids=gpu_ids, gpu_count=gpu_count, cpu=cpu, shell=shell,
+    )
+    result = service.submit(ctx, req)
+    for w in result.warnings:
+        click.echo(f"git tq: warning: {w}", err=True)
+    job = result.job
+    if quiet:
+        click.echo(str(job.id))
+        return
+    src = job.source[:10] if job.source else "no commit yet"
+    click.echo(f"job {job.id} queued (priority {job.spec.priority}, gpus "
+               f"{job.spec.gpus.describe()}): {job.spec.command_line()}")
+    click.echo(f"  code: {src} + {job.changes.describe()}; snapshot {job.snapshot[:10]}")
+
+
+# --- listing and showing ---------------------------------------------------------------
+
+
+@cli.command("ls", context_settings=CONTEXT)
+@click.option("-a", "--all", "show_all", is_flag=True, help="Every job, finished ones too.")
+@click.option("-s", "--state", "states", multiple=True,
+              help="Only jobs in this state (pending, running, stopping, done, failed, "
+                   "cancelled, active); repeat or comma-separate.")
+@click.option("-t", "--tag", "tags", multiple=True, help="Only jobs with this tag.")
+@json_option
+def ls_cmd(show_all: bool, states: tuple[str, ...], tags: tuple[str, ...],
+           as_json: bool) -> None:
+    """List jobs: the active queue by default (alias: st)."""
+    from git_tq import output, service
+
+    views = service.list_jobs(open_context(), include_finished=show_all, states=states,
+                              tags=tags)
+    if as_json:
+        output.print_json([v.to_json() for v in views])
+        return
+    if not views:
+        output.echo("no jobs" if show_all or states or tags else
+                    "no active jobs (git tq ls --all shows finished ones)")
+        return
+    rows, styles = [], []
+    for v in views:
+        j = v.job
+        if j.state.value in ("running", "stopping"):
+            when = output.since(j.started_at)
+        elif j.state.finished:
+            when = output.since(j.started_at, j.ended_at) if j.started_at else "-"
+        else:
+            when = output.since(j.spec.submitted_at) + " ago"
+        state = j.state.value
+        if j.state.value == "failed":
+            state += f" ({j.exit_code})" if j.signal is None else f" (sig {j.signal})"
+        gpus = ",".join(map(str, j.assigned_gpus)) if j.assigned_gpus else \
+            j.spec.gpus.describe()
+        rows.append([str(j.id), state, str(j.spec.priority), gpus, j.spec.tag or "",
+                     output.shorten(j.spec.command_line(), 60), when,
+                     output.shorten(v.note or "", 40)])
+        styles.append(output.STATE_STYLES.get(j.state.value))
+    output.print_table(["ID", "STATE", "PRI", "GPUS", "TAG", "COMMAND", "TIME", "NOTE"],
+                       rows, styles)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("job")
+@json_option
+def show(job: str, as_json: bool) -> None:
+    """Show a job's whole record: spec, code, lifecycle, note, log."""
+    from git_tq import output, service
+
+    detail = service.show_job(open_context(), job)
+    data = detail.view.to_json()
+    if as_json:
+        data["lifecycle"] = [
+            {"commit": c, "event": r.event, "state": r.state.value, "detail": r.detail,
+             "at": (r.ended_at or r.started_at or r.spec.submitted_at)
+             if r.event != "submitted" else r.spec.submitted_at}
+            for c, r in detail.lifecycle
+        ]
+        output.print_json(data)
+        return
+    j, s = detail.view.job, detail.view.job.spec
+    e = output.esc
+    lines = [
+        f"{output.styled(f'job {j.id}', 'bold')}  "
+        f"{output.styled(j.state.value, output.STATE_STYLES[j.state.value])}"
+        + (f"  (exit {j.exit_code})" if j.exit_code is not None else "")
+        + (f"  (signal {j.signal})" if j.signal is not None else ""),
+        f"command    {e(s.command_line())}" + ("   [sh -c]" if s.shell else ""),
+        f"priority   {s.priority}    grace {s.grace}s    gpus {s.gpus.describe()}"
+        + (f" (holding {','.join(map(str, j.assigned_gpus))})" if j.assigned_gpus else ""),
+        f"tag        {e(s.tag or '-')}    env {e(s.env or '-')}    cwd {e(s.cwd or '.')}",
+        f"submitted  {s.submitted_at} by {e(s.user)}@{e(s.host)}",
+        f"source     {j.source or '(unborn branch)'}",
+        f"snapshot   {j.snapshot}  ({j.changes.describe()} vs source)",
+        f"attempts   {j.attempt}"
+        + (f"    started {j.started_at}" if j.started_at else "")
+        + (f"    ended {j.ended_at}" if j.ended_at else ""),
+        f"log        {e(detail.view.log)}"
+        + (f"  [{e(detail.view.category)}]" if detail.view.category else ""),
+        f"restore    git tq checkout {j.id}   (or -b BRANCH, --worktree PATH)",
+    ]
+    if detail.view.note:
+        lines.append("note       " + output.styled(e(detail.view.note), "cyan"))
+    lines.append("lifecycle")
+    for commit, rec in detail.lifecycle:
+        at = rec.spec.submitted_at if rec.event == "submitted" else \
+            (rec.ended_at if rec.state.finished else rec.started_at) or ""
+        if rec.event in ("preempted", "cancelled", "stopping"):
+            at = ""
+        extra = f"  {e(rec.detail)}" if rec.detail else ""
+        lines.append(f"  {commit[:10]}  {rec.event:<12} -> {rec.state.value:<9} {at}{extra}")
+    output.print_markup("\n".join(lines))
+
+
+@cli.command("log", context_settings=CONTEXT)
+@click.argument("revisions", nargs=-1)
+@json_option
+def log_cmd(revisions: tuple[str, ...], as_json: bool) -> None:
+    """History with the jobs run on each commit (commits without jobs are folded)."""
+    from git_tq import output, service
+
+    entries = service.history(open_context(), revisions)
+    if as_json:
+        output.print_json([
+            {"commit": en.commit, "subject": en.subject, "jobs": [v.to_json() for v in en.jobs]}
+            for en in entries
+        ])
+        return
+    e = output.esc
+    lines: list[str] = []
+    folded = 0
+
+    def flush() -> None:
+        nonlocal folded
+        if folded:
+            lines.append(output.styled(f"  ⋮ {folded} commit{'s' if folded > 1 else ''} "
+                                       "without jobs", "dim"))
+            folded = 0
+
+    for en in entries:
+        if not en.jobs:
+            folded += 1
+            continue
+        flush()
+        lines.append(f"{output.styled(en.short, 'yellow')} {e(en.subject)}"
+                     + (output.styled(f" ({en.when})", "dim") if en.when else ""))
+        for v in sorted(en.jobs, key=lambda v: v.job.id):
+            j = v.job
+            status = j.state.value
+            if j.exit_code is not None:
+                status += f" exit {j.exit_code}"
+            elif j.signal is not None:
+                status += f" signal {j.signal}"
+            runtime = output.since(j.started_at, j.ended_at) if j.started_at else "-"
+            bits = [f"  #{j.id:<5}", output.styled(f"{status:<14}",
+                                                   output.STATE_STYLES[j.state.value]),
+                    f"{runtime:>8}"]
+            if j.spec.tag:
+                bits.append(output.styled(f"[{e(j.spec.tag)}]", "blue"))
+            bits.append(e(output.shorten(j.spec.command_line(), 50)))
+            if j.changes.total:
+                bits.append(output.styled(f"(+{j.changes.total} files differ)", "magenta"))
+            if v.note:
+                bits.append(output.styled("— " + e(output.shorten(v.note, 60)), "cyan"))
+            lines.append(" ".join(bits))
+    flush()
+    output.print_markup("\n".join(lines) if lines else "no commits")
+
+
+# --- code ----------------------------------------------------------------------
+
+
+@cli.command(cls=PathspecCommand, context_settings=CONTEXT)
+@click.argument("job")
+@click.argument("job2", required=False)
+@click.option("--stat", is_flag=True, help="Only a summary of changed files.")
+@click.pass_context
+def diff(ctx: click.Context, job: str, job2: Optional[str], stat: bool) -> None:
+    """Code difference between JOB and the work tree, or between JOB and JOB2.
+
+    Limit it to some paths after `--`: git tq diff 12 15 -- src/
+    """
+    from git_tq import service
+
+    paths = ctx.meta.get("pathspec", [])
+    sys.exit(service.run_diff(open_context(), job, job2, stat, paths))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("job")
+@click.option("-b", "--branch", help="Create this branch at the job's snapshot.")
+@click.option("--worktree", type=click.Path(), help="Check out into a new worktree here.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite uncommitted changes.")
+def checkout(job: str, branch: Optional[str], worktree: Optional[str], force: bool) -> None:
+    """Bring back the code a job ran: into the work tree, a new branch, or a worktree."""
+    from git_tq import service
+
+    click.echo(service.checkout(open_context(), job, branch=branch, worktree=worktree,
+                                force=force))
+
+
+# --- editing -------------------------------------------------------------------
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("job")
+@click.argument("text", nargs=-1)
+@click.option("-a", "--append", is_flag=True, help="Add to the note instead of replacing it.")
+@click.option("--remove", is_flag=True, help="Delete the note.")
+def note(job: str, text: tuple[str, ...], append: bool, remove: bool) -> None:
+    """Annotate a job (git notes --ref=tq on its submission commit)."""
+    from git_tq import service
+    from git_tq.errors import UsageError
+
+    if remove and text:
+        raise UsageError("--remove takes no text")
+    j = service.set_note(open_context(), job, " ".join(text) if text else None,
+                         append=append, remove=remove)
+    click.echo(f"note {'removed from' if remove else 'saved on'} job {j.id}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("jobs", nargs=-1, required=True)
+@click.option("--forget", is_flag=True, help="Delete the records of finished jobs instead.")
+def rm(jobs: tuple[str, ...], forget: bool) -> None:
+    """Remove pending jobs from the queue (JOBS: `1 3 5` or `1,3,5`)."""
+    from git_tq import service
+
+    for r in service.remove(open_context(), jobs, forget=forget):
+        click.echo(f"job {r.job_id} {r.outcome}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+def purge(yes: bool) -> None:
+    """Remove every pending job from the queue."""
+    from git_tq import service
+    from git_tq.errors import TqError
+
+    ctx = open_context()
+    pending = service.pending_jobs(ctx)
+    if not pending:
+        click.echo("no pending jobs")
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise TqError(f"refusing to purge {len(pending)} pending jobs without -y")
+        if not click.confirm(f"Remove {len(pending)} pending jobs from the queue?"):
+            click.echo("nothing removed")
+            return
+    ids = service.purge(ctx)
+    click.echo(f"{len(ids)} pending jobs removed: {', '.join(map(str, ids))}")
+
+
+# --- entry point -------------------------------------------------------------------
+
+
+def _crash(exc: BaseException) -> int:
+    try:
+        from git_tq.home import Home, default_home
+
+        path = Home(default_home({}, os.environ)).crash_log()
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"--- git tq {__version__} {sys.argv!r}\n")
+            fh.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        where = f"details in {path}"
+    except OSError:
+        where = "no crash log could be written"
+    sys.stderr.write(f"git tq: internal error: {type(exc).__name__}: {exc} ({where})\n")
+    return EXIT_CRASH
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Run the CLI; every failure becomes one line on stderr and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = cli.main(args=args, prog_name="git tq", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except TqError as exc:
+        sys.stderr.write(f"git tq: {exc}\n")
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.stderr.write("git tq: interrupted\n")
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        where: Optional[click.Context] = getattr(exc, "ctx", None)
+        name = where.info_name if where is not None else None
+        hint = f" (see git tq {name} -h)" if name and name != "git tq" else " (see git tq -h)"
+        sys.stderr.write(f"git tq: {exc.format_message()}{hint}\n")
+        sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)
+    except KeyboardInterrupt:
+        sys.stderr.write("git tq: interrupted\n")
+        sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # `git tq ls | head`: the reader left; that is not an error.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the one place unexpected errors are caught
+        sys.exit(_crash(exc))

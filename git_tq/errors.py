@@ -1,0 +1,53 @@
+"""The exceptions git tq raises on purpose, and the one place they become exit codes.
+
+0 success; 1 a user error; 2 usage; 3 an unexpected error (traceback in a crash
+log under the tq home); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_USER = 1
+EXIT_USAGE = 2
+EXIT_CRASH = 3
+EXIT_INTERRUPTED = 130
+
+
+class TqError(Exception):
+    """An expected failure: shown to the user as one line, exit code 1."""
+
+    exit_code = EXIT_USER
+
+
+class UsageError(TqError):
+    """The command line itself is wrong."""
+
+    exit_code = EXIT_USAGE
+
+
+class NotARepository(TqError):
+    """The current directory is not inside a usable git repository."""
+
+
+class GitFailed(TqError):
+    """A git command we ran failed in a way we did not expect."""
+
+
+class UnknownJob(TqError):
+    """A job reference names no job of this repository."""
+
+
+class InvalidTransition(TqError):
+    """A state change that the job lifecycle does not allow (e.g. cancel a finished job)."""
+
+
+class RefRace(TqError):
+    """A compare-and-swap on a job ref lost to a concurrent writer too many times."""
+
+
+class BadSpec(TqError):
+    """A job specification that cannot run here (no such GPU, empty command, bad tag)."""
+
+
+class DirtyWorkTree(TqError):
+    """An action would overwrite uncommitted changes."""

@@ -1,0 +1,79 @@
+"""The machine's GPUs: which ids exist, and which processes sit on each.
+
+`git config tq.gpus 0,1` declares virtual GPUs (ids that only set
+CUDA_VISIBLE_DEVICES); this is how GPU-less machines and tests work, and it
+overrides NVML. Otherwise NVML (nvidia-ml-py) is asked, when installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Optional
+
+from git_tq.errors import BadSpec
+from git_tq.model import GpuRequest
+
+
+def parse_gpu_ids(text: str) -> tuple[int, ...]:
+    """`0,1` or `0 1` -> (0, 1); raises BadSpec on anything else."""
+    items = [x for x in text.replace(" ", ",").split(",") if x]
+    try:
+        ids = tuple(int(x) for x in items)
+    except ValueError:
+        raise BadSpec(f"bad GPU list {text!r}: give ids like 0 or 0,1") from None
+    if not ids or any(i < 0 for i in ids):
+        raise BadSpec(f"bad GPU list {text!r}: give ids like 0 or 0,1")
+    if len(set(ids)) != len(ids):
+        raise BadSpec(f"GPU list {text!r} names a GPU twice")
+    return ids
+
+
+def nvml_gpu_ids() -> Optional[tuple[int, ...]]:
+    """GPU indices from NVML, or None when NVML or its driver is absent."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        return tuple(range(int(pynvml.nvmlDeviceGetCount())))
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def machine_gpus(config: Mapping[str, str]) -> tuple[int, ...]:
+    """The GPU ids jobs may use on this machine (possibly none)."""
+    declared = config.get("tq.gpus")
+    if declared is not None:
+        if declared.strip().lower() in ("", "none"):
+            return ()
+        try:
+            return parse_gpu_ids(declared)
+        except BadSpec as exc:
+            raise BadSpec(f"git config tq.gpus: {exc}") from None
+    return nvml_gpu_ids() or ()
+
+
+def check_request(request: GpuRequest, available: tuple[int, ...]) -> None:
+    """Refuse a request this machine can never satisfy."""
+    if request.cpu_only:
+        return
+    if not available:
+        raise BadSpec(
+            "this machine has no GPUs (NVML found none and tq.gpus is not set): "
+            "submit with --cpu, or declare GPUs with `git config tq.gpus 0,1`"
+        )
+    if request.ids is not None:
+        missing = [i for i in request.ids if i not in available]
+        if missing:
+            have = ",".join(map(str, available))
+            raise BadSpec(
+                f"no GPU {','.join(map(str, missing))} on this machine (GPUs: {have})"
+            )
+    elif request.count > len(available):
+        raise BadSpec(
+            f"asked for {request.count} GPUs, this machine has {len(available)}"
+        )

@@ -1,0 +1,73 @@
+"""The job state machine: which events move a job from which states to which.
+
+Pure: `apply_event` returns a new `Job`; the store writes it as a commit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from git_tq.errors import InvalidTransition
+from git_tq.model import Job, State
+
+P, R, S = State.PENDING, State.RUNNING, State.STOPPING
+
+
+@dataclass(frozen=True)
+class Event:
+    name: str
+    sources: frozenset[State]
+    target: Optional[State]  # None: decided by the exit status (done or failed)
+
+
+EVENTS: dict[str, Event] = {
+    e.name: e
+    for e in (
+        Event("started", frozenset({P}), R),  # attempt 1
+        Event("resumed", frozenset({P}), R),  # attempt 2, 3, ... after a preemption
+        Event("stopping", frozenset({R}), S),  # SIGTERM sent; grace running
+        Event("preempted", frozenset({R, S}), P),  # back to the queue, same worktree
+        Event("finished", frozenset({R, S}), None),  # done (exit 0) or failed
+        Event("start-failed", frozenset({P}), State.FAILED),  # never got going
+        Event("cancelled", frozenset({P, R, S}), State.CANCELLED),
+    )
+}
+
+# Every state a job can be in after the named event, for documentation and tests.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    state: frozenset(
+        t
+        for e in EVENTS.values()
+        if state in e.sources
+        for t in ((e.target,) if e.target else (State.DONE, State.FAILED))
+    )
+    for state in State
+}
+
+
+def apply_event(job: Job, event: str, now: str, **fields: Any) -> Job:
+    """The job after `event` at time `now`; raises InvalidTransition if not allowed.
+
+    `fields` may set exit_code, signal, assigned_gpus and detail.
+    """
+    spec = EVENTS.get(event)
+    if spec is None:
+        raise InvalidTransition(f"unknown lifecycle event {event!r}")
+    if job.state not in spec.sources:
+        raise InvalidTransition(f"job {job.id} is {job.state.value}: it cannot be {event}")
+    changes: dict[str, Any] = {"event": event, "detail": fields.pop("detail", None)}
+    if event in ("started", "resumed"):
+        changes.update(attempt=job.attempt + 1, started_at=now, ended_at=None,
+                       exit_code=None, signal=None)
+    if event == "preempted":
+        changes.update(assigned_gpus=None)
+    target = spec.target
+    if event == "finished":
+        code, sig = fields.get("exit_code"), fields.get("signal")
+        target = State.DONE if code == 0 and sig is None else State.FAILED
+    if target is not None and target.finished:
+        changes["ended_at"] = now
+    changes.update(fields)
+    assert target is not None
+    return job.evolve(state=target, **changes)

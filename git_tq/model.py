@@ -1,0 +1,156 @@
+"""The records git tq keeps about a job: its spec, its lifecycle state, its snapshot.
+
+Plain frozen values; nothing here touches git, files or processes.
+"""
+
+from __future__ import annotations
+
+import enum
+import shlex
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+DEFAULT_PRIORITY = 100
+DEFAULT_GRACE = 180
+
+
+class State(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def active(self) -> bool:
+        return self in (State.PENDING, State.RUNNING, State.STOPPING)
+
+    @property
+    def finished(self) -> bool:
+        return not self.active
+
+
+@dataclass(frozen=True)
+class GpuRequest:
+    """What a job asks for: exact GPU ids, any `count` GPUs, or none (count 0)."""
+
+    ids: Optional[tuple[int, ...]] = None
+    count: int = 1
+
+    @classmethod
+    def exact(cls, ids: tuple[int, ...]) -> GpuRequest:
+        return cls(ids=ids, count=len(ids))
+
+    @classmethod
+    def any(cls, count: int) -> GpuRequest:
+        return cls(ids=None, count=count)
+
+    @property
+    def cpu_only(self) -> bool:
+        return self.count == 0
+
+    def encode(self) -> str:
+        """`0,1` for exact ids, `any:2` for any two, `cpu` for none."""
+        if self.ids is not None:
+            return ",".join(str(i) for i in self.ids)
+        return "cpu" if self.count == 0 else f"any:{self.count}"
+
+    @classmethod
+    def decode(cls, text: str) -> GpuRequest:
+        text = text.strip()
+        if text == "cpu":
+            return cls(None, 0)
+        if text.startswith("any:"):
+            return cls(None, int(text[4:]))
+        return cls.exact(tuple(int(x) for x in text.split(",")))
+
+    def describe(self) -> str:
+        if self.ids is not None:
+            return ",".join(str(i) for i in self.ids)
+        return "cpu" if self.count == 0 else f"any {self.count}"
+
+
+@dataclass(frozen=True)
+class ChangeSummary:
+    """How the snapshot differs from its source commit (counts of files)."""
+
+    modified: int = 0
+    added: int = 0
+    deleted: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.modified + self.added + self.deleted
+
+    def encode(self) -> str:
+        return f"M={self.modified} A={self.added} D={self.deleted}"
+
+    @classmethod
+    def decode(cls, text: str) -> ChangeSummary:
+        parts = dict(p.split("=", 1) for p in text.split() if "=" in p)
+        return cls(int(parts.get("M", 0)), int(parts.get("A", 0)), int(parts.get("D", 0)))
+
+    def describe(self) -> str:
+        if not self.total:
+            return "clean"
+        bits = []
+        if self.modified:
+            bits.append(f"{self.modified} modified")
+        if self.added:
+            bits.append(f"{self.added} added")
+        if self.deleted:
+            bits.append(f"{self.deleted} deleted")
+        return ", ".join(bits)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What the user asked to run; fixed at submission."""
+
+    command: tuple[str, ...]
+    shell: bool  # True: command[0] is a shell string run with `sh -c`
+    priority: int
+    grace: int
+    tag: Optional[str]
+    env: Optional[str]
+    gpus: GpuRequest
+    cwd: str  # relative to the repository root, '' for the root
+    submitted_at: str  # ISO 8601 with offset
+    user: str
+    host: str
+
+    def command_line(self) -> str:
+        return self.command[0] if self.shell else shlex.join(self.command)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as recorded at the tip of its ref: spec plus where it is in its lifecycle."""
+
+    id: int
+    spec: JobSpec
+    state: State
+    event: str  # the lifecycle event that produced this record
+    attempt: int  # how many times it has been started
+    snapshot: str  # the submission commit (its tree is the code)
+    source: Optional[str]  # HEAD at submission; None on an unborn branch
+    changes: ChangeSummary
+    tip: str = ""  # the commit at the ref's tip that holds this record ("" before it exists)
+    started_at: Optional[str] = None
+    ended_at: Optional[str] = None
+    exit_code: Optional[int] = None
+    signal: Optional[int] = None
+    assigned_gpus: Optional[tuple[int, ...]] = None
+    detail: Optional[str] = None  # why this event happened ("preempted by job 9")
+
+    @property
+    def ref(self) -> str:
+        return job_ref(self.id)
+
+    def evolve(self, **changes: Any) -> Job:
+        return replace(self, **changes)
+
+
+def job_ref(job_id: int) -> str:
+    return f"refs/tq/jobs/{job_id}"

@@ -1,0 +1,491 @@
+"""User actions, one function each: the porcelain that the CLI and the console call.
+
+Functions here validate input, act through the store and snapshot layers,
+and return plain values; they never print.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from git_tq import gpus as gpu_inventory
+from git_tq.errors import BadSpec, DirtyWorkTree, InvalidTransition, TqError, UsageError
+from git_tq.gitrepo import Repo, discover, without_repo_vars
+from git_tq.home import Home, default_home
+from git_tq.lifecycle import apply_event
+from git_tq.model import (
+    DEFAULT_GRACE,
+    DEFAULT_PRIORITY,
+    GpuRequest,
+    Job,
+    JobSpec,
+    State,
+)
+from git_tq.snapshot import Snapshot, take_snapshot
+from git_tq.store import JobStore, identity_env, pending_in_queue_order
+
+_SHELL_CHARS = re.compile(r"[\s|&;<>()$`\\\"'*?~#=]")
+_BAD_TAG = re.compile(r"[\x00-\x20/\\\x7f]")
+
+
+def _user_name() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return os.environ.get("USER", str(os.getuid()))
+
+
+def now_iso() -> str:
+    return dt.datetime.now().astimezone().replace(microsecond=0).isoformat()
+
+
+@dataclass
+class Context:
+    """An opened repository with its settings, job store and tq home."""
+
+    repo: Repo
+    config: dict[str, str]
+    store: JobStore
+    home: Home
+
+    @classmethod
+    def open(cls, cwd: Optional[str] = None, environ: Optional[Mapping[str, str]] = None) \
+            -> Context:
+        environ = os.environ if environ is None else environ
+        repo = discover(cwd)
+        # One git process reads every setting we need: tq.* and the identity.
+        p = repo.git("config", "-z", "--get-regexp", r"^(tq|user)\.", check=False)
+        config: dict[str, str] = {}
+        for item in p.stdout.decode(errors="replace").split("\0"):
+            if item:
+                key, _, value = item.partition("\n")
+                config[key.lower()] = value
+        store = JobStore(repo, identity_env(config, environ))
+        return cls(repo, config, store, Home(default_home(config, environ)))
+
+
+# --- submit ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    command: tuple[str, ...]
+    priority: int = DEFAULT_PRIORITY
+    grace: int = DEFAULT_GRACE
+    tag: Optional[str] = None
+    env: Optional[str] = None
+    gpu_ids: Optional[str] = None  # --gpu 0,1
+    gpu_count: Optional[int] = None  # --gpus N
+    cpu: bool = False  # --cpu
+    shell: Optional[bool] = None  # None: decide from the command's shape
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: Job
+    snapshot: Snapshot
+    warnings: tuple[str, ...] = ()
+
+
+def gpu_request(req: SubmitRequest, config: Mapping[str, str]) -> GpuRequest:
+    chosen = sum(x for x in (req.gpu_ids is not None, req.gpu_count is not None, req.cpu))
+    if chosen > 1:
+        raise UsageError("give only one of --gpu, --gpus and --cpu")
+    if req.cpu:
+        return GpuRequest.any(0)
+    if req.gpu_ids is not None:
+        return GpuRequest.exact(gpu_inventory.parse_gpu_ids(req.gpu_ids))
+    if req.gpu_count is not None:
+        if req.gpu_count < 0:
+            raise BadSpec("--gpus takes a count of 0 or more")
+        return GpuRequest.any(req.gpu_count)
+    default = config.get("tq.gpu", "").strip()
+    if not default:
+        return GpuRequest.any(1)
+    try:
+        if default == "cpu" or default.startswith("any:"):
+            return GpuRequest.decode(default)
+        return GpuRequest.exact(gpu_inventory.parse_gpu_ids(default))
+    except (ValueError, BadSpec):
+        raise BadSpec(
+            f"git config tq.gpu is {default!r}: use cpu, any:N, or GPU ids like 0,1"
+        ) from None
+
+
+def validate_tag(tag: Optional[str]) -> Optional[str]:
+    if tag is None:
+        return None
+    if not tag or len(tag) > 64 or _BAD_TAG.search(tag) or tag.startswith((".", "-")):
+        raise BadSpec(
+            f"bad tag {tag!r}: use up to 64 characters without spaces or slashes, "
+            "not starting with . or -"
+        )
+    return tag
+
+
+def resolve_env_option(env: Optional[str], cwd: str) -> Optional[str]:
+    """A conda env name is kept as given; a path must exist and is made absolute."""
+    if env is None:
+        return None
+    if not env.strip() or "\n" in env:
+        raise BadSpec("empty or multi-line -e: give a conda env name or an env path")
+    if "/" in env or env.startswith(("~", ".")):
+        path = os.path.abspath(os.path.join(cwd, os.path.expanduser(env)))
+        if not os.path.isdir(path):
+            raise BadSpec(f"environment {env!r} is not a directory (give a venv or conda prefix)")
+        return path
+    return env
+
+
+def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, str]] = None,
+           now: Optional[str] = None) -> Submitted:
+    """Snapshot the work tree and record a pending job."""
+    if not req.command or not any(w.strip() for w in req.command):
+        raise UsageError("no command given: git tq run [options] [--] COMMAND...")
+    if req.grace < 0:
+        raise BadSpec("grace period (-g) must be 0 seconds or more")
+    toplevel = ctx.repo.require_worktree("git tq run")
+    if "\n" in ctx.repo.prefix:
+        raise BadSpec("the current directory's name contains a newline; run from elsewhere")
+    request = gpu_request(req, ctx.config)
+    if not request.cpu_only:
+        gpu_inventory.check_request(request, gpu_inventory.machine_gpus(ctx.config))
+    command = tuple(req.command)
+    shell = req.shell
+    if shell is None:
+        shell = len(command) == 1 and bool(_SHELL_CHARS.search(command[0]))
+    if shell and len(command) > 1:
+        command = (" ".join(command),)
+    spec = JobSpec(
+        command=command,
+        shell=shell,
+        priority=req.priority,
+        grace=req.grace,
+        tag=validate_tag(req.tag),
+        env=resolve_env_option(req.env, os.path.join(toplevel, ctx.repo.prefix)),
+        gpus=request,
+        cwd=ctx.repo.prefix,
+        submitted_at=now or now_iso(),
+        user=_user_name(),
+        host=os.uname().nodename,
+    )
+    snap = take_snapshot(ctx.repo)
+    draft = Job(id=0, spec=spec, state=State.PENDING, event="submitted", attempt=0,
+                snapshot="", source=snap.source, changes=snap.changes)
+    environ = os.environ if environ is None else environ
+    captured = without_repo_vars(environ)
+    common = ctx.repo.common_dir
+    ctx.home.register_repo(common)
+
+    def save_local(commit: str) -> None:
+        ctx.home.save_local_job(common, commit, {
+            "repo": common, "snapshot": commit, "worktree": toplevel, "env": captured,
+        })
+
+    job = ctx.store.create(draft, snap.tree, before_publish=save_local,
+                           after_lost_race=lambda c: ctx.home.drop_local_job(common, c))
+    warnings = tuple(
+        f"submodule {p} has uncommitted changes; the job gets its checked-out commit only"
+        for p in snap.dirty_submodules
+    )
+    return Submitted(job, snap, warnings)
+
+
+# --- reading -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job with what lives beside its record: note, log file, category."""
+
+    job: Job
+    note: Optional[str]
+    log: str
+    category: Optional[str]
+
+    def to_json(self) -> dict[str, Any]:
+        j, s = self.job, self.job.spec
+        gpus = j.assigned_gpus or s.gpus.ids
+        return {
+            "id": j.id,
+            "state": j.state.value,
+            "priority": s.priority,
+            "grace": s.grace,
+            "tag": s.tag,
+            "command": list(s.command),
+            "shell": s.shell,
+            "gpus": list(gpus) if gpus is not None else None,
+            "gpu_count": s.gpus.count,
+            "env": s.env,
+            "cwd": s.cwd,
+            "source": j.source,
+            "snapshot": j.snapshot,
+            "submitted_at": s.submitted_at,
+            "started_at": j.started_at,
+            "ended_at": j.ended_at,
+            "exit_code": j.exit_code,
+            "signal": j.signal,
+            "attempt": j.attempt,
+            "log": self.log,
+            "note": self.note,
+            "category": self.category,
+            "event": j.event,
+            "detail": j.detail,
+            "changes": {"modified": j.changes.modified, "added": j.changes.added,
+                        "deleted": j.changes.deleted},
+            "user": s.user,
+            "host": s.host,
+        }
+
+
+def _views(ctx: Context, jobs: Iterable[Job]) -> list[JobView]:
+    notes = ctx.store.all_notes()
+    logs = ctx.store.find_logs()
+    views = []
+    for job in jobs:
+        log = ctx.store.log_path(job, logs)
+        category = ctx.store.category(log) if job.id in logs else None
+        views.append(JobView(job, notes.get(job.snapshot), log, category))
+    return views
+
+
+def _parse_states(states: Sequence[str]) -> set[State]:
+    result = set()
+    for item in states:
+        for name in item.split(","):
+            name = name.strip().lower()
+            if name == "active":
+                result |= {s for s in State if s.active}
+                continue
+            try:
+                result.add(State(name))
+            except ValueError:
+                known = ", ".join(s.value for s in State)
+                raise UsageError(f"unknown state {name!r} (states: {known}, active)") from None
+    return result
+
+
+def list_jobs(ctx: Context, *, include_finished: bool = False, states: Sequence[str] = (),
+              tags: Sequence[str] = ()) -> list[JobView]:
+    """Jobs in queue order (running, then pending by priority); every job by id with --all."""
+    wanted = _parse_states(states)
+    jobs = ctx.store.list_jobs()
+    if wanted:
+        jobs = [j for j in jobs if j.state in wanted]
+    elif not include_finished:
+        jobs = [j for j in jobs if j.state.active]
+    if tags:
+        jobs = [j for j in jobs if j.spec.tag in tags]
+    if not include_finished and not wanted:
+        started = [j for j in jobs if j.state in (State.RUNNING, State.STOPPING)]
+        jobs = started + pending_in_queue_order(jobs)
+    return _views(ctx, jobs)
+
+
+@dataclass(frozen=True)
+class JobDetail:
+    view: JobView
+    lifecycle: list[tuple[str, Job]]
+
+
+def show_job(ctx: Context, token: str) -> JobDetail:
+    job = ctx.store.resolve(token)
+    logs = ctx.store.find_logs()
+    log = ctx.store.log_path(job, logs)
+    view = JobView(job, ctx.store.note(job), log,
+                   ctx.store.category(log) if job.id in logs else None)
+    return JobDetail(view, ctx.store.lifecycle(job))
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """A commit of the history and the jobs submitted on it (`commit` None: unborn)."""
+
+    commit: Optional[str]
+    short: str
+    subject: str
+    when: str
+    jobs: list[JobView] = field(default_factory=list)
+
+
+def history(ctx: Context, revisions: Sequence[str]) -> list[HistoryEntry]:
+    """`git log` of `revisions` (default HEAD), each commit with the jobs run on it."""
+    views = _views(ctx, ctx.store.list_jobs())
+    by_source: dict[Optional[str], list[JobView]] = {}
+    for v in views:
+        by_source.setdefault(v.job.source, []).append(v)
+    revs = list(revisions)
+    entries: list[HistoryEntry] = []
+    if not revs and ctx.repo.head_commit() is None:
+        revs = []
+    else:
+        if any(r.startswith("-") for r in revs):
+            raise UsageError("git tq log takes revisions only (no git log options)")
+        p = ctx.repo.git("log", "--format=%H%x00%h%x00%s%x00%cr%x00", *(revs or ["HEAD"]),
+                         "--", check=False)
+        if p.returncode != 0:
+            raise UsageError(
+                f"bad revision range {' '.join(revs)!r}: "
+                + p.stderr.decode(errors="replace").strip().splitlines()[-1]
+            )
+        parts = p.stdout.decode("utf-8", errors="replace").split("\0")
+        for i in range(0, len(parts) - 4, 4):
+            commit = parts[i].lstrip("\n")
+            entries.append(HistoryEntry(commit, parts[i + 1], parts[i + 2], parts[i + 3],
+                                        by_source.get(commit, [])))
+    if not revisions and None in by_source:
+        entries.append(HistoryEntry(None, "(unborn)", "jobs submitted before the first commit",
+                                    "", by_source[None]))
+    return entries
+
+
+# --- code: diff and checkout ---------------------------------------------------
+
+
+def diff_targets(ctx: Context, first: str, second: Optional[str]) -> tuple[str, str, str]:
+    """Trees to compare: job vs job, or job vs the work tree now; plus a description."""
+    a = ctx.store.resolve(first)
+    if second is not None:
+        b = ctx.store.resolve(second)
+        return a.snapshot, b.snapshot, f"job {a.id} -> job {b.id}"
+    now_tree = take_snapshot(ctx.repo).tree
+    return a.snapshot, now_tree, f"job {a.id} -> work tree"
+
+
+def run_diff(ctx: Context, first: str, second: Optional[str], stat: bool,
+             paths: Sequence[str]) -> int:
+    """Show the difference with git's own diff (pager and colour as git decides)."""
+    a, b, _ = diff_targets(ctx, first, second)
+    args = ["git", "diff"] + (["--stat"] if stat else []) + [a, b, "--", *paths]
+    return subprocess.call(args, cwd=ctx.repo.cwd)
+
+
+def _uncommitted(repo: Repo) -> list[str]:
+    out = repo.out("status", "--porcelain=v1", "-z")
+    return [e for e in out.split("\0") if e]
+
+
+def checkout(ctx: Context, token: str, *, branch: Optional[str] = None,
+             worktree: Optional[str] = None, force: bool = False) -> str:
+    """Bring a job's code back; returns a sentence saying where it went."""
+    job = ctx.store.resolve(token)
+    repo = ctx.repo
+    if worktree is not None:
+        path = os.path.abspath(worktree)
+        if os.path.exists(path) and os.listdir(path):
+            raise TqError(f"{worktree} exists and is not empty: give a new path")
+        args = ["worktree", "add"] + (["-b", branch] if branch else ["--detach"])
+        repo.git(*args, path, job.snapshot)
+        where = f"branch {branch} in {path}" if branch else f"{path} (detached)"
+        return f"job {job.id}'s code is checked out at {where}"
+    toplevel = repo.require_worktree("git tq checkout")
+    dirty = _uncommitted(repo)
+    if dirty and not force:
+        raise DirtyWorkTree(
+            f"the work tree has uncommitted changes ({len(dirty)} paths): commit or stash "
+            "them, or pass --force to overwrite them"
+        )
+    if branch is not None:
+        repo.git("checkout", *(["-f"] if force else []), "-q", "-b", branch, job.snapshot)
+        return f"switched to new branch {branch} at job {job.id}'s snapshot ({job.snapshot[:10]})"
+    repo.git("read-tree", "-u", "--reset", job.snapshot)
+    head = repo.head_commit()
+    msg = f"work tree and index of {toplevel} now hold job {job.id}'s code"
+    if head != job.source:
+        src = job.source[:10] if job.source else "an unborn branch"
+        msg += f" (HEAD stays at {head[:10] if head else 'nothing'}; the job ran on {src})"
+    return msg
+
+
+# --- editing records ---------------------------------------------------------------
+
+
+def set_note(ctx: Context, token: str, text: Optional[str], *, append: bool = False,
+             remove: bool = False) -> Job:
+    job = ctx.store.resolve(token)
+    if remove:
+        ctx.store.remove_note(job)
+        return job
+    if text is None or not text.strip():
+        raise UsageError("empty note: give the text, or --remove to delete the note")
+    ctx.store.set_note(job, text, append=append)
+    return job
+
+
+def parse_job_tokens(tokens: Sequence[str]) -> list[str]:
+    """`1 3 5` or `1,3,5` (or both) -> ['1', '3', '5']."""
+    result: list[str] = []
+    for token in tokens:
+        result.extend(t for t in token.split(",") if t.strip())
+    if not result:
+        raise UsageError("no job given")
+    return result
+
+
+@dataclass(frozen=True)
+class Removal:
+    job_id: int
+    outcome: str  # "cancelled" or "forgotten"
+
+
+def remove(ctx: Context, tokens: Sequence[str], *, forget: bool = False,
+           now: Optional[str] = None) -> list[Removal]:
+    """Cancel pending jobs (they leave the queue; their records stay).
+
+    With `forget`, finished jobs' records are deleted instead. Every job is
+    checked before anything changes, so a bad id changes nothing.
+    """
+    jobs = {}
+    for token in parse_job_tokens(tokens):
+        job = ctx.store.resolve(token)
+        jobs[job.id] = job
+    for job in jobs.values():
+        if forget and job.state.active:
+            raise InvalidTransition(
+                f"job {job.id} is {job.state.value}: only finished jobs can be forgotten"
+            )
+        if not forget and job.state is not State.PENDING:
+            hint = ("stop it with `git tq kill`" if job.state.active
+                    else "it has finished; `git tq rm --forget` deletes its record")
+            raise InvalidTransition(f"job {job.id} is {job.state.value}, not pending: {hint}")
+    when = now or now_iso()
+    done = []
+    for job in jobs.values():
+        if forget:
+            ctx.store.forget(job)
+            ctx.home.drop_local_job(ctx.repo.common_dir, job.snapshot)
+            done.append(Removal(job.id, "forgotten"))
+        else:
+            ctx.store.update(job.id, lambda j: apply_event(j, "cancelled", when,
+                                                           detail="removed from the queue"),
+                             f"tq: cancel job {job.id}")
+            done.append(Removal(job.id, "cancelled"))
+    return done
+
+
+def pending_jobs(ctx: Context) -> list[Job]:
+    return pending_in_queue_order(ctx.store.list_jobs())
+
+
+def purge(ctx: Context, *, now: Optional[str] = None) -> list[int]:
+    """Cancel every pending job; returns their ids."""
+    when = now or now_iso()
+    cancelled = []
+    for job in pending_jobs(ctx):
+        try:
+            ctx.store.update(job.id, lambda j: apply_event(j, "cancelled", when,
+                                                           detail="purged from the queue"),
+                             f"tq: purge job {job.id}")
+            cancelled.append(job.id)
+        except InvalidTransition:
+            continue  # it started meanwhile
+    return cancelled
+

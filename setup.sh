@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Install git tq for this user (no root): its own virtualenv, `git-tq` on PATH,
+# the man page, and shell completion later. Safe to run again.
+#
+#   bash setup.sh              install (or update) from this checkout
+#   bash setup.sh --uninstall  remove everything this script installed, nothing else
+#   bash setup.sh --test       make ./.venv with the test tools and run the whole suite
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+data_home=${XDG_DATA_HOME:-$HOME/.local/share}
+prefix="$data_home/git-tq"
+venv="$prefix/venv"
+bin_dir="$HOME/.local/bin"
+man_dir="$data_home/man/man1"
+manifest="$prefix/installed-files"
+python=${PYTHON:-python3}
+
+say() { printf 'setup.sh: %s\n' "$*"; }
+die() { printf 'setup.sh: error: %s\n' "$*" >&2; exit 1; }
+
+make_venv() {  # make_venv DIR: a virtualenv, with a fallback where python3-venv is missing
+    local dir=$1
+    if [ -x "$dir/bin/python" ] && "$dir/bin/python" -c 'import sys' 2>/dev/null; then
+        return
+    fi
+    if ! "$python" -m venv "$dir" 2>/dev/null; then
+        rm -rf "$dir"
+        say "python3 -m venv is unavailable here; using virtualenv instead"
+        "$python" -m pip install --user --quiet virtualenv || die "cannot install virtualenv"
+        "$python" -m virtualenv --quiet "$dir" || die "cannot create a virtualenv in $dir"
+    fi
+}
+
+install() {
+    command -v git >/dev/null || die "git is not installed"
+    "$python" -c 'import sys; sys.exit(sys.version_info < (3, 9))' \
+        || die "git tq needs Python 3.9 or newer ($python is older)"
+    mkdir -p "$prefix" "$bin_dir" "$man_dir"
+    make_venv "$venv"
+    say "installing git tq into $venv"
+    "$venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
+    "$venv/bin/python" -m pip install --quiet "$here" || die "pip install failed"
+    # nvidia-ml-py lets git tq find GPUs through NVML; optional where no driver exists.
+    if [ -e /proc/driver/nvidia/version ] || command -v nvidia-smi >/dev/null 2>&1; then
+        "$venv/bin/python" -m pip install --quiet "nvidia-ml-py>=12" \
+            || say "warning: nvidia-ml-py did not install; declare GPUs with git config tq.gpus"
+    fi
+    ln -sfn "$venv/bin/git-tq" "$bin_dir/git-tq"
+    cp "$here/man/git-tq.1" "$man_dir/git-tq.1"
+    printf '%s\n' "$bin_dir/git-tq" "$man_dir/git-tq.1" "$venv" > "$manifest"
+    say "installed: $bin_dir/git-tq, $man_dir/git-tq.1"
+    case ":$PATH:" in
+        *":$bin_dir:"*) ;;
+        *) say "$bin_dir is not on your PATH; add this line to ~/.bashrc (or ~/.zshrc):"
+           printf '    export PATH="%s:$PATH"\n' "$bin_dir" ;;
+    esac
+}
+
+uninstall() {
+    if [ ! -f "$manifest" ]; then
+        say "nothing to uninstall (no $manifest)"
+        return
+    fi
+    while IFS= read -r path; do
+        case "$path" in
+            "$bin_dir/git-tq")  # only our own link, never someone else's git-tq
+                if [ -L "$path" ] && [ "$(readlink "$path")" = "$venv/bin/git-tq" ]; then
+                    rm -f "$path"
+                fi ;;
+            "$man_dir/git-tq.1") rm -f "$path" ;;
+            "$venv") rm -rf "$venv" ;;
+        esac
+    done < "$manifest"
+    rm -f "$manifest"
+    rmdir "$prefix" 2>/dev/null || true
+    say "uninstalled (job records in your repositories and the tq home are kept)"
+}
+
+run_tests() {
+    cd "$here"
+    make_venv "$here/.venv"
+    "$here/.venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
+    "$here/.venv/bin/python" -m pip install --quiet -e "$here[test]" || die "pip install failed"
+    export PATH="$here/.venv/bin:$PATH"
+    say "ruff"; ruff check git_tq tests bench
+    say "mypy"; mypy
+    say "pytest"; python -m pytest -p no:cacheprovider "$@"
+}
+
+case "${1:-}" in
+    "") install ;;
+    --uninstall) uninstall ;;
+    --test) shift; run_tests "$@" ;;
+    -h|--help) sed -n '2,8p' "$0" ;;
+    *) die "unknown option $1 (see bash setup.sh --help)" ;;
+esac

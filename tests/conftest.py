@@ -1,0 +1,105 @@
+"""Fixtures: a hermetic environment, real repositories in temp dirs, the real git-tq."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+BIN_DIR = os.path.dirname(sys.executable)
+GIT_TQ = shutil.which("git-tq", path=BIN_DIR) or shutil.which("git-tq")
+
+
+def wait_until(pred: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Wait for a condition with a deadline (never sleep as synchronisation)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A temp HOME and TQ_HOME, a fixed git identity, no system config, no GPU."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for var in list(os.environ):
+        if var.startswith(("GIT_", "TQ_")) or var in ("XDG_STATE_HOME", "XDG_CONFIG_HOME"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("TQ_HOME", str(tmp_path / "tqhome"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "Test User")
+    monkeypatch.setenv("GIT_AUTHOR_EMAIL", "test@example.com")
+    monkeypatch.setenv("GIT_COMMITTER_NAME", "Test User")
+    monkeypatch.setenv("GIT_COMMITTER_EMAIL", "test@example.com")
+    monkeypatch.setenv("GIT_EDITOR", "false")
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("PATH", BIN_DIR + os.pathsep + os.environ.get("PATH", ""))
+    (home / ".gitconfig").write_text(
+        "[init]\n\tdefaultBranch = main\n[protocol \"file\"]\n\tallow = always\n"
+    )
+    yield
+
+
+def git(cwd: Path | str, *args: str, check: bool = True, env: dict[str, str] | None = None) -> str:
+    p = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                       env=None if env is None else {**os.environ, **env})
+    if check and p.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} failed: {p.stderr}")
+    return p.stdout
+
+
+def tq(cwd: Path | str, *args: str, check: bool = True, input: str | None = None,
+       env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `git tq` (through git, as a user would)."""
+    assert GIT_TQ, "git-tq is not installed in this environment"
+    p = subprocess.run(["git", "tq", *args], cwd=cwd, capture_output=True, text=True,
+                       input=input, env=None if env is None else {**os.environ, **env})
+    if check and p.returncode != 0:
+        raise AssertionError(f"git tq {' '.join(args)} exited {p.returncode}: {p.stderr}")
+    return p
+
+
+def tq_json(cwd: Path | str, *args: str) -> object:
+    import json
+
+    return json.loads(tq(cwd, *args, "--json").stdout)
+
+
+class RepoFactory:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.count = 0
+
+    def __call__(self, name: str | None = None, commit: bool = True, gpus: str = "0,1") -> Path:
+        self.count += 1
+        path = self.root / (name or f"repo{self.count}")
+        path.mkdir(parents=True)
+        git(path, "init", "-q")
+        if gpus:
+            git(path, "config", "tq.gpus", gpus)
+        if commit:
+            (path / "train.py").write_text("print('v1')\n")
+            (path / "README").write_text("hello\n")
+            git(path, "add", "-A")
+            git(path, "commit", "-qm", "initial")
+        return path
+
+
+@pytest.fixture
+def make_repo(tmp_path: Path) -> RepoFactory:
+    return RepoFactory(tmp_path / "repos")
+
+
+@pytest.fixture
+def repo(make_repo: RepoFactory) -> Path:
+    return make_repo("work")

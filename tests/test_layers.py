@@ -1,0 +1,84 @@
+"""The layering is kept honest: imports point down only, and the man page covers the CLI."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import click
+
+from git_tq.cli import cli
+
+PACKAGE = Path(__file__).resolve().parent.parent / "git_tq"
+MAN = Path(__file__).resolve().parent.parent / "man" / "git-tq.1"
+
+# Each module may import only modules of a strictly lower layer (or the same
+# layer where listed), and nothing below the CLI may import click or rich.
+LAYERS: list[set[str]] = [
+    {"__main__"},
+    {"cli"},
+    {"output"},  # CLI-side rendering
+    {"service"},
+    {"store", "snapshot"},
+    {"lifecycle", "recordfmt", "home", "gpus", "gitrepo"},
+    {"model", "errors", "__init__"},
+]
+UI_LIBRARIES = {"click", "rich", "prompt_toolkit"}
+UI_MODULES = {"cli", "__main__", "output"}
+
+
+def layer_of(module: str) -> int:
+    for i, layer in enumerate(LAYERS):
+        if module in layer:
+            return i
+    raise AssertionError(f"module {module} is not placed in a layer: add it to LAYERS")
+
+
+def imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            if node.module == "git_tq":
+                found.update(f"git_tq.{a.name}" for a in node.names
+                             if (PACKAGE / f"{a.name}.py").exists())
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return found
+
+
+def test_dependencies_point_down() -> None:
+    for path in PACKAGE.glob("*.py"):
+        me = path.stem
+        mine = layer_of(me)
+        for name in imports_of(path):
+            top = name.split(".")[0]
+            if me not in UI_MODULES:
+                assert top not in UI_LIBRARIES, f"{me} imports {top}: only the CLI may"
+            if top != "git_tq" or name == "git_tq":
+                continue
+            other = name.split(".")[1]
+            assert layer_of(other) > mine, \
+                f"{me} (layer {mine}) imports {other} (layer {layer_of(other)})"
+
+
+def test_every_module_says_what_it_owns() -> None:
+    for path in PACKAGE.glob("*.py"):
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        assert doc and len(doc) > 10, f"{path.name} has no module docstring"
+
+
+def test_the_man_page_documents_every_command_and_option() -> None:
+    page = MAN.read_text()
+    assert isinstance(cli, click.Group)
+    for name, command in cli.commands.items():
+        assert re.search(rf"git tq {re.escape(name)}\b", page), f"man page lacks `{name}`"
+        for param in command.params:
+            if isinstance(param, click.Option):
+                for opt in param.opts:
+                    assert opt.replace("-", r"\-") in page or opt in page, \
+                        f"man page lacks {opt} of {name}"
+    for setting in ("tq.gpus", "tq.gpu", "tq.home"):
+        assert setting in page
