@@ -36,6 +36,16 @@ install() {
     command -v git >/dev/null || die "git is not installed"
     "$python" -c 'import sys; sys.exit(sys.version_info < (3, 9))' \
         || die "git tq needs Python 3.9 or newer ($python is older)"
+    # Remember which folders we create, so --uninstall removes them (if empty) and no others.
+    local created=()
+    for dir in "$prefix" "$bin_dir" "$man_dir" "$(dirname "$man_dir")"; do
+        [ -d "$dir" ] || created+=("$dir")
+    done
+    if [ -f "$manifest" ]; then  # a re-install keeps the folders the first one made
+        while IFS= read -r line; do
+            case "$line" in dir:*) created+=("${line#dir:}") ;; esac
+        done < "$manifest"
+    fi
     mkdir -p "$prefix" "$bin_dir" "$man_dir"
     make_venv "$venv"
     say "installing git tq into $venv"
@@ -48,7 +58,10 @@ install() {
     fi
     ln -sfn "$venv/bin/git-tq" "$bin_dir/git-tq"
     cp "$here/man/git-tq.1" "$man_dir/git-tq.1"
-    printf '%s\n' "$bin_dir/git-tq" "$man_dir/git-tq.1" "$venv" > "$manifest"
+    {
+        printf '%s\n' "$bin_dir/git-tq" "$man_dir/git-tq.1" "$venv"
+        for dir in "${created[@]+"${created[@]}"}"; do printf 'dir:%s\n' "$dir"; done
+    } | sort -u > "$manifest.tmp" && mv "$manifest.tmp" "$manifest"
     say "installed: $bin_dir/git-tq, $man_dir/git-tq.1"
     case ":$PATH:" in
         *":$bin_dir:"*) ;;
@@ -72,8 +85,12 @@ uninstall() {
             "$venv") rm -rf "$venv" ;;
         esac
     done < "$manifest"
+    local dirs
+    dirs=$(grep '^dir:' "$manifest" | cut -c5- | awk '{ print length, $0 }' | sort -rn | cut -d' ' -f2-)
     rm -f "$manifest"
-    rmdir "$prefix" 2>/dev/null || true
+    while IFS= read -r dir; do  # deepest first; only folders we made, only if now empty
+        [ -n "$dir" ] && rmdir "$dir" 2>/dev/null || true
+    done <<< "$dirs"
     say "uninstalled (job records in your repositories and the tq home are kept)"
 }
 
