@@ -33,7 +33,16 @@ def make_repo(root: Path, folders: int = 1000, per_folder: int = 20) -> Path:
             (folder / f"mod{f:02d}.py").write_text(f"# module {d}.{f}\nVALUE = {d * f}\n")
     git(root, "add", "-A")
     git(root, "commit", "-qm", "synthetic tree")
+    settle(root)
     return root
+
+
+def settle(repo: Path) -> None:
+    """Make the index's stat data trustworthy, as in a repository whose files are not
+    all seconds old: git re-reads files modified in the same second as the index
+    ("racily clean"), which would charge every command for re-hashing them."""
+    time.sleep(1.1)
+    git(repo, "update-index", "-q", "--refresh")
 
 
 def dirty(repo: Path, modified: int, untracked: int) -> None:
@@ -42,6 +51,7 @@ def dirty(repo: Path, modified: int, untracked: int) -> None:
             fh.write("# edited\n")
     for i in range(untracked):
         (repo / f"untracked{i}.py").write_text("new\n")
+    settle(repo)
 
 
 def timed(cmd: Sequence[str], cwd: Path) -> float:
@@ -65,3 +75,15 @@ def machine() -> str:
     cpus = os.cpu_count()
     git_version = subprocess.run(["git", "--version"], capture_output=True, text=True).stdout
     return f"{cpus} cores, {git_version.strip()}"
+
+
+def which_git_tq() -> str:
+    """The git-tq these numbers are for: an editable (development) install starts
+    ~40 ms slower than the one setup.sh makes, so benchmark the latter."""
+    import shutil
+
+    path = shutil.which("git-tq") or "(not on PATH)"
+    site = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.strip()
+    finder = Path(path).resolve().parent.parent.glob("lib/python*/site-packages/__editable__*")
+    kind = "editable install" if any(finder) else "regular install"
+    return f"{path} ({site}, {kind})"

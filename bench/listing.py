@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from common import git, machine, make_repo, side_by_side  # noqa: E402
+from common import git, machine, make_repo, side_by_side, which_git_tq  # noqa: E402
 
 from git_tq import recordfmt  # noqa: E402
 from git_tq.lifecycle import apply_event  # noqa: E402
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     print(f"machine: {machine()}")
+    print(f"git-tq: {which_git_tq()}")
     with tempfile.TemporaryDirectory() as tmp:
         repo = make_repo(Path(tmp) / "repo", folders=10)
         write_jobs(repo, args.jobs)

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import dirty, git, machine, make_repo, side_by_side  # noqa: E402
+from common import dirty, git, machine, make_repo, side_by_side, which_git_tq  # noqa: E402
 
 TQ = ["git", "tq", "run", "-q", "--cpu", "--", "true"]
 STASH = ["git", "stash", "create"]
@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     rounds = parser.parse_args().rounds
     print(f"machine: {machine()}")
+    print(f"git-tq: {which_git_tq()}")
     with tempfile.TemporaryDirectory() as tmp:
         big = make_repo(Path(tmp) / "big")  # 20,000 files in 1,000 folders
         dirty(big, modified=10, untracked=5)

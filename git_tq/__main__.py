@@ -1,5 +1,5 @@
 """Allows `python -m git_tq`."""
 
-from git_tq.cli import main
+from git_tq.entry import main
 
 main()

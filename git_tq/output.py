@@ -80,12 +80,14 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
     if is_tty():
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(title=title, box=None, header_style="bold", pad_edge=False)
         for h in headers:
             table.add_column(h, overflow="fold" if h in ("COMMAND", "NOTE") else "ellipsis")
         for i, row in enumerate(rows):
-            table.add_row(*row, style=(styles[i] if styles else None))
+            # Text, not str: user content ("[red]" in a tag) is never read as markup.
+            table.add_row(*(Text(c) for c in row), style=(styles[i] if styles else None))
         Console(no_color=bool(os.environ.get("NO_COLOR"))).print(table)
         return
     if title:

@@ -17,6 +17,7 @@ MAN = Path(__file__).resolve().parent.parent / "man" / "git-tq.1"
 # layer where listed), and nothing below the CLI may import click or rich.
 LAYERS: list[set[str]] = [
     {"__main__"},
+    {"entry"},
     {"cli"},
     {"output"},  # CLI-side rendering
     {"service"},
@@ -25,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"model", "errors", "__init__"},
 ]
 UI_LIBRARIES = {"click", "rich", "prompt_toolkit"}
-UI_MODULES = {"cli", "__main__", "output"}
+UI_MODULES = {"cli", "__main__", "entry", "output"}
 
 
 def layer_of(module: str) -> int:

@@ -1,0 +1,21 @@
+"""The `git-tq` executable's entry point: a head start for `run`, then the CLI.
+
+For `git tq run`, the snapshot of the work tree starts in a background thread
+before click and the service layers are imported, so the two overlap; every
+other command goes straight to the CLI.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if args[:1] == ["run"] and not {"-h", "--help"} & set(args):
+        from git_tq import snapshot
+
+        snapshot.start_early()
+    from git_tq.cli import main as cli_main
+
+    cli_main()
