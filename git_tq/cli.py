@@ -108,6 +108,8 @@ def run(priority: Optional[int], grace: Optional[int], tag: Optional[str],
     result = service.submit(ctx, req)
     for w in result.warnings:
         click.echo(f"git tq: warning: {w}", err=True)
+    if result.daemon_hint:
+        click.echo(f"git tq: {result.daemon_hint}", err=True)
     job = result.job
     if quiet:
         click.echo(str(job.id))
@@ -354,6 +356,104 @@ def purge(yes: bool) -> None:
             return
     ids = service.purge(ctx)
     click.echo(f"{len(ids)} pending jobs removed: {', '.join(map(str, ids))}")
+
+
+# --- the daemon ---------------------------------------------------------------------
+
+
+@cli.command(context_settings=CONTEXT)
+def start() -> None:
+    """Start the scheduler daemon in the background (`git tq run` does it by itself)."""
+    from git_tq import service
+
+    home = service.home_for()
+    started = service.start_daemon(home)
+    click.echo(("daemon started" if started else "the daemon is already running")
+               + f" (home {home.path})")
+
+
+@cli.command(context_settings=CONTEXT)
+def stop() -> None:
+    """Stop the daemon. Running jobs keep running; the next daemon adopts them."""
+    from git_tq import service
+
+    home = service.home_for()
+    click.echo("daemon stopped" if service.stop_daemon(home) else "the daemon was not running")
+
+
+@cli.group(cls=TqGroup, context_settings=CONTEXT, invoke_without_command=True)
+@click.option("--foreground", is_flag=True, help="Run the daemon in this terminal (for "
+              "debugging and service managers such as systemd).")
+@click.pass_context
+def daemon(ctx: click.Context, foreground: bool) -> None:
+    """The scheduler daemon: `git tq daemon --foreground`, `git tq daemon status`."""
+    from git_tq import service
+
+    if foreground:
+        service.run_daemon(service.home_for())
+    elif ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+@daemon.command("status", context_settings=CONTEXT)
+@json_option
+def daemon_status(as_json: bool) -> None:
+    """Whether the daemon runs, and what it is doing."""
+    import time
+
+    from git_tq import output, service
+
+    home = service.home_for()
+    status = service.daemon_status(home)
+    if as_json:
+        output.print_json(status or {"running": False, "home": home.path})
+        return
+    if status is None:
+        click.echo(f"daemon: not running (home {home.path}); start it with `git tq start`")
+        sys.exit(1)
+    counts = status.get("counts", {})
+    click.echo(f"daemon: running, pid {status['pid']}, version {status['version']}, up "
+               f"{output.duration(time.time() - status['started'])}")
+    click.echo(f"home:   {status['home']}")
+    click.echo(f"socket: {status['socket']}")
+    click.echo(f"jobs:   {counts.get('running', 0)} running, {counts.get('pending', 0)} "
+               f"pending, in {counts.get('repos', 0)} repositories")
+    for gpu, who in sorted(status.get("foreign", {}).items()):
+        click.echo(f"GPU {gpu}: held by a {who}; nothing of ours runs there")
+
+
+@cli.command("kill", context_settings=CONTEXT)
+@click.argument("jobs", nargs=-1, required=True)
+@click.option("--now", is_flag=True, help="SIGKILL at once, without the grace period.")
+def kill_cmd(jobs: tuple[str, ...], now: bool) -> None:
+    """Stop running jobs (SIGTERM, grace, SIGKILL) and mark them cancelled."""
+    from git_tq import service
+
+    ids = service.kill_jobs(open_context(), jobs, now=now)
+    click.echo(f"stopping job{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("job")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the new job id.")
+def requeue(job: str, quiet: bool) -> None:
+    """Submit a finished job's code and command again, as a new job."""
+    from git_tq import service
+
+    result = service.requeue(open_context(), job)
+    if result.daemon_hint:
+        click.echo(f"git tq: {result.daemon_hint}", err=True)
+    click.echo(str(result.job.id) if quiet else
+               f"job {result.job.id} queued: {result.job.spec.command_line()} (code of job {job})")
+
+
+@cli.command(context_settings=CONTEXT)
+def gc() -> None:
+    """Remove worktrees left by finished jobs."""
+    from git_tq import service
+
+    removed = service.gc(open_context())
+    click.echo(f"removed {len(removed)} worktree{'s' if len(removed) != 1 else ''}")
 
 
 # --- entry point -------------------------------------------------------------------

@@ -77,3 +77,38 @@ def check_request(request: GpuRequest, available: tuple[int, ...]) -> None:
         raise BadSpec(
             f"asked for {request.count} GPUs, this machine has {len(available)}"
         )
+
+
+def gpu_processes(environ: Mapping[str, str]) -> dict[int, list[int]]:
+    """Compute processes per GPU: from NVML, or from the JSON file named by
+    $TQ_GPU_PROBE_FILE (`{"0": [pid, ...]}`), the one seam tests and GPU-less
+    machines use to stand in for NVML."""
+    probe_file = environ.get("TQ_GPU_PROBE_FILE")
+    if probe_file:
+        import json
+
+        try:
+            with open(probe_file, encoding="utf-8") as fh:
+                data = json.load(fh)
+            return {int(k): [int(p) for p in v] for k, v in data.items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}
+    try:
+        import pynvml
+    except ImportError:
+        return {}
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return {}
+    try:
+        result: dict[int, list[int]] = {}
+        for i in range(int(pynvml.nvmlDeviceGetCount())):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            result[i] = [int(p.pid) for p in procs]
+        return result
+    except Exception:
+        return {}
+    finally:
+        pynvml.nvmlShutdown()

@@ -95,12 +95,14 @@ class Home:
         return key
 
     def registered_repos(self) -> list[str]:
+        """Common git dirs of the repositories that submitted jobs, in registration order."""
         root = os.path.join(self.path, "repos")
-        result = []
-        for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-            with open(os.path.join(root, name), encoding="utf-8") as fh:
-                result.append(fh.read().strip())
-        return result
+        entries = []
+        for name in os.listdir(root) if os.path.isdir(root) else []:
+            path = os.path.join(root, name)
+            with contextlib.suppress(OSError), open(path, encoding="utf-8") as fh:
+                entries.append((os.stat(path).st_mtime, fh.read().strip()))
+        return [p for _, p in sorted(entries)]
 
     def job_file(self, common_dir: str, snapshot: str) -> str:
         return os.path.join(self.path, "jobs", repo_key(common_dir), f"{snapshot}.json")
@@ -125,6 +127,78 @@ class Home:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.job_file(common_dir, snapshot))
 
+    def drop_repo(self, common_dir: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.path, "repos", repo_key(common_dir)))
+
+    @property
+    def daemon_lock(self) -> str:
+        return os.path.join(self.path, "daemon.lock")
+
+    @property
+    def daemon_info(self) -> str:
+        return os.path.join(self.path, "daemon.json")
+
+    @property
+    def daemon_log(self) -> str:
+        return os.path.join(self.path, "daemon.log")
+
+    def socket_path(self) -> str:
+        """The daemon's socket: in the (0700) home, or a private /tmp folder when the
+        home's path is too long for a unix socket (108 bytes)."""
+        path = os.path.join(self.path, "daemon.sock")
+        if len(path.encode()) <= 100:
+            return path
+        import hashlib
+
+        folder = os.path.join("/tmp", f"git-tq-{os.getuid()}")
+        ensure_private_dir(folder)
+        st = os.stat(folder)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise PermissionError(f"{folder} is not private to this user; remove it")
+        digest = hashlib.sha1(os.path.realpath(self.path).encode()).hexdigest()[:16]
+        return os.path.join(folder, f"{digest}.sock")
+
+    def worktree_dir(self, key: str, job_id: int) -> str:
+        return os.path.join(self.path, "worktrees", key, str(job_id))
+
     def crash_log(self) -> str:
         ensure_private_dir(self.path)
         return os.path.join(self.path, "crash.log")
+
+
+class RunFiles:
+    """The files in the tq home that describe one job's current run.
+
+    `<home>/run/<repo key>/<id>.*`: `.launch` what the supervisor must do
+    (0600: it holds the environment), `.lock` held by the supervisor for its
+    whole life, `.ident` the supervisor's and the job's process identities,
+    `.exit` the exit status, `.stop` a pending stop (deadline and why).
+    """
+
+    def __init__(self, home: Home, key: str, job_id: int) -> None:
+        self.folder = os.path.join(home.path, "run", key)
+        base = os.path.join(self.folder, str(job_id))
+        self.launch = base + ".launch"
+        self.lock = base + ".lock"
+        self.ident = base + ".ident"
+        self.exit = base + ".exit"
+        self.stop = base + ".stop"
+
+    def read(self, path: str) -> Optional[dict[str, Any]]:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data: dict[str, Any] = json.load(fh)
+                return data
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def write(self, path: str, data: Mapping[str, Any]) -> None:
+        ensure_private_dir(self.folder)
+        write_private_file(path, json.dumps(dict(data)).encode())
+
+    def clear(self) -> None:
+        """Forget the run (after its outcome is recorded on the job's ref)."""
+        for path in (self.launch, self.ident, self.exit, self.stop, self.lock):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)

@@ -29,7 +29,7 @@ EVENTS: dict[str, Event] = {
         Event("stopping", frozenset({R}), S),  # SIGTERM sent; grace running
         Event("preempted", frozenset({R, S}), P),  # back to the queue, same worktree
         Event("finished", frozenset({R, S}), None),  # done (exit 0) or failed
-        Event("start-failed", frozenset({P}), State.FAILED),  # never got going
+        Event("start-failed", frozenset({P, R}), State.FAILED),  # never got going
         Event("cancelled", frozenset({P, R, S}), State.CANCELLED),
     )
 }

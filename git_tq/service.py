@@ -6,6 +6,7 @@ and return plain values; they never print.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import re
@@ -93,6 +94,7 @@ class Submitted:
     job: Job
     snapshot: Snapshot
     warnings: tuple[str, ...] = ()
+    daemon_hint: Optional[str] = None  # set when no daemon will run the job
 
 
 def gpu_request(req: SubmitRequest, config: Mapping[str, str]) -> GpuRequest:
@@ -192,11 +194,131 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
 
     job = ctx.store.create(draft, snap.tree, before_publish=save_local,
                            after_lost_race=lambda c: ctx.home.drop_local_job(common, c))
-    warnings = tuple(
+    warnings = [
         f"submodule {p} has uncommitted changes; the job gets its checked-out commit only"
         for p in snap.dirty_submodules
-    )
-    return Submitted(job, snap, warnings)
+    ]
+    return Submitted(job, snap, tuple(warnings), wake_daemon(ctx))
+
+
+def _flag(ctx: Context, name: str, default: bool) -> bool:
+    value = ctx.config.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in ("true", "yes", "on", "1")
+
+
+def wake_daemon(ctx: Context) -> Optional[str]:
+    """Nudge the daemon (starting it unless tq.autostart is false); a hint if it is off."""
+    from git_tq import client
+
+    return client.nudge(ctx.home, autostart=_flag(ctx, "tq.autostart", True))
+
+
+# --- the daemon ----------------------------------------------------------------
+
+
+def home_for(cwd: Optional[str] = None) -> Home:
+    """The tq home for the current repository, or the user's default outside one."""
+    try:
+        return Context.open(cwd).home
+    except TqError:
+        return Home(default_home({}, os.environ))
+
+
+def start_daemon(home: Home) -> bool:
+    from git_tq import client
+
+    return client.start(home)
+
+
+def stop_daemon(home: Home) -> bool:
+    from git_tq import client
+
+    return client.stop(home)
+
+
+def daemon_status(home: Home) -> Optional[dict[str, Any]]:
+    from git_tq import client
+
+    try:
+        return client.request(home, "status")
+    except client.DaemonNotRunning:
+        return None
+
+
+def run_daemon(home: Home) -> None:
+    from git_tq import daemon
+
+    daemon.run_foreground(home)
+
+
+def kill_jobs(ctx: Context, tokens: Sequence[str], *, now: bool = False) -> list[int]:
+    """Stop running jobs (SIGTERM, grace, SIGKILL; `now` skips the grace): cancelled.
+
+    Pending jobs among them are cancelled directly.
+    """
+    from git_tq import client
+
+    jobs = [ctx.store.resolve(t) for t in parse_job_tokens(tokens)]
+    for job in jobs:
+        if job.state.finished:
+            raise InvalidTransition(f"job {job.id} is {job.state.value}: nothing to kill")
+    pending = [j.id for j in jobs if j.state is State.PENDING]
+    running = [j.id for j in jobs if j.state is not State.PENDING]
+    if pending:
+        remove(ctx, [str(i) for i in pending])
+    if running:
+        client.request(ctx.home, "kill", repo=ctx.repo.common_dir, jobs=running, now=now)
+    return [j.id for j in jobs]
+
+
+def requeue(ctx: Context, token: str, *, now: Optional[str] = None) -> Submitted:
+    """Submit a finished job's snapshot again, as a new job with the same spec."""
+    old = ctx.store.resolve(token)
+    if old.state.active:
+        raise InvalidTransition(f"job {old.id} is {old.state.value}; requeue takes a finished job")
+    local = ctx.home.load_local_job(ctx.repo.common_dir, old.snapshot)
+    if local is None:
+        raise TqError(f"job {old.id} was not submitted here by this user; it cannot be requeued")
+    spec = dataclasses.replace(old.spec, submitted_at=now or now_iso())
+    draft = Job(id=0, spec=spec, state=State.PENDING, event="submitted", attempt=0,
+                snapshot="", source=old.source, changes=old.changes,
+                detail=f"requeued from job {old.id}")
+    tree = ctx.repo.out("rev-parse", f"{old.snapshot}^{{tree}}")
+    common = ctx.repo.common_dir
+
+    def save_local(commit: str) -> None:
+        ctx.home.save_local_job(common, commit, {**local, "snapshot": commit})
+
+    job = ctx.store.create(draft, tree, before_publish=save_local,
+                           after_lost_race=lambda c: ctx.home.drop_local_job(common, c))
+    snap = Snapshot(tree, old.source, old.changes, ())
+    return Submitted(job, snap, (), wake_daemon(ctx))
+
+
+def gc(ctx: Context) -> list[str]:
+    """Remove worktrees and run files of jobs that have finished; what was removed."""
+    from git_tq.home import RunFiles, repo_key
+
+    key = repo_key(ctx.repo.common_dir)
+    removed = []
+    jobs = {j.id: j for j in ctx.store.list_jobs()}
+    root = os.path.join(ctx.home.path, "worktrees", key)
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        job = jobs.get(int(name)) if name.isdigit() else None
+        if job is None or job.state.finished:
+            path = os.path.join(root, name)
+            ctx.repo.git("worktree", "remove", "--force", path, check=False)
+            if os.path.exists(path):
+                import shutil
+
+                shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            if job is not None:
+                RunFiles(ctx.home, key, job.id).clear()
+    ctx.repo.git("worktree", "prune", check=False)
+    return removed
 
 
 # --- reading -----------------------------------------------------------------

@@ -46,8 +46,29 @@ def hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("PATH", BIN_DIR + os.pathsep + os.environ.get("PATH", ""))
     (home / ".gitconfig").write_text(
         "[init]\n\tdefaultBranch = main\n[protocol \"file\"]\n\tallow = always\n"
+        # Tests of records and commands run no daemon; tests/test_daemon.py turns it on.
+        "[tq]\n\tautostart = false\n"
     )
     yield
+    stop_everything(tmp_path)
+
+
+def stop_everything(root: Path) -> None:
+    """After a test: stop its daemon and every process it left (supervisors, jobs)."""
+    import psutil
+
+    tqhome = os.environ.get("TQ_HOME", "")
+    if tqhome and (Path(tqhome) / "daemon.json").exists():
+        subprocess.run(["git", "tq", "stop"], cwd=str(root), capture_output=True, timeout=30)
+    mine = str(root)
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            cwd = proc.info["cwd"] or ""
+            if proc.pid != os.getpid() and (mine in cmd or cwd.startswith(mine)):
+                proc.kill()
+        except (psutil.Error, TypeError):
+            continue
 
 
 def git(cwd: Path | str, *args: str, check: bool = True, env: dict[str, str] | None = None) -> str:

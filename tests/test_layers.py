@@ -21,8 +21,10 @@ LAYERS: list[set[str]] = [
     {"cli"},
     {"output"},  # CLI-side rendering
     {"service"},
+    {"daemon"},
+    {"scheduler", "supervisor", "client"},
     {"store", "snapshot"},
-    {"lifecycle", "recordfmt", "home", "gpus", "gitrepo"},
+    {"lifecycle", "recordfmt", "home", "gpus", "gitrepo", "procs", "envs"},
     {"model", "errors", "__init__"},
 ]
 UI_LIBRARIES = {"click", "rich", "prompt_toolkit"}
@@ -83,3 +85,8 @@ def test_the_man_page_documents_every_command_and_option() -> None:
                         f"man page lacks {opt} of {name}"
     for setting in ("tq.gpus", "tq.gpu", "tq.home"):
         assert setting in page
+
+
+def test_the_scheduling_policy_imports_only_the_model() -> None:
+    ours = {n for n in imports_of(PACKAGE / "scheduler.py") if n.startswith("git_tq")}
+    assert ours == {"git_tq.model"}

@@ -1,0 +1,114 @@
+"""Talking to the daemon: its socket protocol (one JSON line each way) and starting it.
+
+Requests are `{"v": 1, "cmd": ...}`; a daemon of another protocol version
+answers with an error telling the user to restart it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+from git_tq.errors import TqError
+from git_tq.home import Home, ensure_private_dir
+
+PROTOCOL = 1
+
+
+class DaemonNotRunning(TqError):
+    pass
+
+
+def request(home: Home, cmd: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
+    """Send one request; the reply. Raises DaemonNotRunning if nobody listens."""
+    try:
+        path = home.socket_path()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            s.sendall(json.dumps({"v": PROTOCOL, "cmd": cmd, **fields}).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise DaemonNotRunning(
+            "the git tq daemon is not running: start it with `git tq start`"
+        ) from None
+    except socket.timeout:
+        raise TqError("the git tq daemon does not answer; see `git tq daemon status`") from None
+    except OSError as exc:
+        raise TqError(f"cannot reach the git tq daemon: {exc}") from None
+    try:
+        reply: dict[str, Any] = json.loads(data)
+    except ValueError:
+        raise TqError("the git tq daemon gave no answer; restart it (git tq stop; git tq start)"
+                      ) from None
+    if reply.get("error"):
+        raise TqError(str(reply["error"]))
+    return reply
+
+
+def is_running(home: Home) -> bool:
+    try:
+        request(home, "ping", timeout=2.0)
+        return True
+    except TqError:
+        return False
+
+
+def spawn(home: Home) -> None:
+    """Start a daemon in the background (it exits at once if one already runs)."""
+    ensure_private_dir(home.path)
+    log = os.open(home.daemon_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    env = dict(os.environ, TQ_HOME=home.path)
+    subprocess.Popen([sys.executable, "-m", "git_tq.daemon", home.path],
+                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                     start_new_session=True, close_fds=True)
+    os.close(log)
+
+
+def start(home: Home, wait: float = 10.0) -> bool:
+    """Start the daemon and wait until it answers; False if one was already running."""
+    if is_running(home):
+        return False
+    spawn(home)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if is_running(home):
+            return True
+        time.sleep(0.02)
+    raise TqError(f"the daemon did not come up within {wait:.0f}s; see {home.daemon_log}")
+
+
+def nudge(home: Home, autostart: bool) -> Optional[str]:
+    """Wake the daemon (starting it if allowed); a hint for the user if it is not running."""
+    try:
+        request(home, "nudge", timeout=2.0)
+        return None
+    except DaemonNotRunning:
+        if autostart:
+            spawn(home)
+            return None
+        return "the daemon is not running (tq.autostart is false): start it with `git tq start`"
+    except TqError as exc:
+        return str(exc)
+
+
+def stop(home: Home, wait: float = 10.0) -> bool:
+    """Ask the daemon to exit; False if none was running."""
+    try:
+        request(home, "stop")
+    except DaemonNotRunning:
+        return False
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and is_running(home):
+        time.sleep(0.02)
+    return True

@@ -1,0 +1,698 @@
+"""The scheduler daemon: one per tq home, serving every repository registered there.
+
+It owns the machine's GPUs. Each cycle it reads every repository's job refs,
+records what ended (from the supervisors' exit files), enforces stop
+deadlines, asks the pure `scheduler.plan` what to do, and does it: preempt
+(SIGTERM to the victim's process tree, SIGKILL after the victim's grace) and
+start (worktree, environment, supervisor). A cycle runs at once on a nudge
+(submit, job exit, kill), on a GPU change, and every few seconds as a safety
+net. Killing the daemon loses nothing: supervisors keep running jobs and write
+their exit statuses; the next daemon adopts them through their lock files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from git_tq import __version__, client, gpus, scheduler
+from git_tq.errors import InvalidTransition, RefRace, TqError
+from git_tq.gitrepo import Repo, run_git, without_repo_vars
+from git_tq.home import Home, RunFiles, ensure_private_dir, repo_key, write_private_file
+from git_tq.model import Job, State
+from git_tq.procs import ProcessId, kill, terminate
+from git_tq.store import JobStore, identity_env
+
+log = logging.getLogger("git-tq-daemon")
+
+RESCAN_SECONDS = 3.0
+PROBE_SECONDS = 0.5
+LAUNCH_PATIENCE = 15.0  # how long a launched supervisor may take to take its lock
+
+
+def now_iso() -> str:
+    return dt.datetime.now().astimezone().replace(microsecond=0).isoformat()
+
+
+class AlreadyRunning(TqError):
+    pass
+
+
+@dataclass
+class RepoState:
+    key: str
+    common: str
+    repo: Repo
+    store: JobStore
+    config: dict[str, str]
+    jobs: list[Job] = field(default_factory=list)
+
+
+def open_repo(common: str) -> RepoState:
+    repo = Repo(toplevel=None, git_dir=common, common_dir=common, prefix="",
+                index_path=os.path.join(common, "index"))
+    p = repo.git("config", "-z", "--get-regexp", r"^(tq|user)\.", check=False)
+    config: dict[str, str] = {}
+    for item in p.stdout.decode(errors="replace").split("\0"):
+        if item:
+            k, _, v = item.partition("\n")
+            config[k.lower()] = v
+    env = identity_env(config, without_repo_vars(os.environ))
+    return RepoState(repo_key(common), common, repo, JobStore(repo, env), config)
+
+
+def setting(repos: list[RepoState], name: str) -> Optional[str]:
+    """A daemon-wide setting: from the first registered repository that sets it."""
+    for rs in repos:
+        if name in rs.config:
+            return rs.config[name]
+    return None
+
+
+class Daemon:
+    def __init__(self, home: Home) -> None:
+        self.home = home
+        self.lock_fd: Optional[int] = None
+        self.server: Optional[socket.socket] = None
+        self.stopping = False
+        self.dirty = True
+        self.warned: set[tuple[str, int]] = set()
+        self.hooks: list[subprocess.Popen[bytes]] = []
+        self.last_foreign: dict[int, str] = {}
+        self.last_probe: set[tuple[int, int]] = set()
+        self.next_deadline: Optional[float] = None
+        self.gpus_in_use = False
+        self.started_at = time.time()
+        self.counts: dict[str, int] = {}
+
+    # --- lifecycle of the daemon itself ---------------------------------------
+
+    def acquire(self) -> None:
+        ensure_private_dir(self.home.path)
+        fd = os.open(self.home.daemon_lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise AlreadyRunning(f"a git tq daemon already runs for {self.home.path}") from None
+        self.lock_fd = fd
+        path = self.home.socket_path()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # we hold the lock, so no live daemon listens there
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            server.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        server.listen(64)
+        server.setblocking(False)
+        self.server = server
+        write_private_file(self.home.daemon_info, json.dumps({
+            "pid": os.getpid(), "started": self.started_at, "socket": path,
+            "version": __version__, "protocol": client.PROTOCOL,
+        }).encode())
+
+    def serve(self) -> None:
+        self.acquire()
+        assert self.server is not None
+        log.info("daemon %s started, pid %d, home %s", __version__, os.getpid(), self.home.path)
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        sel = selectors.DefaultSelector()
+        sel.register(self.server, selectors.EVENT_READ, "server")
+        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        last_scan = 0.0
+        last_probe = 0.0
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                if self.dirty or now - last_scan >= RESCAN_SECONDS:
+                    self.dirty = False
+                    last_scan = now
+                    last_probe = now
+                    self.safe_cycle()
+                elif self.gpus_in_use and now - last_probe >= PROBE_SECONDS:
+                    last_probe = now
+                    if self.foreign_changed():
+                        self.dirty = True
+                        continue
+                timeout = RESCAN_SECONDS - (time.monotonic() - last_scan)
+                if self.gpus_in_use:
+                    timeout = min(timeout, PROBE_SECONDS - (time.monotonic() - last_probe))
+                if self.next_deadline is not None:
+                    timeout = min(timeout, self.next_deadline - time.time())
+                for key, _ in sel.select(max(timeout, 0.0)):
+                    if key.data == "server":
+                        self.accept()
+                    else:
+                        with contextlib.suppress(BlockingIOError):
+                            while os.read(wake_r, 4096):
+                                pass
+                        self.reap()
+                if self.next_deadline is not None and time.time() >= self.next_deadline:
+                    self.dirty = True
+        finally:
+            log.info("daemon stopping; running jobs keep running")
+            self.server.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.home.socket_path())
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.home.daemon_info)
+
+    def _on_stop_signal(self, *_: Any) -> None:
+        self.stopping = True
+
+    def reap(self) -> None:
+        """Collect exited children (supervisors are reparented on a daemon restart)."""
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            self.dirty = True
+        self.hooks = [h for h in self.hooks if h.poll() is None]
+
+    # --- the socket -------------------------------------------------------------
+
+    def accept(self) -> None:
+        assert self.server is not None
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except BlockingIOError:
+                return
+            with conn:
+                conn.settimeout(2.0)
+                try:
+                    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                            struct.calcsize("3i"))
+                    _pid, uid, _gid = struct.unpack("3i", creds)
+                    if uid != os.getuid():
+                        conn.sendall(b'{"error": "permission denied"}\n')
+                        continue
+                    data = b""
+                    while not data.endswith(b"\n"):
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    reply = self.handle(json.loads(data or b"{}"))
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                except (OSError, ValueError) as exc:
+                    log.warning("bad request: %s", exc)
+
+    def handle(self, req: Mapping[str, Any]) -> dict[str, Any]:
+        if req.get("v") not in (None, client.PROTOCOL):
+            return {"error": f"the running daemon speaks protocol {client.PROTOCOL}; "
+                             "restart it (git tq stop; git tq start)"}
+        cmd = req.get("cmd")
+        if cmd == "ping":
+            return {"ok": True, "pid": os.getpid(), "version": __version__}
+        if cmd == "nudge":
+            self.dirty = True
+            return {"ok": True}
+        if cmd == "stop":
+            self.stopping = True
+            return {"ok": True}
+        if cmd == "status":
+            return {"ok": True, "pid": os.getpid(), "version": __version__,
+                    "started": self.started_at, "socket": self.home.socket_path(),
+                    "home": self.home.path, "repos": self.home.registered_repos(),
+                    "counts": self.counts, "foreign": {str(k): v for k, v in
+                                                       self.last_foreign.items()}}
+        if cmd == "kill":
+            try:
+                done = self.kill_jobs(str(req["repo"]), [int(i) for i in req["jobs"]],
+                                      bool(req.get("now")))
+            except TqError as exc:
+                return {"error": str(exc)}
+            self.dirty = True
+            return {"ok": True, "jobs": done}
+        return {"error": f"unknown request {cmd!r}"}
+
+    # --- one scheduling cycle -------------------------------------------------------
+
+    def safe_cycle(self) -> None:
+        try:
+            self.cycle()
+        except Exception:  # the daemon must outlive any one bad repository or race
+            log.exception("scheduling cycle failed; retrying on the next one")
+            self.dirty = False
+
+    def load(self) -> list[RepoState]:
+        repos = []
+        for common in self.home.registered_repos():
+            if not os.path.isdir(common):
+                log.warning("repository %s is gone; dropped from the list", common)
+                self.home.drop_repo(common)
+                continue
+            try:
+                rs = open_repo(common)
+                rs.jobs = rs.store.list_jobs()
+            except TqError as exc:
+                log.warning("skipping %s: %s", common, exc)
+                continue
+            repos.append(rs)
+        return repos
+
+    def cycle(self) -> None:
+        repos = self.load()
+        self.next_deadline = None
+        holding: list[scheduler.Holding] = []
+        waiting: list[scheduler.Waiting] = []
+        jobs: dict[scheduler.JobKey, tuple[RepoState, Job]] = {}
+        for rs in repos:
+            for job in rs.jobs:
+                key = (rs.key, job.id)
+                if job.state in (State.RUNNING, State.STOPPING):
+                    job = self.reconcile(rs, job)  # may record an ending
+                if job.state in (State.RUNNING, State.STOPPING):
+                    holding.append(scheduler.Holding(key, job.spec.priority,
+                                                     job.assigned_gpus or (),
+                                                     job.state is State.STOPPING))
+                    jobs[key] = (rs, job)
+                elif job.state is State.PENDING and self.is_local(rs, job):
+                    waiting.append(scheduler.Waiting(key, job.spec.priority,
+                                                     job.spec.submitted_at, job.spec.gpus))
+                    jobs[key] = (rs, job)
+        machine = self.machine_gpus(repos)
+        self.gpus_in_use = bool(machine) and (bool(holding) or bool(waiting))
+        foreign = self.find_foreign(machine, holding, jobs)
+        self.last_foreign = foreign
+        cpu_slots = int(setting(repos, "tq.cpuslots") or max(1, (os.cpu_count() or 2) // 2))
+        per_gpu = int(setting(repos, "tq.jobspergpu") or 1)
+        plan = scheduler.plan(waiting, holding, machine, foreign=foreign, cpu_slots=cpu_slots,
+                              jobs_per_gpu=per_gpu)
+        for p in plan.preempts:
+            rs, job = jobs[p.victim]
+            self.request_stop(rs, job, "preempt", p.reason, now=False)
+        for s in plan.starts:
+            rs, job = jobs[s.key]
+            self.start(rs, job, s.gpus)
+        self.counts = {"running": len(holding) + len(plan.starts), "pending":
+                       len(waiting) - len(plan.starts), "repos": len(repos)}
+        self.update_deadline()
+
+    def machine_gpus(self, repos: list[RepoState]) -> tuple[int, ...]:
+        declared = setting(repos, "tq.gpus")
+        if declared is not None:
+            return gpus.machine_gpus({"tq.gpus": declared})
+        return gpus.machine_gpus({})
+
+    def is_local(self, rs: RepoState, job: Job) -> bool:
+        """Only jobs this user submitted on this machine run (a fetched ref has no
+        local record)."""
+        if self.home.load_local_job(rs.common, job.snapshot) is not None:
+            return True
+        if (rs.key, job.id) not in self.warned:
+            self.warned.add((rs.key, job.id))
+            log.warning("job %d in %s was not submitted here by this user (fetched or "
+                        "pushed?); it will not run", job.id, rs.common)
+        return False
+
+    # --- GPUs shared with processes that are not ours ---------------------------------
+
+    def our_pids(self, rs_jobs: Mapping[scheduler.JobKey, tuple[RepoState, Job]]) -> set[int]:
+        pids: set[int] = set()
+        for (key, job_id), (_rs, _job) in rs_jobs.items():
+            ident = RunFiles(self.home, key, job_id).read(RunFiles(self.home, key, job_id).ident)
+            if not ident:
+                continue
+            for who in ("supervisor", "job"):
+                proc = ProcessId(*ident[who]).process()
+                if proc is not None:
+                    pids.add(proc.pid)
+                    with contextlib.suppress(Exception):
+                        pids.update(c.pid for c in proc.children(recursive=True))
+        return pids
+
+    def find_foreign(self, machine: tuple[int, ...], holding: list[scheduler.Holding],
+                     jobs: Mapping[scheduler.JobKey, tuple[RepoState, Job]]) -> dict[int, str]:
+        if not machine:
+            return {}
+        on_gpu = gpus.gpu_processes(os.environ)
+        if not any(on_gpu.values()):
+            return {}
+        ours = self.our_pids({k: v for k, v in jobs.items()
+                              if v[1].state in (State.RUNNING, State.STOPPING)})
+        foreign: dict[int, str] = {}
+        for g, pids in on_gpu.items():
+            strangers = [p for p in pids if p not in ours and ProcessId.of(p) is not None]
+            if g in machine and strangers:
+                foreign[g] = f"foreign process {strangers[0]}"
+        return foreign
+
+    def foreign_changed(self) -> bool:
+        """Whether the processes on the GPUs changed since the last look."""
+        on_gpu = gpus.gpu_processes(os.environ)
+        seen = {(g, p) for g, pids in on_gpu.items() for p in pids}
+        changed = seen != self.last_probe
+        self.last_probe = seen
+        return changed
+
+    # --- running jobs ------------------------------------------------------------
+
+    def supervisor_alive(self, rf: RunFiles) -> bool:
+        try:
+            fd = os.open(rf.lock, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # closing drops our lock, if we got it
+        return False
+
+    def reconcile(self, rs: RepoState, job: Job) -> Job:
+        """Bring a running/stopping job's record up to date with its processes."""
+        rf = RunFiles(self.home, rs.key, job.id)
+        stop = rf.read(rf.stop)
+        if self.supervisor_alive(rf):
+            ident = rf.read(rf.ident)
+            if stop and ident:
+                self.enforce_stop(rf, job, stop, ident)
+            return job
+        outcome = rf.read(rf.exit)
+        if outcome is None:
+            launch_age = time.time() - os.stat(rf.launch).st_mtime \
+                if os.path.exists(rf.launch) else None
+            if launch_age is not None and launch_age < LAUNCH_PATIENCE:
+                return job  # the supervisor is still starting
+            ident = rf.read(rf.ident)
+            if ident and ProcessId(*ident["job"]).alive():
+                if stop:  # orphaned job, supervisor gone: still ours to stop
+                    self.enforce_stop(rf, job, stop, ident)
+                return job
+            if ident:
+                outcome = {"exit_code": None, "signal": None, "ended_at": now_iso(),
+                           "lost": "its supervisor died; the exit status is lost"}
+            else:
+                return self.record(rs, job, "preempted", rf,
+                                   detail="had not started when its daemon stopped")
+        return self.finish(rs, job, rf, outcome, stop)
+
+    def finish(self, rs: RepoState, job: Job, rf: RunFiles, outcome: Mapping[str, Any],
+               stop: Optional[Mapping[str, Any]]) -> Job:
+        code, sig = outcome.get("exit_code"), outcome.get("signal")
+        if outcome.get("start_error"):
+            return self.record(rs, job, "start-failed", rf, detail=outcome["start_error"],
+                               exit_code=code)
+        if outcome.get("lost"):
+            return self.record(rs, job, "finished", rf, detail=outcome["lost"], exit_code=-1)
+        # A job that was sent SIGTERM to make room goes back to the queue whatever its
+        # exit code (a checkpointing job exits 0 after saving); a killed one is cancelled.
+        if stop and stop.get("signalled") and stop.get("kind") == "preempt":
+            return self.record(rs, job, "preempted", rf, detail=stop.get("reason"))
+        if stop and stop.get("signalled") and stop.get("kind") == "kill":
+            return self.record(rs, job, "cancelled", rf, detail=stop.get("reason"),
+                               exit_code=code, signal=sig)
+        return self.record(rs, job, "finished", rf, exit_code=code, signal=sig)
+
+    def record(self, rs: RepoState, job: Job, event: str, rf: RunFiles, **fields: Any) -> Job:
+        when = now_iso()
+        try:
+            new = rs.store.advance(job.id, event, when, **fields)
+        except (InvalidTransition, RefRace) as exc:
+            log.warning("job %d: could not record %s: %s", job.id, event, exc)
+            return job
+        log.info("job %d in %s: %s -> %s", job.id, rs.common, event, new.state.value)
+        rf.clear()
+        if new.state.finished:
+            keep = new.state is State.FAILED and \
+                rs.config.get("tq.keepworktrees", "false").lower() in ("true", "yes", "1")
+            if not keep:
+                self.remove_worktree(rs, new.id)
+        hook = {"preempted": "preempt", "cancelled": "finish", "finished": "finish",
+                "start-failed": "finish"}.get(event)
+        if hook:
+            self.run_hook(rs, new, hook)
+        return new
+
+    def enforce_stop(self, rf: RunFiles, job: Job, stop: Mapping[str, Any],
+                     ident: Mapping[str, Any]) -> None:
+        target, pgid = ProcessId(*ident["job"]), int(ident["pgid"])
+        reaper = ProcessId(*ident["supervisor"])
+        if not stop.get("signalled"):
+            terminate(target, pgid, reaper)
+            rf.write(rf.stop, {**stop, "signalled": True})
+        if time.time() >= float(stop["deadline"]):
+            kill(target, pgid, reaper)
+
+    def update_deadline(self) -> None:
+        deadlines = []
+        run_root = os.path.join(self.home.path, "run")
+        for folder, _dirs, files in os.walk(run_root):
+            for name in files:
+                if name.endswith(".stop"):
+                    with contextlib.suppress(OSError, ValueError, KeyError), \
+                            open(os.path.join(folder, name), encoding="utf-8") as fh:
+                        deadlines.append(float(json.load(fh)["deadline"]))
+        self.next_deadline = min(deadlines) + 0.01 if deadlines else None
+
+    def request_stop(self, rs: RepoState, job: Job, kind: str, reason: str,
+                     now: bool) -> None:
+        """Begin stopping a running job: SIGTERM now, SIGKILL after its grace."""
+        rf = RunFiles(self.home, rs.key, job.id)
+        if rf.read(rf.stop):
+            return
+        grace = 0 if now else job.spec.grace
+        rf.write(rf.stop, {"kind": kind, "reason": reason, "deadline": time.time() + grace,
+                           "signalled": False})
+        if job.state is State.RUNNING:
+            try:
+                rs.store.advance(job.id, "stopping", now_iso(), detail=reason)
+            except (InvalidTransition, RefRace) as exc:
+                log.warning("job %d: %s", job.id, exc)
+        ident = rf.read(rf.ident)
+        stop = rf.read(rf.stop)
+        if ident and stop:
+            self.enforce_stop(rf, job, stop, ident)
+        log.info("job %d in %s: stopping (%s)", job.id, rs.common, reason)
+
+    def kill_jobs(self, common: str, ids: list[int], now: bool) -> list[int]:
+        rs = open_repo(common)
+        done = []
+        for job_id in ids:
+            job = rs.store.load(job_id)
+            if job.state not in (State.RUNNING, State.STOPPING):
+                raise TqError(f"job {job_id} is {job.state.value}, not running")
+        for job_id in ids:
+            job = rs.store.load(job_id)
+            rf = RunFiles(self.home, rs.key, job_id)
+            old = rf.read(rf.stop)
+            if old and old.get("kind") == "preempt":  # a kill outranks a preemption
+                rf.write(rf.stop, {**old, "kind": "kill", "reason": "killed by the user",
+                                   "deadline": time.time() if now else old["deadline"]})
+            elif old is None:
+                self.request_stop(rs, job, "kill", "killed by the user", now)
+            elif now:
+                rf.write(rf.stop, {**old, "deadline": time.time()})
+            ident, stop = rf.read(rf.ident), rf.read(rf.stop)
+            if ident and stop:
+                self.enforce_stop(rf, job, stop, ident)
+            done.append(job_id)
+        self.update_deadline()
+        return done
+
+    # --- starting a job ---------------------------------------------------------------
+
+    def start(self, rs: RepoState, job: Job, assigned: tuple[int, ...]) -> None:
+        local = self.home.load_local_job(rs.common, job.snapshot) or {}
+        event = "resumed" if job.attempt > 0 else "started"
+        try:
+            job = rs.store.advance(job.id, event, now_iso(), assigned_gpus=assigned)
+        except (InvalidTransition, RefRace) as exc:
+            log.info("job %d not started: %s", job.id, exc)
+            return
+        rf = RunFiles(self.home, rs.key, job.id)
+        logfile = rs.store.log_path(job)
+        try:
+            worktree = self.ensure_worktree(rs, job, local)
+            env = self.job_env(rs, job, local, assigned, logfile, worktree)
+            argv = ["/bin/sh", "-c", job.spec.command[0]] if job.spec.shell \
+                else list(job.spec.command)
+            cwd = os.path.join(worktree, job.spec.cwd) if job.spec.cwd else worktree
+            rf.clear()
+            rf.write(rf.launch, {
+                "job_id": job.id, "attempt": job.attempt, "argv": argv, "cwd": cwd, "env": env,
+                "log": logfile, "banner": banner(job, rs, worktree, assigned),
+                "lock": rf.lock, "ident": rf.ident, "exit": rf.exit,
+                "socket": self.home.socket_path(),
+            })
+            subprocess.Popen([sys.executable, "-m", "git_tq.supervisor", rf.launch],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True,
+                             close_fds=True, cwd="/", env=without_repo_vars(os.environ))
+        except (TqError, OSError) as exc:
+            reason = f"could not start: {exc}"
+            os.makedirs(os.path.dirname(logfile), exist_ok=True)
+            with open(logfile, "a", encoding="utf-8") as fh:
+                fh.write(banner(job, rs, "", assigned) + f"\n[git tq] {reason}\n")
+            self.record(rs, job, "start-failed", rf, detail=reason)
+            return
+        log.info("job %d in %s: %s on GPUs %s", job.id, rs.common, event, assigned or "cpu")
+        self.run_hook(rs, job, "resume" if event == "resumed" else "start")
+
+    def ensure_worktree(self, rs: RepoState, job: Job, local: Mapping[str, Any]) -> str:
+        path = self.home.worktree_dir(rs.key, job.id)
+        if os.path.isdir(path) and os.listdir(path):
+            return path  # a resumed job: same worktree, checkpoints and all
+        ensure_private_dir(os.path.dirname(path))
+        p = run_git(["--git-dir", rs.common, "worktree", "add", "--detach", "-f", path,
+                     job.snapshot], rs.common, env=without_repo_vars(os.environ), check=False)
+        if p.returncode != 0:
+            raise TqError("git worktree add failed: "
+                          + p.stderr.decode(errors="replace").strip().splitlines()[-1])
+        self.link_ignored(rs, path, local)
+        return path
+
+    def link_ignored(self, rs: RepoState, path: str, local: Mapping[str, Any]) -> None:
+        """Symlink the source tree's top-level ignored entries (data, checkpoints,
+        .env) and every `tq.link` path into the job's worktree."""
+        source = local.get("worktree")
+        if not source or not os.path.isdir(source):
+            return
+        names: list[str] = []
+        if rs.config.get("tq.linkignored", "true").lower() not in ("false", "no", "0"):
+            p = run_git(["ls-files", "--others", "--ignored", "--exclude-standard",
+                         "--directory", "--no-empty-directory"], source,
+                        env=without_repo_vars(os.environ), check=False)
+            for line in p.stdout.decode(errors="replace").splitlines():
+                top = line.rstrip("/")
+                if top and "/" not in top:
+                    names.append(top)
+        p = run_git(["config", "--get-all", "tq.link"], source, check=False)
+        names += [n.strip().strip("/") for n in p.stdout.decode().splitlines() if n.strip()]
+        for name in names:
+            src, dst = os.path.join(source, name), os.path.join(path, name)
+            if os.path.realpath(src).startswith(os.path.realpath(source) + os.sep) and \
+                    os.path.lexists(src) and not os.path.lexists(dst):
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.symlink(src, dst)
+
+    def remove_worktree(self, rs: RepoState, job_id: int) -> None:
+        path = self.home.worktree_dir(rs.key, job_id)
+        if os.path.exists(path):
+            run_git(["--git-dir", rs.common, "worktree", "remove", "--force", path], rs.common,
+                    env=without_repo_vars(os.environ), check=False)
+
+    def job_env(self, rs: RepoState, job: Job, local: Mapping[str, Any],
+                assigned: tuple[int, ...], logfile: str, worktree: str) -> dict[str, str]:
+        from git_tq import envs
+
+        env = without_repo_vars(local.get("env") or os.environ)
+        if job.spec.env:
+            env = envs.activate(job.spec.env, env)
+        env.update({
+            "CUDA_VISIBLE_DEVICES": ",".join(map(str, assigned)),
+            "TQ_JOB_ID": str(job.id), "TQ_ATTEMPT": str(job.attempt),
+            "TQ_RESUMED": "1" if job.attempt > 1 else "0", "TQ_LOG": logfile,
+            "TQ_SOURCE_DIR": str(local.get("worktree", "")), "TQ_WORKTREE": worktree,
+            "TQ_PRIORITY": str(job.spec.priority), "TQ_TAG": job.spec.tag or "",
+        })
+        return env
+
+    # --- hooks ---------------------------------------------------------------------
+
+    def run_hook(self, rs: RepoState, job: Job, event: str) -> None:
+        p = run_git(["--git-dir", rs.common, "rev-parse", "--git-path", "hooks"], rs.common,
+                    check=False)
+        hooks_dir = p.stdout.decode().strip()
+        if not hooks_dir:
+            return
+        hooks_dir = os.path.join(rs.common, hooks_dir) if not os.path.isabs(hooks_dir) \
+            else hooks_dir
+        path = os.path.join(hooks_dir, f"tq-{event}")
+        if not os.access(path, os.X_OK):
+            return
+        env = {**without_repo_vars(os.environ), **hook_env(job, event, rs.common)}
+        try:
+            self.hooks.append(subprocess.Popen([path], env=env, stdin=subprocess.DEVNULL,
+                                               stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL,
+                                               start_new_session=True, cwd=rs.common))
+        except OSError as exc:
+            log.warning("hook %s failed to start: %s", path, exc)
+
+
+def hook_env(job: Job, event: str, common: str) -> dict[str, str]:
+    s = job.spec
+    values = {
+        "TQ_EVENT": event, "TQ_JOB_ID": job.id, "TQ_STATE": job.state.value,
+        "TQ_COMMAND": s.command_line(), "TQ_PRIORITY": s.priority, "TQ_TAG": s.tag or "",
+        "TQ_EXIT_CODE": "" if job.exit_code is None else job.exit_code,
+        "TQ_SIGNAL": "" if job.signal is None else job.signal, "TQ_ATTEMPT": job.attempt,
+        "TQ_GPUS": ",".join(map(str, job.assigned_gpus or ())), "TQ_DETAIL": job.detail or "",
+        "TQ_SNAPSHOT": job.snapshot, "TQ_SOURCE": job.source or "",
+        "TQ_SUBMITTED_AT": s.submitted_at, "TQ_STARTED_AT": job.started_at or "",
+        "TQ_ENDED_AT": job.ended_at or "", "TQ_REPO": common,
+    }
+    return {k: str(v) for k, v in values.items()}
+
+
+def banner(job: Job, rs: RepoState, worktree: str, assigned: tuple[int, ...]) -> str:
+    s = job.spec
+    when = now_iso()
+    if job.attempt > 1:
+        return (f"\n{'=' * 72}\n[git tq] job {job.id} RESUMED: attempt {job.attempt} at {when}"
+                f" on GPUs {','.join(map(str, assigned)) or 'none (cpu)'}\n{'=' * 72}\n")
+    lines = [
+        f"[git tq] job {job.id}" + (f" [{s.tag}]" if s.tag else ""),
+        f"  command   {s.command_line()}",
+        f"  priority  {s.priority}   grace {s.grace}s   gpus "
+        f"{','.join(map(str, assigned)) or 'none (cpu)'} (asked: {s.gpus.describe()})",
+        f"  env       {s.env or '-'}",
+        f"  source    {job.source or '(unborn branch)'}",
+        f"  snapshot  {job.snapshot}",
+        f"  repo      {rs.common}",
+        f"  worktree  {worktree}",
+        f"  restore   git tq checkout {job.id}",
+        f"  started   {when} (attempt {job.attempt})",
+    ]
+    return "\n".join(lines) + f"\n{'-' * 72}\n"
+
+
+def main() -> None:
+    """`python -m git_tq.daemon HOME`: run a daemon in the foreground."""
+    home = Home(sys.argv[1] if len(sys.argv) > 1 else os.environ["TQ_HOME"])
+    run_foreground(home)
+
+
+def run_foreground(home: Home) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    daemon = Daemon(home)
+    try:
+        daemon.serve()
+    except AlreadyRunning as exc:
+        log.info("%s", exc)
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The scheduling policy: a pure function from queue and machine state to actions.
+
+No processes, files or git here: `plan` takes what is pending, what runs, the
+GPUs and which of them a foreign process sits on, and says what to start and
+whom to preempt. The daemon carries the actions out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+from git_tq.model import GpuRequest
+
+JobKey = tuple[str, int]  # (repository key, job id): unique across the daemon's repositories
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A pending job as the policy sees it."""
+
+    key: JobKey
+    priority: int
+    submitted_at: str  # ISO 8601; within a priority, earlier first (a preempted job keeps it)
+    gpus: GpuRequest
+
+
+@dataclass(frozen=True)
+class Holding:
+    """A running (or stopping) job and the GPUs it holds."""
+
+    key: JobKey
+    priority: int
+    gpus: tuple[int, ...]
+    stopping: bool = False  # already asked to stop: its GPUs free up soon
+
+
+@dataclass(frozen=True)
+class Start:
+    key: JobKey
+    gpus: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Preempt:
+    victim: JobKey
+    reason: str  # "preempted by job 9" / "yield to a foreign process on GPU 0"
+    for_job: Optional[JobKey] = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    starts: list[Start] = field(default_factory=list)
+    preempts: list[Preempt] = field(default_factory=list)
+
+
+def queue_order(waiting: Sequence[Waiting]) -> list[Waiting]:
+    """Smallest priority number first; within a priority, submission order."""
+    return sorted(waiting, key=lambda w: (w.priority, w.submitted_at, w.key))
+
+
+def plan(waiting: Sequence[Waiting], holding: Sequence[Holding], gpus: Sequence[int], *,
+         foreign: Mapping[int, str] | None = None, cpu_slots: int = 1,
+         jobs_per_gpu: int = 1) -> Plan:
+    """What to do now. `foreign` maps a GPU to a description of the foreign process on it."""
+    foreign = foreign or {}
+    result = Plan()
+    load: dict[int, list[Holding]] = {g: [] for g in gpus}
+    cpu_used = 0
+    for h in holding:
+        if not h.gpus:
+            cpu_used += 1
+        for g in h.gpus:
+            load.setdefault(g, []).append(h)
+    # Yield: our jobs leave GPUs where someone else's process runs.
+    preempted: set[JobKey] = set()
+    for g, who in foreign.items():
+        for h in load.get(g, []):
+            if not h.stopping and h.key not in preempted:
+                preempted.add(h.key)
+                result.preempts.append(Preempt(h.key, f"yield to {who} on GPU {g}"))
+    reserved: set[int] = set()  # GPUs being vacated for a waiting job: nobody else takes them
+
+    def free(g: int) -> bool:
+        return g not in foreign and g not in reserved and len(load.get(g, [])) < jobs_per_gpu
+
+    def reclaimable(g: int, priority: int) -> bool:
+        """GPU g could be freed for a job of `priority` by preempting lower-priority jobs."""
+        if g in foreign or g in reserved:
+            return False
+        occupants = load.get(g, [])
+        return all(o.stopping or o.priority > priority for o in occupants)
+
+    for w in queue_order(waiting):
+        req = w.gpus
+        if req.cpu_only:
+            if cpu_used < cpu_slots:
+                cpu_used += 1
+                result.starts.append(Start(w.key, ()))
+            continue
+        if req.ids is not None:
+            wanted = [g for g in req.ids if g in load]
+            if len(wanted) != len(req.ids):
+                continue  # asks for a GPU this machine no longer has
+            if all(free(g) for g in wanted):
+                _take(load, w, tuple(wanted), result)
+                continue
+            if all(free(g) or reclaimable(g, w.priority) for g in wanted):
+                _preempt_for(w, [g for g in wanted if not free(g)], load, reserved,
+                             preempted, result)
+            continue
+        candidates = sorted((g for g in load if free(g)), key=lambda g: (len(load[g]), g))
+        if len(candidates) >= req.count:
+            _take(load, w, tuple(sorted(candidates[: req.count])), result)
+            continue
+        # Not enough free GPUs: reclaim the ones whose jobs matter least.
+        extra = [g for g in load if not free(g) and reclaimable(g, w.priority)]
+        extra.sort(key=lambda g: (-max((o.priority for o in load[g]), default=0), g))
+        if len(candidates) + len(extra) >= req.count:
+            need = extra[: req.count - len(candidates)]
+            reserved.update(candidates)
+            _preempt_for(w, need, load, reserved, preempted, result)
+    return result
+
+
+def _take(load: dict[int, list[Holding]], w: Waiting, chosen: tuple[int, ...],
+          result: Plan) -> None:
+    for g in chosen:
+        load[g].append(Holding(w.key, w.priority, chosen))
+    result.starts.append(Start(w.key, chosen))
+
+
+def _preempt_for(w: Waiting, gpus: list[int], load: dict[int, list[Holding]],
+                 reserved: set[int], preempted: set[JobKey], result: Plan) -> None:
+    reserved.update(gpus)
+    for g in gpus:
+        for o in load[g]:
+            if not o.stopping and o.key not in preempted:
+                preempted.add(o.key)
+                result.preempts.append(Preempt(o.key, f"preempted by job {w.key[1]}", w.key))

@@ -1,0 +1,130 @@
+"""The supervisor: one small process per running job, independent of the daemon.
+
+The daemon starts `python -m git_tq.supervisor <launch file>` in a session of
+its own. The supervisor holds the job's lock file for its whole life (so a
+restarted daemon knows it is alive), starts the command in a new process group
+with the log as stdout and stderr, records both processes' identities, waits,
+and writes the exit status where any later daemon can read it. It survives
+the daemon's death; it ignores SIGTERM/SIGINT/SIGHUP (signals go to the job).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from git_tq.home import write_private_file
+from git_tq.procs import ProcessId, become_subreaper, kill
+
+EXIT_LOCKED = 75
+
+
+def now_iso() -> str:
+    return dt.datetime.now().astimezone().replace(microsecond=0).isoformat()
+
+
+def nudge(socket_path: str) -> None:
+    """Tell the daemon something changed (best effort: it rescans anyway)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            s.connect(socket_path)
+            s.sendall(b'{"cmd": "nudge"}\n')
+            s.recv(64)
+    except OSError:
+        pass
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    write_private_file(path, json.dumps(data).encode())
+
+
+def run(launch: dict[str, Any]) -> int:
+    lock_fd = os.open(launch["lock"], os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return EXIT_LOCKED  # another supervisor runs this job: never run it twice
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    become_subreaper()
+    me = ProcessId.of(os.getpid())
+    os.makedirs(os.path.dirname(launch["log"]), exist_ok=True)
+    log = open(launch["log"], "ab", buffering=0)  # noqa: SIM115 - held for the job's life
+    log.write(launch["banner"].encode())
+    try:
+        child = subprocess.Popen(
+            launch["argv"], cwd=launch["cwd"], env=launch["env"], stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_default_signals,
+        )
+    except OSError as exc:
+        reason = f"could not start: {exc.strerror or exc}"
+        log.write(f"\n[git tq] {reason}\n".encode())
+        write_json(launch["exit"], {"exit_code": 127, "signal": None, "ended_at": now_iso(),
+                                    "start_error": reason})
+        nudge(launch["socket"])
+        return 0
+    job = ProcessId.of(child.pid) or ProcessId(child.pid, 0.0)
+    assert me is not None
+    write_json(launch["ident"], {"supervisor": [me.pid, me.started],
+                                 "job": [job.pid, job.started], "pgid": child.pid})
+    nudge(launch["socket"])
+    status = _wait_for(child.pid)
+    # Whatever the job left behind (background children) goes with it.
+    kill(job, child.pid, me)
+    _reap_all()
+    code = os.waitstatus_to_exitcode(status)
+    signum = -code if code < 0 else None
+    text = f"killed by signal {signum}" if signum else f"exited with code {code}"
+    log.write(f"\n[git tq] job {launch['job_id']} attempt {launch['attempt']} {text} at "
+              f"{now_iso()}\n".encode())
+    write_json(launch["exit"], {"exit_code": None if signum else code, "signal": signum,
+                                "ended_at": now_iso()})
+    nudge(launch["socket"])
+    return 0
+
+
+def _default_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _wait_for(pid: int) -> int:
+    """Wait for `pid`, reaping adopted orphans on the way; its wait status."""
+    while True:
+        try:
+            got, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return 0
+        except InterruptedError:
+            continue
+        if got == pid:
+            return status
+
+
+def _reap_all() -> None:
+    while True:
+        try:
+            got, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if got == 0:
+            return
+
+
+def main() -> None:
+    with open(sys.argv[1], encoding="utf-8") as fh:
+        launch = json.load(fh)
+    sys.exit(run(launch))
+
+
+if __name__ == "__main__":
+    main()
