@@ -29,10 +29,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from git_tq import __version__, client, gpus, scheduler
+from git_tq import __version__, client, gpus, scheduler, supervisor
 from git_tq.errors import InvalidTransition, RefRace, TqError
 from git_tq.gitrepo import Repo, run_git, without_repo_vars
 from git_tq.home import Home, RunFiles, ensure_private_dir, repo_key, write_private_file
+from git_tq.lifecycle import apply_event
 from git_tq.model import Job, State
 from git_tq.procs import ProcessId, kill, terminate
 from git_tq.store import JobStore, identity_env
@@ -42,6 +43,7 @@ log = logging.getLogger("git-tq-daemon")
 RESCAN_SECONDS = 3.0
 PROBE_SECONDS = 0.5
 LAUNCH_PATIENCE = 15.0  # how long a launched supervisor may take to take its lock
+PREPARE_AHEAD = 2  # waiting jobs whose worktrees are checked out before their turn
 
 
 def now_iso() -> str:
@@ -65,7 +67,8 @@ class RepoState:
 def open_repo(common: str) -> RepoState:
     repo = Repo(toplevel=None, git_dir=common, common_dir=common, prefix="",
                 index_path=os.path.join(common, "index"))
-    p = repo.git("config", "-z", "--get-regexp", r"^(tq|user)\.", check=False)
+    p = repo.git("config", "-z", "--get-regexp", r"^(tq|user)\.|^core\.hookspath$",
+                 check=False)
     config: dict[str, str] = {}
     for item in p.stdout.decode(errors="replace").split("\0"):
         if item:
@@ -73,6 +76,14 @@ def open_repo(common: str) -> RepoState:
             config[k.lower()] = v
     env = identity_env(config, without_repo_vars(os.environ))
     return RepoState(repo_key(common), common, repo, JobStore(repo, env), config)
+
+
+def advance(rs: RepoState, job: Job, event: str, when: str, **fields: Any) -> Job:
+    """Record `event` on the job, starting from the record in hand (one compare-and-swap
+    when nobody else wrote meanwhile; otherwise re-read and retried by the store)."""
+    stored = rs.store.write(job, apply_event(job, event, when, **fields),
+                            f"tq: job {job.id} {event}")
+    return stored if stored is not None else rs.store.advance(job.id, event, when, **fields)
 
 
 def setting(repos: list[RepoState], name: str) -> Optional[str]:
@@ -98,6 +109,7 @@ class Daemon:
         self.gpus_in_use = False
         self.started_at = time.time()
         self.counts: dict[str, int] = {}
+        self.cleanup: list[tuple[RepoState, int]] = []
 
     # --- lifecycle of the daemon itself ---------------------------------------
 
@@ -315,6 +327,18 @@ class Daemon:
         self.counts = {"running": len(holding) + len(plan.starts), "pending":
                        len(waiting) - len(plan.starts), "repos": len(repos)}
         self.update_deadline()
+        # Work that is not on anyone's critical path: remove finished jobs' worktrees,
+        # and check out the next waiting jobs' worktrees so that starting them is a fork.
+        cleanup, self.cleanup = self.cleanup, []
+        for rs, job_id in cleanup:
+            self.remove_worktree(rs, job_id)
+        started = {s.key for s in plan.starts}
+        for w in scheduler.queue_order(waiting)[:PREPARE_AHEAD]:
+            if w.key not in started:
+                rs, job = jobs[w.key]
+                with contextlib.suppress(TqError, OSError):
+                    self.ensure_worktree(rs, job, self.home.load_local_job(rs.common,
+                                                                           job.snapshot) or {})
 
     def machine_gpus(self, repos: list[RepoState]) -> tuple[int, ...]:
         declared = setting(repos, "tq.gpus")
@@ -436,7 +460,7 @@ class Daemon:
     def record(self, rs: RepoState, job: Job, event: str, rf: RunFiles, **fields: Any) -> Job:
         when = now_iso()
         try:
-            new = rs.store.advance(job.id, event, when, **fields)
+            new = advance(rs, job, event, when, **fields)
         except (InvalidTransition, RefRace) as exc:
             log.warning("job %d: could not record %s: %s", job.id, event, exc)
             return job
@@ -446,7 +470,7 @@ class Daemon:
             keep = new.state is State.FAILED and \
                 rs.config.get("tq.keepworktrees", "false").lower() in ("true", "yes", "1")
             if not keep:
-                self.remove_worktree(rs, new.id)
+                self.cleanup.append((rs, new.id))  # after this cycle's starts
         hook = {"preempted": "preempt", "cancelled": "finish", "finished": "finish",
                 "start-failed": "finish"}.get(event)
         if hook:
@@ -485,7 +509,7 @@ class Daemon:
                            "signalled": False})
         if job.state is State.RUNNING:
             try:
-                rs.store.advance(job.id, "stopping", now_iso(), detail=reason)
+                advance(rs, job, "stopping", now_iso(), detail=reason)
             except (InvalidTransition, RefRace) as exc:
                 log.warning("job %d: %s", job.id, exc)
         ident = rf.read(rf.ident)
@@ -525,7 +549,7 @@ class Daemon:
         local = self.home.load_local_job(rs.common, job.snapshot) or {}
         event = "resumed" if job.attempt > 0 else "started"
         try:
-            job = rs.store.advance(job.id, event, now_iso(), assigned_gpus=assigned)
+            job = advance(rs, job, event, now_iso(), assigned_gpus=assigned)
         except (InvalidTransition, RefRace) as exc:
             log.info("job %d not started: %s", job.id, exc)
             return
@@ -538,16 +562,14 @@ class Daemon:
                 else list(job.spec.command)
             cwd = os.path.join(worktree, job.spec.cwd) if job.spec.cwd else worktree
             rf.clear()
-            rf.write(rf.launch, {
+            launch = {
                 "job_id": job.id, "attempt": job.attempt, "argv": argv, "cwd": cwd, "env": env,
                 "log": logfile, "banner": banner(job, rs, worktree, assigned),
                 "lock": rf.lock, "ident": rf.ident, "exit": rf.exit,
                 "socket": self.home.socket_path(),
-            })
-            subprocess.Popen([sys.executable, "-m", "git_tq.supervisor", rf.launch],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True,
-                             close_fds=True, cwd="/", env=without_repo_vars(os.environ))
+            }
+            rf.write(rf.launch, launch)
+            fork_supervisor(launch)
         except (TqError, OSError) as exc:
             reason = f"could not start: {exc}"
             os.makedirs(os.path.dirname(logfile), exist_ok=True)
@@ -620,13 +642,13 @@ class Daemon:
     # --- hooks ---------------------------------------------------------------------
 
     def run_hook(self, rs: RepoState, job: Job, event: str) -> None:
-        p = run_git(["--git-dir", rs.common, "rev-parse", "--git-path", "hooks"], rs.common,
-                    check=False)
-        hooks_dir = p.stdout.decode().strip()
-        if not hooks_dir:
-            return
-        hooks_dir = os.path.join(rs.common, hooks_dir) if not os.path.isabs(hooks_dir) \
-            else hooks_dir
+        configured = rs.config.get("core.hookspath")
+        if configured:
+            hooks_dir = os.path.expanduser(configured)
+            if not os.path.isabs(hooks_dir):  # relative to the work tree's top, as in git
+                hooks_dir = os.path.join(os.path.dirname(rs.common), hooks_dir)
+        else:
+            hooks_dir = os.path.join(rs.common, "hooks")
         path = os.path.join(hooks_dir, f"tq-{event}")
         if not os.access(path, os.X_OK):
             return
@@ -638,6 +660,32 @@ class Daemon:
                                                start_new_session=True, cwd=rs.common))
         except OSError as exc:
             log.warning("hook %s failed to start: %s", path, exc)
+
+
+def fork_supervisor(launch: Mapping[str, Any]) -> int:
+    """Start the job's supervisor as a forked copy of the daemon, in a session of its own.
+
+    A fork costs a millisecond where a fresh interpreter (`python -m
+    git_tq.supervisor`) costs ~100 ms of start-up and imports. The child keeps
+    no descriptor of the daemon's: above all not the daemon's lock, which would
+    keep a restarted daemon out for as long as the job runs.
+    """
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 70
+    try:
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        code = supervisor.run(dict(launch))
+    finally:
+        os._exit(code)
 
 
 def hook_env(job: Job, event: str, common: str) -> dict[str, str]:

@@ -88,6 +88,9 @@ def run(launch: dict[str, Any]) -> int:
               f"{now_iso()}\n".encode())
     write_json(launch["exit"], {"exit_code": None if signum else code, "signal": signum,
                                 "ended_at": now_iso()})
+    # Release the lock before the nudge: the daemon reads "lock free + exit file" as
+    # "ended", and must see both when it wakes.
+    os.close(lock_fd)
     nudge(launch["socket"])
     return 0
 

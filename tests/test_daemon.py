@@ -238,7 +238,7 @@ print('saved', flush=True)
     urgent = submit(repo, "-p", "1", "python", "-c", "print('urgent')")
     wait_until(lambda: "got SIGTERM" in log_text(repo, victim))
     os.kill(daemon_pid(), signal.SIGKILL)  # in the middle of the grace period
-    worktree = next((Path(os.environ["TQ_HOME"]) / "worktrees").glob("*/*"))
+    worktree = next((Path(os.environ["TQ_HOME"]) / "worktrees").glob(f"*/{victim}"))
     (worktree / "release").write_text("")
     wait_until(lambda: "saved" in log_text(repo, victim))
     tq(repo, "start")
@@ -250,9 +250,9 @@ print('saved', flush=True)
 
 def test_fetched_job_refs_never_run(repo: Path, make_repo: Any, tmp_path: Path) -> None:
     other = make_repo("other")
+    git(other, "config", "tq.autostart", "false")  # its owner's daemon is not running now
     marker = tmp_path / "foreign-ran"
     submit(other, "--cpu", "--", "sh", "-c", f"touch {marker}")
-    tq(other, "stop")
     # a second tq home owns `other`'s local records; ours never saw them
     (Path(os.environ["TQ_HOME"])).rename(tmp_path / "other-home")
     git(repo, "fetch", "-q", str(other), "refs/tq/jobs/*:refs/tq/jobs/*")
