@@ -409,3 +409,17 @@ def test_sample_csv_hook(repo: Path) -> None:
     header, line = out.read_text().splitlines()
     assert header.startswith("job,state,exit_code")
     assert line.startswith("1,done,0,,1,csv,") and line.endswith('"echo \'say ""hi""\'"')
+
+
+def test_a_deleted_repository_is_dropped(repo: Path, make_repo: Any) -> None:
+    import shutil
+
+    gone = make_repo("gone")
+    git(gone, "config", "tq.autostart", "false")
+    submit(gone, "--cpu", "true")
+    shutil.rmtree(gone)
+    j = submit(repo, "--cpu", "true")
+    wait_state(repo, j, "done")
+    home = Path(os.environ["TQ_HOME"])
+    wait_until(lambda: "is gone; dropped" in (home / "daemon.log").read_text())
+    assert len(list((home / "repos").iterdir())) == 1
