@@ -13,6 +13,9 @@ prefix="$data_home/git-tq"
 venv="$prefix/venv"
 bin_dir="$HOME/.local/bin"
 man_dir="$data_home/man/man1"
+bash_dir="$data_home/bash-completion/completions"
+zsh_dir="$data_home/zsh/site-functions"
+fish_dir="${XDG_CONFIG_HOME:-$HOME/.config}/fish/completions"
 manifest="$prefix/installed-files"
 python=${PYTHON:-python3}
 
@@ -38,7 +41,9 @@ install() {
         || die "git tq needs Python 3.9 or newer ($python is older)"
     # Remember which folders we create, so --uninstall removes them (if empty) and no others.
     local created=()
-    for dir in "$prefix" "$bin_dir" "$man_dir" "$(dirname "$man_dir")"; do
+    for dir in "$prefix" "$bin_dir" "$man_dir" "$(dirname "$man_dir")" "$bash_dir" \
+               "$(dirname "$bash_dir")" "$zsh_dir" "$(dirname "$zsh_dir")" "$fish_dir" \
+               "$(dirname "$fish_dir")"; do
         [ -d "$dir" ] || created+=("$dir")
     done
     if [ -f "$manifest" ]; then  # a re-install keeps the folders the first one made
@@ -46,7 +51,7 @@ install() {
             case "$line" in dir:*) created+=("${line#dir:}") ;; esac
         done < "$manifest"
     fi
-    mkdir -p "$prefix" "$bin_dir" "$man_dir"
+    mkdir -p "$prefix" "$bin_dir" "$man_dir" "$bash_dir" "$zsh_dir" "$fish_dir"
     make_venv "$venv"
     say "installing git tq into $venv"
     "$venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
@@ -58,11 +63,16 @@ install() {
     fi
     ln -sfn "$venv/bin/git-tq" "$bin_dir/git-tq"
     cp "$here/man/git-tq.1" "$man_dir/git-tq.1"
+    cp "$here/git_tq/completion/git-tq.bash" "$bash_dir/git-tq"
+    cp "$here/git_tq/completion/_git-tq" "$zsh_dir/_git-tq"
+    cp "$here/git_tq/completion/git-tq.fish" "$fish_dir/git-tq.fish"
     {
-        printf '%s\n' "$bin_dir/git-tq" "$man_dir/git-tq.1" "$venv"
+        printf '%s\n' "$bin_dir/git-tq" "$man_dir/git-tq.1" "$venv" "$bash_dir/git-tq" \
+            "$zsh_dir/_git-tq" "$fish_dir/git-tq.fish"
         for dir in "${created[@]+"${created[@]}"}"; do printf 'dir:%s\n' "$dir"; done
     } | sort -u > "$manifest.tmp" && mv "$manifest.tmp" "$manifest"
-    say "installed: $bin_dir/git-tq, $man_dir/git-tq.1"
+    say "installed: $bin_dir/git-tq, $man_dir/git-tq.1, completion for bash, zsh and fish"
+    say "zsh: add $zsh_dir to fpath (fpath+=($zsh_dir) before compinit) for completion"
     case ":$PATH:" in
         *":$bin_dir:"*) ;;
         *) say "$bin_dir is not on your PATH; add this line to ~/.bashrc (or ~/.zshrc):"
@@ -81,7 +91,8 @@ uninstall() {
                 if [ -L "$path" ] && [ "$(readlink "$path")" = "$venv/bin/git-tq" ]; then
                     rm -f "$path"
                 fi ;;
-            "$man_dir/git-tq.1") rm -f "$path" ;;
+            "$man_dir/git-tq.1"|"$bash_dir/git-tq"|"$zsh_dir/_git-tq"|"$fish_dir/git-tq.fish")
+                rm -f "$path" ;;
             "$venv") rm -rf "$venv" ;;
         esac
     done < "$manifest"

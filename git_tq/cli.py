@@ -52,6 +52,41 @@ def open_context() -> Any:
     return Context.open()
 
 
+def complete_jobs(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Job ids for shell completion (active jobs first)."""
+    from click.shell_completion import CompletionItem
+
+    try:
+        from git_tq import service
+
+        views = service.list_jobs(open_context(), include_finished=True)
+    except Exception:  # completion must never fail loudly
+        return []
+    items = []
+    for v in sorted(views, key=lambda v: (not v.job.state.active, -v.job.id)):
+        if str(v.job.id).startswith(incomplete):
+            items.append(CompletionItem(str(v.job.id),
+                                        help=f"{v.job.state.value}: {v.job.spec.command_line()}"))
+    return items
+
+
+def complete_folders(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Log folders for shell completion."""
+    from click.shell_completion import CompletionItem
+
+    try:
+        root = open_context().store.log_root
+    except Exception:
+        return []
+    found = []
+    for folder, dirs, _files in os.walk(root):
+        for d in dirs:
+            rel = os.path.relpath(os.path.join(folder, d), root)
+            if rel.startswith(incomplete):
+                found.append(CompletionItem(rel + "/"))
+    return found
+
+
 def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True,
                         help="Print machine-readable JSON (stable; see the man page).")(f)
@@ -167,7 +202,7 @@ def ls_cmd(show_all: bool, states: tuple[str, ...], tags: tuple[str, ...],
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("job")
+@click.argument("job", shell_complete=complete_jobs)
 @json_option
 def show(job: str, as_json: bool) -> None:
     """Show a job's whole record: spec, code, lifecycle, note, log."""
@@ -309,7 +344,7 @@ def checkout(job: str, branch: Optional[str], worktree: Optional[str], force: bo
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("job")
+@click.argument("job", shell_complete=complete_jobs)
 @click.argument("text", nargs=-1)
 @click.option("-a", "--append", is_flag=True, help="Add to the note instead of replacing it.")
 @click.option("--remove", is_flag=True, help="Delete the note.")
@@ -326,13 +361,32 @@ def note(job: str, text: tuple[str, ...], append: bool, remove: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("jobs", nargs=-1, required=True)
+@click.argument("jobs", nargs=-1, required=True, shell_complete=complete_jobs)
 @click.option("--forget", is_flag=True, help="Delete the records of finished jobs instead.")
-def rm(jobs: tuple[str, ...], forget: bool) -> None:
+@click.option("--log", "logs", is_flag=True, help="Delete the jobs' log files instead "
+              "(records stay).")
+@click.option("-y", "--yes", is_flag=True, help="With --log: do not ask for confirmation.")
+def rm(jobs: tuple[str, ...], forget: bool, logs: bool, yes: bool) -> None:
     """Remove pending jobs from the queue (JOBS: `1 3 5` or `1,3,5`)."""
     from git_tq import service
+    from git_tq.errors import TqError, UsageError
 
-    for r in service.remove(open_context(), jobs, forget=forget):
+    ctx = open_context()
+    if logs:
+        if forget:
+            raise UsageError("give --log or --forget, not both")
+        tokens = service.parse_job_tokens(jobs)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise TqError("refusing to delete logs without -y (no terminal to ask on)")
+            if not click.confirm(f"Delete the log of job {', '.join(tokens)}? "
+                                 "(the job records stay)"):
+                click.echo("nothing deleted")
+                return
+        for token in tokens:
+            click.echo(f"deleted {service.remove_log(ctx, token)}")
+        return
+    for r in service.remove(ctx, jobs, forget=forget):
         click.echo(f"job {r.job_id} {r.outcome}")
 
 
@@ -356,6 +410,108 @@ def purge(yes: bool) -> None:
             return
     ids = service.purge(ctx)
     click.echo(f"{len(ids)} pending jobs removed: {', '.join(map(str, ids))}")
+
+
+# --- logs ------------------------------------------------------------------------------
+
+
+def page(path: str) -> None:
+    """Show a file in the pager on a terminal ($GIT_PAGER, $PAGER, else less -R); else print."""
+    import shlex
+    import subprocess
+
+    if not sys.stdout.isatty():
+        with open(path, "rb") as fh:
+            sys.stdout.buffer.write(fh.read())
+        return
+    pager = os.environ.get("GIT_PAGER") or os.environ.get("PAGER") or "less -R"
+    with open(path, "rb") as fh:
+        subprocess.call(shlex.split(pager), stdin=fh)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("job", shell_complete=complete_jobs)
+@click.option("-f", "--follow", is_flag=True,
+              help="Follow the log as it grows, until the job ends (Ctrl-C stops).")
+@click.option("-n", "--tail", "tail", type=click.IntRange(min=0), metavar="N",
+              help="Only the last N lines (then follow, with -f).")
+def view(job: str, follow: bool, tail: Optional[int]) -> None:
+    """Show a job's log: in the pager, or followed live with -f."""
+    from git_tq import service
+
+    ctx = open_context()
+    j, path = service.job_log(ctx, job)
+    if not os.path.exists(path) and not follow:
+        raise TqError(f"job {j.id} has no log yet ({j.state.value}); "
+                      f"`git tq view -f {j.id}` waits for it")
+    if tail is not None and os.path.exists(path):
+        with open(path, "rb") as fh:
+            lines = fh.read().splitlines(keepends=True)
+        sys.stdout.buffer.write(b"".join(lines[-tail:] if tail else []))
+        sys.stdout.flush()
+        if not follow:
+            return
+    elif not follow:
+        page(path)
+        return
+    try:
+        for chunk in service.follow_log(ctx, job, from_start=tail is None):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("folder", required=False, shell_complete=complete_folders)
+@json_option
+def hist(folder: Optional[str], as_json: bool) -> None:
+    """The log tree: folders, then the logs of FOLDER (default: the root), numbered."""
+    from git_tq import output, service
+
+    tree = service.log_tree(open_context(), folder)
+    if as_json:
+        output.print_json({"folder": tree.folder, "folders": tree.folders,
+                           "logs": [{"number": e.number, **e.view.to_json()}
+                                    for e in tree.entries]})
+        return
+    e = output.esc
+    lines = [output.styled(f"logs/{tree.folder}" if tree.folder else "logs/", "bold")]
+    lines += [output.styled(f"  {e(name)}/", "blue") for name in tree.folders]
+    for entry in tree.entries:
+        j = entry.view.job
+        state = output.styled(f"{j.state.value:<9}", output.STATE_STYLES[j.state.value])
+        note = output.styled(" — " + e(output.shorten(entry.view.note, 60)), "bold cyan") \
+            if entry.view.note else ""
+        tag = f" [{e(j.spec.tag)}]" if j.spec.tag else ""
+        lines.append(f"  {entry.number:>3}. #{j.id:<5} {state} {j.spec.submitted_at[:16]}"
+                     f"{tag} {e(os.path.basename(entry.path))}{note}")
+    if not tree.folders and not tree.entries:
+        lines.append("  (empty)")
+    output.print_markup("\n".join(lines))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("job", shell_complete=complete_jobs)
+@click.argument("folder", shell_complete=complete_folders)
+def catg(job: str, folder: str) -> None:
+    """File a job's log under FOLDER (e.g. archived/failed; created as needed)."""
+    from git_tq import service
+
+    click.echo(f"filed: {service.file_log(open_context(), job, folder)}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--once", is_flag=True, help="Print one frame and exit (the default off a "
+              "terminal).")
+def top(once: bool) -> None:
+    """Live dashboard: GPUs, running jobs, the queue, recent finishes (q quits)."""
+    from git_tq import top as dashboard
+
+    try:
+        dashboard.run(open_context(), once=once)
+    except KeyboardInterrupt:
+        return
 
 
 # --- the daemon ---------------------------------------------------------------------
@@ -423,7 +579,7 @@ def daemon_status(as_json: bool) -> None:
 
 
 @cli.command("kill", context_settings=CONTEXT)
-@click.argument("jobs", nargs=-1, required=True)
+@click.argument("jobs", nargs=-1, required=True, shell_complete=complete_jobs)
 @click.option("--now", is_flag=True, help="SIGKILL at once, without the grace period.")
 def kill_cmd(jobs: tuple[str, ...], now: bool) -> None:
     """Stop running jobs (SIGTERM, grace, SIGKILL) and mark them cancelled."""
@@ -478,7 +634,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the CLI; every failure becomes one line on stderr and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        code = cli.main(args=args, prog_name="git tq", standalone_mode=False)
+        code = cli.main(args=args, prog_name="git tq", standalone_mode=False,
+                        complete_var="_GIT_TQ_COMPLETE")
         sys.exit(code if isinstance(code, int) else 0)
     except TqError as exc:
         sys.stderr.write(f"git tq: {exc}\n")

@@ -112,3 +112,30 @@ def gpu_processes(environ: Mapping[str, str]) -> dict[int, list[int]]:
         return {}
     finally:
         pynvml.nvmlShutdown()
+
+
+def gpu_details() -> dict[int, dict[str, object]]:
+    """Name, utilisation and memory per GPU from NVML ({} without NVML)."""
+    try:
+        import pynvml
+    except ImportError:
+        return {}
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return {}
+    try:
+        result: dict[int, dict[str, object]] = {}
+        for i in range(int(pynvml.nvmlDeviceGetCount())):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            util = pynvml.nvmlDeviceGetUtilizationRates(h)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            result[i] = {"name": name.decode() if isinstance(name, bytes) else str(name),
+                         "util": int(util.gpu), "mem_used": int(mem.used),
+                         "mem_total": int(mem.total)}
+        return result
+    except Exception:
+        return {}
+    finally:
+        pynvml.nvmlShutdown()

@@ -11,7 +11,8 @@ import datetime as dt
 import os
 import re
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -611,3 +612,207 @@ def purge(ctx: Context, *, now: Optional[str] = None) -> list[int]:
             continue  # it started meanwhile
     return cancelled
 
+
+
+# --- logs ----------------------------------------------------------------------------
+
+_BAD_FOLDER_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def log_folder(ctx: Context, folder: Optional[str]) -> str:
+    """The absolute path of a folder under the log root; refuses one that would leave it."""
+    root = ctx.store.log_root
+    if not folder or folder in (".", "/"):
+        return root
+    if os.path.isabs(folder) or _BAD_FOLDER_CHARS.search(folder):
+        raise UsageError(f"bad folder {folder!r}: give a path inside the log root, like "
+                         "archived/failed")
+    parts = [p for p in folder.replace(os.sep, "/").split("/") if p not in ("", ".")]
+    if any(p == ".." or p.startswith("-") for p in parts):
+        raise UsageError(f"bad folder {folder!r}: it would leave the log root")
+    path = os.path.join(root, *parts)
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
+        raise UsageError(f"bad folder {folder!r}: it would leave the log root")
+    return path
+
+
+def job_log(ctx: Context, token: str) -> tuple[Job, str]:
+    """A job and the path of its log (which may not exist yet)."""
+    job = ctx.store.resolve(token)
+    return job, ctx.store.log_path(job)
+
+
+def follow_log(ctx: Context, token: str, *, from_start: bool = True,
+               poll: float = 0.1) -> Iterator[bytes]:
+    """The log's content as it grows, until the job has finished and all is read.
+
+    Follows the job across preemption and resume (the same file), and into
+    another folder when it is filed with `catg` meanwhile.
+    """
+    job, path = job_log(ctx, token)
+    offset = 0 if from_start else (os.path.getsize(path) if os.path.exists(path) else 0)
+    last_check = 0.0
+    while True:
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            chunk = b""
+            path = ctx.store.log_path(job)  # moved (catg) or not created yet
+        if chunk:
+            offset += len(chunk)
+            yield chunk
+            continue
+        now = time.monotonic()
+        if now - last_check > 1.0:
+            last_check = now
+            job = ctx.store.load(job.id)
+            if job.state.finished:
+                if os.path.exists(path) and os.path.getsize(path) > offset:
+                    continue
+                return
+            path = ctx.store.log_path(job)
+        time.sleep(poll)
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    number: int  # what `view N` in the console takes
+    view: JobView
+    path: str
+
+
+@dataclass(frozen=True)
+class LogFolder:
+    folder: str  # relative to the log root, '' for the root
+    folders: list[str]
+    entries: list[LogEntry]
+
+
+def log_tree(ctx: Context, folder: Optional[str] = None) -> LogFolder:
+    """A folder of the log tree: its sub-folders, then its logs numbered by job id."""
+    path = log_folder(ctx, folder)
+    if not os.path.isdir(path):
+        if path == ctx.store.log_root:
+            return LogFolder("", [], [])
+        raise UsageError(f"no log folder {folder!r} (see git tq hist)")
+    names = sorted(os.listdir(path))
+    folders = [n for n in names if os.path.isdir(os.path.join(path, n))]
+    jobs = {j.id: j for j in ctx.store.list_jobs()}
+    notes = ctx.store.all_notes()
+    rel = os.path.relpath(path, ctx.store.log_root)
+    rel = "" if rel == "." else rel.replace(os.sep, "/")
+    logs = []
+    for name in names:
+        head = name.split("-", 1)[0]
+        if name.endswith(".log") and head.isdigit() and int(head) in jobs:
+            job = jobs[int(head)]
+            full = os.path.join(path, name)
+            logs.append(JobView(job, notes.get(job.snapshot), full, rel or None))
+    logs.sort(key=lambda v: v.job.id)
+    return LogFolder(rel, folders, [LogEntry(i, v, v.log) for i, v in enumerate(logs, 1)])
+
+
+def file_log(ctx: Context, token: str, folder: str) -> str:
+    """Move a job's log into `folder` (created as needed); the new path.
+
+    A running job's log keeps growing in its new place (its writer holds the
+    open file); a job that has no log yet gets an empty one there to write to.
+    """
+    target_dir = log_folder(ctx, folder)
+    if target_dir == ctx.store.log_root and folder not in ("", ".", "/"):
+        raise UsageError("give a folder")
+    job, path = job_log(ctx, token)
+    os.makedirs(target_dir, exist_ok=True)
+    target = os.path.join(target_dir, os.path.basename(path))
+    if os.path.abspath(path) == os.path.abspath(target):
+        return target
+    if os.path.exists(path):
+        os.rename(path, target)
+    else:
+        with open(target, "ab"):
+            pass
+    _prune_empty_folders(ctx, os.path.dirname(path))
+    return target
+
+
+def _prune_empty_folders(ctx: Context, folder: str) -> None:
+    root = os.path.realpath(ctx.store.log_root)
+    folder = os.path.realpath(folder)
+    while folder != root and folder.startswith(root + os.sep):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+        folder = os.path.dirname(folder)
+
+
+def remove_log(ctx: Context, token: str) -> str:
+    """Delete a job's log file (never its record); the path removed."""
+    job, path = job_log(ctx, token)
+    if job.state.active and job.state is not State.PENDING:
+        raise InvalidTransition(f"job {job.id} is {job.state.value}: its log is still being "
+                                "written (kill it first)")
+    if not os.path.exists(path):
+        raise TqError(f"job {job.id} has no log yet")
+    os.unlink(path)
+    _prune_empty_folders(ctx, os.path.dirname(path))
+    return path
+
+
+# --- the dashboard -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuRow:
+    id: int
+    details: dict[str, Any]  # name, util, mem_used, mem_total when NVML knows them
+    holders: list[Job]
+    foreign: Optional[str]
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    gpus: list[GpuRow]
+    running: list[tuple[Job, str]]  # with the last line of its log
+    queue: list[Job]
+    finished: list[Job]  # most recent first
+    daemon: Optional[dict[str, Any]]
+
+
+def last_line(path: str, limit: int = 4096) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, os.path.getsize(path) - limit))
+            lines = [ln for ln in fh.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def dashboard(ctx: Context, recent: int = 5) -> Dashboard:
+    """What `git tq top` shows: GPUs and their holders, running jobs, the queue, finishes."""
+    jobs = ctx.store.list_jobs()
+    logs = ctx.store.find_logs()
+    status = daemon_status(ctx.home)
+    foreign = {int(k): v for k, v in (status or {}).get("foreign", {}).items()}
+    details = gpu_inventory.gpu_details()
+    try:
+        ids = gpu_inventory.machine_gpus(ctx.config)
+    except TqError:
+        ids = ()
+    running = [j for j in jobs if j.state in (State.RUNNING, State.STOPPING)]
+    rows = [GpuRow(g, dict(details.get(g, {})),
+                   [j for j in running if g in (j.assigned_gpus or ())], foreign.get(g))
+            for g in ids]
+    finished = sorted((j for j in jobs if j.state.finished and j.ended_at),
+                      key=lambda j: j.ended_at or "", reverse=True)[:recent]
+    return Dashboard(rows, [(j, last_line(ctx.store.log_path(j, logs))) for j in running],
+                     pending_in_queue_order(jobs), finished, status)
+
+
+def refs_signature(ctx: Context) -> str:
+    """Changes whenever any job's record changes (for redrawing on events)."""
+    return ctx.repo.out("for-each-ref", "--format=%(objectname)", "refs/tq/jobs/")

@@ -19,6 +19,7 @@ LAYERS: list[set[str]] = [
     {"__main__"},
     {"entry"},
     {"cli"},
+    {"top"},
     {"output"},  # CLI-side rendering
     {"service"},
     {"daemon"},
@@ -28,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"model", "errors", "__init__"},
 ]
 UI_LIBRARIES = {"click", "rich", "prompt_toolkit"}
-UI_MODULES = {"cli", "__main__", "entry", "output"}
+UI_MODULES = {"cli", "__main__", "entry", "output", "top"}
 
 
 def layer_of(module: str) -> int:

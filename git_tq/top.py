@@ -1,0 +1,132 @@
+"""`git tq top`: the live full-screen dashboard (rich), redrawn when jobs change.
+
+GPUs with what holds them, running jobs with their last log line, the queue
+in order, and recent finishes. `q` or Ctrl-C quits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from rich.console import Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from git_tq import output, service
+
+STYLES = output.STATE_STYLES
+MIN_WIDTH = {"ID": 4, "STATE": 9, "PRI": 4, "GPUS": 5, "ELAPSED": 8, "EXIT": 6, "RAN": 7,
+             "ENDED": 8, "#": 3, "TAG": 8, "WAITING": 8}
+RATIO = {"COMMAND": 2, "LAST LOG LINE": 2}
+
+
+def render(board: service.Dashboard, title: str) -> Group:
+    gpus = Table(box=None, expand=True, header_style="bold")
+    for col in ("GPU", "NAME", "UTIL", "MEMORY", "HELD BY"):
+        gpus.add_column(col)
+    for row in board.gpus:
+        d = row.details
+        mem = f"{int(d['mem_used']) / 2**30:.1f}/{int(d['mem_total']) / 2**30:.0f} GiB" \
+            if "mem_total" in d else "-"
+        if row.foreign:
+            who = Text(row.foreign, style="bold red")
+        elif row.holders:
+            who = Text(", ".join(f"job {j.id} {j.spec.command_line()[:40]}"
+                                 for j in row.holders), style="green")
+        else:
+            who = Text("free", style="dim")
+        gpus.add_row(str(row.id), str(d.get("name", "-")),
+                     f"{d['util']}%" if "util" in d else "-", mem, who)
+    running = Table(box=None, expand=True, header_style="bold")
+    for col in ("ID", "STATE", "PRI", "GPUS", "ELAPSED", "COMMAND", "LAST LOG LINE"):
+        running.add_column(col, overflow="ellipsis", no_wrap=True,
+                           min_width=MIN_WIDTH.get(col), ratio=RATIO.get(col))
+    for job, line in board.running:
+        running.add_row(str(job.id), Text(job.state.value, style=STYLES[job.state.value]),
+                        str(job.spec.priority),
+                        ",".join(map(str, job.assigned_gpus or ())) or "cpu",
+                        output.since(job.started_at), Text(job.spec.command_line()),
+                        Text(line, style="dim"))
+    queue = Table(box=None, expand=True, header_style="bold")
+    for col in ("#", "ID", "PRI", "GPUS", "TAG", "COMMAND", "WAITING"):
+        queue.add_column(col, overflow="ellipsis", no_wrap=True,
+                         min_width=MIN_WIDTH.get(col), ratio=RATIO.get(col))
+    for n, job in enumerate(board.queue, 1):
+        queue.add_row(str(n), str(job.id), str(job.spec.priority), job.spec.gpus.describe(),
+                      Text(job.spec.tag or ""), Text(job.spec.command_line()),
+                      output.since(job.spec.submitted_at))
+    done = Table(box=None, expand=True, header_style="bold")
+    for col in ("ID", "STATE", "EXIT", "RAN", "ENDED", "COMMAND"):
+        done.add_column(col, overflow="ellipsis", no_wrap=True,
+                        min_width=MIN_WIDTH.get(col), ratio=RATIO.get(col))
+    for job in board.finished:
+        code = "" if job.exit_code is None else str(job.exit_code)
+        if job.signal is not None:
+            code = f"sig {job.signal}"
+        done.add_row(str(job.id), Text(job.state.value, style=STYLES[job.state.value]), code,
+                     output.since(job.started_at, job.ended_at) if job.started_at else "-",
+                     (job.ended_at or "")[11:19], Text(job.spec.command_line()))
+    daemon = board.daemon
+    head = Text(f"git tq top — {title} — ", style="bold")
+    head.append(f"daemon pid {daemon['pid']}" if daemon else
+                "daemon NOT running (git tq start)", style="green" if daemon else "bold red")
+    head.append("   q: quit", style="dim")
+    return Group(head, Panel(gpus, title="GPUs"),
+                 Panel(running, title=f"running ({len(board.running)})"),
+                 Panel(queue, title=f"queue ({len(board.queue)})"),
+                 Panel(done, title="recent finishes"))
+
+
+@contextlib.contextmanager
+def keys() -> Iterator[Any]:
+    """stdin in cbreak mode (single key presses, no echo) while the dashboard runs."""
+    if not sys.stdin.isatty():
+        yield None
+        return
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    old = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield fd
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, old)
+
+
+def run(ctx: service.Context, once: bool = False, interval: float = 1.0) -> None:
+    title = os.path.basename(ctx.repo.toplevel or ctx.repo.common_dir)
+    if once or not sys.stdout.isatty():
+        output_console().print(render(service.dashboard(ctx), title))
+        return
+    with keys() as fd, Live(render(service.dashboard(ctx), title), screen=True,
+                            auto_refresh=False, console=output_console()) as live:
+        signature = service.refs_signature(ctx)
+        last_draw = time.monotonic()
+        while True:
+            if fd is not None:
+                ready = select.select([fd], [], [], 0.2)[0]
+                if ready and os.read(fd, 1) in (b"q", b"Q"):
+                    return
+            else:
+                time.sleep(0.2)
+            now_sig = service.refs_signature(ctx)
+            if now_sig != signature or time.monotonic() - last_draw >= interval:
+                signature = now_sig
+                last_draw = time.monotonic()
+                live.update(render(service.dashboard(ctx), title), refresh=True)
+
+
+def output_console() -> Any:
+    from rich.console import Console
+
+    return Console(no_color=bool(os.environ.get("NO_COLOR")))

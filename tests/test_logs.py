@@ -1,0 +1,183 @@
+"""Logs (view, follow, hist, catg, rm --log), the dashboard and shell completion."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import git, tq, tq_json, wait_until
+
+
+@pytest.fixture(autouse=True)
+def autostart() -> None:
+    git(Path(os.environ["HOME"]), "config", "--global", "tq.autostart", "true")
+
+
+def submit(repo: Path, *args: str) -> int:
+    return int(tq(repo, "run", "-q", *args).stdout.strip())
+
+
+def job(repo: Path, job_id: int) -> dict[str, Any]:
+    data = tq_json(repo, "show", str(job_id))
+    assert isinstance(data, dict)
+    return data
+
+
+def wait_state(repo: Path, job_id: int, wanted: str) -> dict[str, Any]:
+    wait_until(lambda: job(repo, job_id)["state"] == wanted, timeout=20)
+    return job(repo, job_id)
+
+
+def test_view_tail_and_follow(repo: Path, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    (repo / "talk.py").write_text(
+        "import os, time\nfor i in range(5): print('line', i, flush=True)\n"
+        f"while not os.path.exists({str(gate)!r}): time.sleep(0.02)\nprint('last', flush=True)\n")
+    j = submit(repo, "--cpu", "python", "talk.py")
+    follower = subprocess.Popen(["git", "tq", "view", "-f", str(j)], cwd=repo,
+                                stdout=subprocess.PIPE, text=True)
+    wait_until(lambda: "line 4" in Path(job(repo, j)["log"]).read_text()
+               if Path(job(repo, j)["log"]).exists() else False)
+    gate.touch()
+    out, _ = follower.communicate(timeout=30)
+    assert follower.returncode == 0  # it stopped by itself when the job ended
+    assert "[git tq] job 1" in out and "line 0" in out and "last" in out
+    assert "exited with code 0" in out
+    tail = tq(repo, "view", "--tail", "2", str(j)).stdout.splitlines()
+    assert len(tail) == 2 and "exited with code 0" in tail[-1]
+    full = tq(repo, "view", str(j)).stdout  # not a terminal: printed, no pager
+    assert full.startswith("[git tq] job 1") and "line 3" in full
+
+
+def test_follow_across_a_preemption(repo: Path) -> None:
+    git(repo, "config", "tq.gpus", "0")
+    train = str(Path(__file__).resolve().parent.parent / "examples" / "train.py")
+    victim = submit(repo, "-p", "50", "python", train, "--steps", "40", "--step-seconds",
+                    "0.05")
+    follower = subprocess.Popen(["git", "tq", "view", "-f", str(victim)], cwd=repo,
+                                stdout=subprocess.PIPE, text=True)
+    wait_until(lambda: job(repo, victim)["state"] == "running")
+    submit(repo, "-p", "1", "true")
+    out, _ = follower.communicate(timeout=60)
+    assert "SIGTERM: checkpoint saved" in out and "RESUMED: attempt 2" in out
+    assert "finished 40 steps" in out
+
+
+def test_view_errors(repo: Path) -> None:
+    git(repo, "config", "tq.autostart", "false")
+    j = submit(repo, "--cpu", "true")
+    p = tq(repo, "view", str(j), check=False)
+    assert p.returncode == 1 and "no log yet" in p.stderr
+    p = tq(repo, "view", "42", check=False)
+    assert p.returncode == 1 and "no job 42" in p.stderr
+
+
+def test_hist_and_catg(repo: Path) -> None:
+    a = submit(repo, "--cpu", "-t", "alpha", "true")
+    b = submit(repo, "--cpu", "python", "-c", "raise SystemExit(2)")
+    wait_state(repo, a, "done")
+    wait_state(repo, b, "failed")
+    tq(repo, "note", str(b), "diverged at step 3")
+    out = tq(repo, "hist").stdout
+    assert "1. #1" in out and "[alpha]" in out and "2. #2" in out
+    assert "diverged at step 3" in out
+    tq(repo, "catg", str(b), "archived/failed")
+    root = repo / ".git" / "tq" / "logs"
+    assert (root / "archived" / "failed").is_dir()
+    out = tq(repo, "hist").stdout
+    assert "archived/" in out and "#2" not in out
+    data = tq_json(repo, "hist", "archived/failed")
+    assert isinstance(data, dict) and [e["id"] for e in data["logs"]] == [b]
+    assert job(repo, b)["category"] == "archived/failed"
+    tq(repo, "catg", str(b), "kept")  # moving again prunes the empty folders it left
+    assert not (root / "archived").exists()
+    for bad in ("..", "../outside", "/etc", "a/../../b", "a/-x", "x\\y"):
+        p = tq(repo, "catg", str(a), bad, check=False)
+        assert p.returncode == 2 and "bad folder" in p.stderr, bad
+    p = tq(repo, "hist", "nosuch", check=False)
+    assert p.returncode == 2 and "no log folder" in p.stderr
+
+
+def test_a_running_job_can_be_filed_and_keeps_writing(repo: Path, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    (repo / "slow.py").write_text(
+        "import os, time\nprint('before', flush=True)\n"
+        f"while not os.path.exists({str(gate)!r}): time.sleep(0.02)\nprint('after', flush=True)\n")
+    j = submit(repo, "--cpu", "python", "slow.py")
+    wait_until(lambda: Path(job(repo, j)["log"]).exists() and
+               "before" in Path(job(repo, j)["log"]).read_text())
+    tq(repo, "catg", str(j), "live")
+    gate.touch()
+    data = wait_state(repo, j, "done")
+    text = Path(data["log"]).read_text()
+    assert data["category"] == "live" and "before" in text and "after" in text
+
+
+def test_a_pending_job_can_be_filed(repo: Path) -> None:
+    git(repo, "config", "tq.autostart", "false")
+    j = submit(repo, "--cpu", "echo", "filed early")
+    tq(repo, "catg", str(j), "early")
+    tq(repo, "start")
+    data = wait_state(repo, j, "done")
+    assert data["category"] == "early" and "filed early" in Path(data["log"]).read_text()
+
+
+def test_rm_log_keeps_the_record(repo: Path) -> None:
+    j = submit(repo, "--cpu", "true")
+    wait_state(repo, j, "done")
+    p = tq(repo, "rm", "--log", str(j), check=False)  # no terminal to confirm on
+    assert p.returncode == 1 and "without -y" in p.stderr
+    log = Path(job(repo, j)["log"])
+    assert log.exists()
+    tq(repo, "rm", "--log", "-y", str(j))
+    assert not log.exists() and job(repo, j)["state"] == "done"
+    p = tq(repo, "rm", "--log", "-y", str(j), check=False)
+    assert p.returncode == 1 and "no log yet" in p.stderr
+
+
+def test_top_prints_a_frame_off_a_terminal(repo: Path, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    j = submit(repo, "--gpu", "1", "sh", "-c",
+               f"echo working hard; while [ ! -e {gate} ]; do sleep 0.05; done")
+    wait_until(lambda: job(repo, j)["state"] == "running")
+    wait_until(lambda: "working hard" in tq(repo, "top").stdout)
+    out = tq(repo, "top").stdout
+    assert "GPUs" in out and "job 1" in out and "running (1)" in out and "free" in out
+    gate.touch()
+    wait_state(repo, j, "done")
+    assert "recent finishes" in tq(repo, "top", "--once").stdout
+
+
+@pytest.mark.skipif(not Path("/usr/share/bash-completion/completions/git").exists(),
+                    reason="git's bash completion is not installed")
+def test_bash_completion_through_git(repo: Path) -> None:
+    git(repo, "config", "tq.autostart", "false")
+    submit(repo, "--cpu", "true")
+    script = Path(__file__).resolve().parent.parent / "git_tq" / "completion" / "git-tq.bash"
+    probe = f"""
+source /usr/share/bash-completion/completions/git
+source {script}
+complete_line() {{
+  read -ra COMP_WORDS <<< "$1"; [ "${{1: -1}}" = " " ] && COMP_WORDS+=("")
+  COMP_CWORD=$(( ${{#COMP_WORDS[@]}} - 1 )); COMP_LINE="$1"; COMP_POINT=${{#1}}; COMPREPLY=()
+  if [ "${{COMP_WORDS[0]}}" = git ]; then __git_wrap__git_main; else _git_tq_command; fi
+  echo "${{COMPREPLY[*]}}"
+}}
+complete_line "git tq vi"
+complete_line "git tq show "
+complete_line "git-tq pu"
+"""
+    out = subprocess.run(["bash", "-c", probe], cwd=repo, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == ["view", "1", "purge"]
+
+
+def test_completion_files_are_installed_by_setup() -> None:
+    text = (Path(__file__).resolve().parent.parent / "setup.sh").read_text()
+    for name in ("git-tq.bash", "_git-tq", "git-tq.fish"):
+        assert name in text
+    assert shutil.which("git-tq")
