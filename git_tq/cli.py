@@ -98,10 +98,11 @@ def json_option(f: F) -> F:
 def cli(ctx: click.Context) -> None:
     """git tq: a preemptive GPU job queue built into git.
 
-    `git tq --help` (through git) opens the man page; `git tq -h` prints this.
+    `git tq` alone on a terminal opens the interactive console. `git tq --help`
+    (through git) opens the man page; `git tq -h` prints this.
     """
     if ctx.invoked_subcommand is None:
-        click.echo(ctx.get_help())
+        click.echo(ctx.get_help())  # on a terminal, entry.main opened the console instead
 
 
 # --- run ---------------------------------------------------------------------------

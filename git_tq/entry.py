@@ -1,4 +1,4 @@
-"""The `git-tq` executable's entry point: a head start for `run`, then the CLI.
+"""The `git-tq` executable's entry point: the console, or a head start for `run`, then the CLI.
 
 For `git tq run`, the snapshot of the work tree starts in a background thread
 before click and the service layers are imported, so the two overlap; every
@@ -12,6 +12,11 @@ import sys
 
 def main() -> None:
     args = sys.argv[1:]
+    if not args and sys.stdin.isatty() and sys.stdout.isatty():
+        from git_tq import console
+
+        console.run()
+        return
     if args[:1] == ["run"] and not {"-h", "--help"} & set(args):
         from git_tq import snapshot
 

@@ -18,6 +18,7 @@ MAN = Path(__file__).resolve().parent.parent / "man" / "git-tq.1"
 LAYERS: list[set[str]] = [
     {"__main__"},
     {"entry"},
+    {"console"},  # a thin modal layer that runs the CLI's own commands
     {"cli"},
     {"top"},
     {"output"},  # CLI-side rendering
@@ -29,7 +30,7 @@ LAYERS: list[set[str]] = [
     {"model", "errors", "__init__"},
 ]
 UI_LIBRARIES = {"click", "rich", "prompt_toolkit"}
-UI_MODULES = {"cli", "__main__", "entry", "output", "top"}
+UI_MODULES = {"cli", "__main__", "entry", "output", "top", "console"}
 
 
 def layer_of(module: str) -> int:

@@ -1,0 +1,397 @@
+"""The interactive console (`git tq` on a terminal): a thin modal layer over the CLI.
+
+Three modes — Home, Queue, Logs — each with a few words of its own; every
+action runs the very `git tq` command it stands for (in-process, through the
+same click commands), so the console holds no second implementation.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Iterable, Sequence
+from typing import Callable, Optional
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion
+from prompt_toolkit.document import Document
+from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+from git_tq import service
+from git_tq.errors import TqError
+
+RUN_OPTIONS_WITH_VALUE = {"-p", "--priority", "-g", "--grace", "-t", "--tag", "-e", "--env",
+                          "--gpu", "--gpus"}
+RUN_FLAGS = {"--cpu", "--sh", "-q", "--quiet"}
+TRAILING = {"-p", "-g", "-t", "-e"}
+
+HELP: dict[str, dict[str, str]] = {
+    "home": {
+        "use IDS": "select the GPU queue new jobs go to (use 0, use 0,1; `use any` clears it)",
+        "start / stop": "start or stop the daemon",
+        "st": "every queue: running and waiting jobs (git tq st)",
+        "q": "Queue mode: the waiting jobs of the selected queue",
+        "hist [FOLDER]": "Logs mode: the log tree",
+        "env NAME": "the environment for jobs submitted from here (env - clears it)",
+        "cd DIR / pwd": "change or show the directory jobs are submitted from",
+        "man / help CMD": "this list / help on one command",
+        "exit": "leave (Ctrl-D too)",
+        "anything else": "submitted as a job: [run options] COMMAND [-p N -g S -t TAG -e ENV]",
+    },
+    "queue": {
+        "ls": "list the waiting jobs again",
+        "rm N...": "remove waiting jobs by their number here (rm 1 3, rm 1,3)",
+        "purge": "remove every waiting job (asks first)",
+        "back": "back to Home",
+    },
+    "logs": {
+        "ls": "show the current folder again",
+        "view N [-f]": "show log N (-f follows it; Ctrl-C stops following)",
+        "note N TEXT": "annotate the job of log N",
+        "catg N FOLDER": "file log N under FOLDER",
+        "lcd FOLDER": "go to a folder of the log tree (.. goes up; never above the root)",
+        "rm N": "delete log N (asks first; the job record stays)",
+        "back": "back to Home",
+    },
+}
+
+
+def run_cli(args: Sequence[str]) -> int:
+    """Run one `git tq` command in this process; its exit status."""
+    from git_tq.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
+
+
+def split_submission(words: list[str]) -> list[str]:
+    """`git tq run` arguments for a console line: leading run options stay in front,
+    trailing `-p N -g S -t TAG -e ENV` pairs move there too (unless after `--`)."""
+    head: list[str] = []
+    i = 0
+    while i < len(words) and words[i].startswith("-") and words[i] != "--":
+        head.append(words[i])
+        if words[i] in RUN_OPTIONS_WITH_VALUE and i + 1 < len(words):
+            head.append(words[i + 1])
+            i += 1
+        i += 1
+    rest = words[i:]
+    if rest[:1] == ["--"]:
+        return head + rest
+    tail: list[str] = []
+    while len(rest) >= 3 and rest[-2] in TRAILING:
+        tail = rest[-2:] + tail
+        rest = rest[:-2]
+    return head + tail + ["--", *rest]
+
+
+class Console:
+    def __init__(self, out: Callable[[str], None] = print) -> None:
+        self.mode = "home"
+        self.folder = ""  # Logs mode: relative to the log root
+        self.gpus: Optional[str] = None  # the selected GPU queue
+        self.env: Optional[str] = None
+        self.out = out
+        self.numbers: dict[int, int] = {}  # number shown in Queue/Logs mode -> job id
+        self.ask: Callable[[str], str] = input
+
+    # --- the prompt -----------------------------------------------------------
+
+    def prompt(self) -> str:
+        env = self.env or os.environ.get("CONDA_DEFAULT_ENV") or \
+            os.path.basename(os.environ.get("VIRTUAL_ENV", "")) or ""
+        cwd = os.getcwd()
+        home = os.path.expanduser("~")
+        if cwd == home or cwd.startswith(home + os.sep):
+            cwd = "~" + cwd[len(home):]
+        try:
+            on = service.daemon_status(service.home_for()) is not None
+        except (TqError, OSError):
+            on = False
+        text = f"({env}) " if env else ""
+        text += f"{cwd} (tq:{self.gpus or 'any'}|{'ON' if on else 'OFF'})"
+        if self.mode == "queue":
+            text += " [QUEUE]"
+        elif self.mode == "logs":
+            text += f" [LOGS:{self.folder or '/'}]"
+        return text + " > "
+
+    # --- dispatch -----------------------------------------------------------------
+
+    def handle(self, line: str) -> bool:
+        """Carry out one line; False when the console should close."""
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            self.out(f"git tq: {exc}")
+            return True
+        if not words:
+            return True
+        cmd, args = words[0], words[1:]
+        if cmd in ("exit", "quit"):
+            return False
+        if cmd in ("man", "help"):
+            self.help(args)
+            return True
+        handler = getattr(self, f"{self.mode}_{cmd}", None)
+        if handler is not None:
+            result = handler(args)
+            return result is not False
+        if self.mode == "home":
+            self.submit(words)
+        else:
+            self.out(f"git tq: {cmd!r} is not a {self.mode.title()} command (man lists them; "
+                     "back returns Home)")
+        return True
+
+    def help(self, args: list[str]) -> None:
+        if args:
+            name = args[0]
+            for mode, commands in HELP.items():
+                for usage, text in commands.items():
+                    if usage.split()[0] == name or usage.startswith(name + " "):
+                        self.out(f"{usage:<16} ({mode}) {text}")
+                        return
+            run_cli([name, "-h"])
+            return
+        for mode, commands in HELP.items():
+            self.out(f"{mode.title()} mode:")
+            for usage, text in commands.items():
+                self.out(f"  {usage:<16} {text}")
+
+    # --- Home ------------------------------------------------------------------
+
+    def submit(self, words: list[str]) -> None:
+        args = split_submission(words)
+        extra: list[str] = []
+        if self.gpus and not any(a in ("--gpu", "--gpus", "--cpu") for a in args):
+            extra += ["--gpu", self.gpus]
+        if self.env and "-e" not in args and "--env" not in args:
+            extra += ["-e", self.env]
+        run_cli(["run", *extra, *args])
+
+    def home_use(self, args: list[str]) -> None:
+        if not args:
+            self.out(f"queue: {self.gpus or 'any'}")
+            return
+        choice = ",".join(args)
+        if choice in ("any", "-", "none"):
+            self.gpus = None
+        else:
+            from git_tq.gpus import parse_gpu_ids
+
+            self.gpus = ",".join(map(str, parse_gpu_ids(choice)))
+        self.out(f"new jobs go to GPU queue {self.gpus or 'any'}")
+
+    def home_start(self, args: list[str]) -> None:
+        run_cli(["start"])
+
+    def home_stop(self, args: list[str]) -> None:
+        run_cli(["stop"])
+
+    def home_st(self, args: list[str]) -> None:
+        run_cli(["ls", *args])
+
+    def home_ls(self, args: list[str]) -> None:
+        run_cli(["ls", *args])
+
+    def home_env(self, args: list[str]) -> None:
+        self.env = None if not args or args[0] == "-" else args[0]
+        self.out(f"jobs from here run in {self.env or 'the submitting environment'}")
+
+    def home_cd(self, args: list[str]) -> None:
+        target = os.path.expanduser(args[0] if args else "~")
+        try:
+            os.chdir(target)
+        except OSError as exc:
+            self.out(f"git tq: cd: {exc.strerror}: {target}")
+
+    def home_pwd(self, args: list[str]) -> None:
+        self.out(os.getcwd())
+
+    def home_q(self, args: list[str]) -> None:
+        self.mode = "queue"
+        self.queue_ls(args)
+
+    def home_hist(self, args: list[str]) -> None:
+        self.mode = "logs"
+        self.folder = ""
+        self.logs_lcd(args or ["."])
+
+    def home_rm(self, args: list[str]) -> None:
+        self.out("git tq: rm works in Queue mode (q) or Logs mode (hist)")
+
+    def home_back(self, args: list[str]) -> bool:
+        return self.ask("Leave the git tq console? [y/N] ").strip().lower() not in ("y", "yes")
+
+    # --- Queue ----------------------------------------------------------------------
+
+    def queue_ls(self, args: list[str]) -> None:
+        ctx = service.Context.open()
+        pending = service.pending_jobs(ctx)
+        if self.gpus:
+            wanted = tuple(int(g) for g in self.gpus.split(","))
+            pending = [j for j in pending if j.spec.gpus.ids == wanted]
+        self.numbers = {n: j.id for n, j in enumerate(pending, 1)}
+        self.out(f"waiting in queue {self.gpus or 'any'}: {len(pending)}")
+        if pending:
+            self.out(f"{'N':>3}  {'ID':>5}  {'PRI':>4}  {'GRACE':>5}  {'TAG':<12} COMMAND")
+        for n, j in enumerate(pending, 1):
+            self.out(f"{n:>3}  {j.id:>5}  {j.spec.priority:>4}  {j.spec.grace:>5}  "
+                     f"{(j.spec.tag or '')[:12]:<12} {j.spec.command_line()}")
+
+    def _ids(self, args: list[str]) -> Optional[list[str]]:
+        ids = []
+        for token in service.parse_job_tokens(args):
+            if not token.isdigit() or int(token) not in self.numbers:
+                self.out(f"git tq: no number {token} here (ls shows them)")
+                return None
+            ids.append(str(self.numbers[int(token)]))
+        return ids
+
+    def queue_rm(self, args: list[str]) -> None:
+        ids = self._ids(args)
+        if ids:
+            run_cli(["rm", *ids])
+            self.queue_ls([])
+
+    def queue_purge(self, args: list[str]) -> None:
+        run_cli(["purge"])
+
+    def queue_back(self, args: list[str]) -> None:
+        self.mode = "home"
+
+    # --- Logs ----------------------------------------------------------------------------
+
+    def logs_ls(self, args: list[str]) -> None:
+        ctx = service.Context.open()
+        tree = service.log_tree(ctx, self.folder or None)
+        self.numbers = {e.number: e.view.job.id for e in tree.entries}
+        self.out(f"logs/{self.folder}   <- you are here")
+        for name in tree.folders:
+            self.out(f"  {name}/")
+        for e in tree.entries:
+            j = e.view.job
+            note = f"  — {e.view.note}" if e.view.note else ""
+            tag = f" [{j.spec.tag}]" if j.spec.tag else ""
+            self.out(f"  {e.number:>3}. #{j.id:<5} {j.state.value:<9} "
+                     f"{j.spec.submitted_at[:16]}{tag} {os.path.basename(e.path)}{note}")
+
+    def logs_lcd(self, args: list[str]) -> None:
+        target = args[0] if args else "."
+        if target == "..":
+            new = "/".join(self.folder.split("/")[:-1]) if self.folder else ""
+        elif target in (".", "/"):
+            new = self.folder if target == "." else ""
+        else:
+            new = f"{self.folder}/{target}".strip("/") if not target.startswith("/") \
+                else target.strip("/")
+        ctx = service.Context.open()
+        service.log_folder(ctx, new or None)  # refuses a folder outside the log root
+        self.folder = new
+        self.logs_ls([])
+
+    def logs_view(self, args: list[str]) -> None:
+        follow = "-f" in args
+        ids = self._ids([a for a in args if a != "-f"][:1])
+        if ids:
+            run_cli(["view", *(["-f"] if follow else []), ids[0]])
+
+    def logs_note(self, args: list[str]) -> None:
+        ids = self._ids(args[:1])
+        if ids:
+            run_cli(["note", ids[0], *args[1:]])
+
+    def logs_catg(self, args: list[str]) -> None:
+        ids = self._ids(args[:1])
+        if ids and len(args) == 2:
+            run_cli(["catg", ids[0], args[1]])
+            self.logs_ls([])
+        elif ids:
+            self.out("git tq: catg N FOLDER")
+
+    def logs_rm(self, args: list[str]) -> None:
+        ids = self._ids(args[:1])
+        if ids:
+            answer = self.ask(f"Delete log {args[0]} (job {ids[0]})? The record stays. [y/N] ")
+            if answer.strip().lower() in ("y", "yes"):
+                run_cli(["rm", "--log", "-y", ids[0]])
+                self.logs_ls([])
+
+    def logs_back(self, args: list[str]) -> None:
+        self.mode = "home"
+
+    # --- completion ---------------------------------------------------------------------
+
+    def words_for(self, before: list[str]) -> Iterable[str]:
+        if not before:
+            names = {u.split()[0] for u in HELP[self.mode] if u != "anything else"}
+            names |= {"start", "stop", "cd", "pwd", "help", "man", "exit"} \
+                if self.mode == "home" else {"help", "man", "exit"}
+            return sorted(n for n in names if n.isidentifier())
+        cmd = before[0]
+        if cmd == "use":
+            try:
+                from git_tq.gpus import machine_gpus
+
+                return [str(g) for g in machine_gpus(service.Context.open().config)] + ["any"]
+            except TqError:
+                return []
+        if cmd in ("view", "note", "catg", "rm") and len(before) == 1:
+            return [str(n) for n in self.numbers]
+        if cmd in ("hist", "lcd") or (cmd == "catg" and len(before) == 2):
+            try:
+                tree = service.log_tree(service.Context.open(), self.folder or None)
+                return [f + "/" for f in tree.folders] + ([".."] if cmd == "lcd" else [])
+            except TqError:
+                return []
+        return []
+
+
+class ConsoleCompleter(Completer):
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def get_completions(self, document: Document, complete_event: CompleteEvent
+                        ) -> Iterable[Completion]:
+        text = document.text_before_cursor
+        words = text.split()
+        mid_word = bool(text) and not text[-1].isspace()
+        current = words.pop() if mid_word and words else ""
+        for word in self.console.words_for(words):
+            if word.startswith(current):
+                yield Completion(word, start_position=-len(current))
+
+
+def run() -> None:
+    """The console's read-eval loop."""
+    console = Console()
+    home = service.home_for()
+    try:
+        os.makedirs(home.path, mode=0o700, exist_ok=True)
+        history: object = FileHistory(os.path.join(home.path, "console_history"))
+    except OSError:
+        history = InMemoryHistory()
+    session: PromptSession[str] = PromptSession(history=history,  # type: ignore[arg-type]
+                                                completer=ConsoleCompleter(console))
+    console.ask = lambda text: session.prompt(text, completer=None)
+    print("git tq console — `man` lists the commands, Ctrl-D leaves")
+    while True:
+        try:
+            line = session.prompt(console.prompt())
+        except KeyboardInterrupt:
+            continue
+        except EOFError:
+            return
+        try:
+            if not console.handle(line):
+                return
+        except KeyboardInterrupt:
+            continue
+        except TqError as exc:
+            print(f"git tq: {exc}")
+        except Exception as exc:  # noqa: BLE001 - errors never leave the console
+            print(f"git tq: internal error: {type(exc).__name__}: {exc}")

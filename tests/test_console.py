@@ -1,0 +1,164 @@
+"""The interactive console, driven through a real pseudo-terminal (pexpect)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pexpect
+import pytest
+from conftest import git, tq, tq_json, wait_until
+
+from git_tq.console import split_submission
+
+
+def test_console_lines_become_run_arguments() -> None:
+    assert split_submission(["python", "train.py", "-p", "5", "-t", "x"]) == \
+        ["-p", "5", "-t", "x", "--", "python", "train.py"]
+    assert split_submission(["-g", "30", "--cpu", "python", "a.py", "-e", "env1"]) == \
+        ["-g", "30", "--cpu", "-e", "env1", "--", "python", "a.py"]
+    assert split_submission(["--", "python", "a.py", "-p", "5"]) == \
+        ["--", "python", "a.py", "-p", "5"]
+    assert split_submission(["python", "-p"]) == ["--", "python", "-p"]
+
+
+class Screen:
+    """A console in a pseudo-terminal: type a line, read what it printed up to the prompt."""
+
+    def __init__(self, cwd: Path, tmp_path: Path) -> None:
+        env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm", "NO_COLOR": "1",
+               "PAGER": "cat"}
+        self.log = open(tmp_path / "screen.log", "w")  # noqa: SIM115 - closed in close()
+        self.child = pexpect.spawn("git", ["tq"], cwd=str(cwd), env=env, encoding="utf-8",
+                                   timeout=20, dimensions=(50, 160))
+        self.child.logfile_read = self.log
+        self.prompt = r"\(tq:any\|(ON|OFF)\) >"
+
+    def wait(self, pattern: str) -> str:
+        self.child.expect(pattern)
+        return str(self.child.before)
+
+    def run(self, line: str, prompt: str | None = None) -> str:
+        """Type `line`; everything printed until the (new) prompt."""
+        if prompt is not None:
+            self.prompt = prompt
+        self.send(line)
+        return self.wait(self.prompt)
+
+    def ask(self, line: str, question: str) -> str:
+        self.send(line)
+        return self.wait(question)
+
+    def send(self, line: str) -> None:
+        """Type a line and wait until the console has taken it (the redraw of the
+        line being edited repeats the prompt, which must not count as the next one)."""
+        self.child.send(line)
+        if line:
+            self.child.expect_exact(line)
+        self.child.send("\r")
+        self.child.expect("\r\n")
+
+    def leave(self, how: str = "exit") -> None:
+        if how == "eof":
+            self.child.sendeof()
+        else:
+            self.child.sendline(how)
+        self.child.expect(pexpect.EOF)
+
+    def close(self) -> None:
+        if self.child.isalive():
+            self.child.terminate(force=True)
+        self.log.close()
+
+
+@pytest.fixture
+def screen(repo: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    git(repo, "config", "tq.autostart", "true")
+    s = Screen(repo, tmp_path)
+    s.wait(s.prompt)
+    yield s
+    s.close()
+
+
+def show(repo: Path, job_id: int) -> dict[str, object]:
+    data = tq_json(repo, "show", str(job_id))
+    assert isinstance(data, dict)
+    return data
+
+
+def test_home_mode(screen: Screen, repo: Path) -> None:
+    assert "started" in screen.run("start", r"work \(tq:any\|ON\) >")
+    screen.run("use 1", r"work \(tq:1\|ON\) >")
+    assert "bad GPU list" in screen.run("use 9,x")  # errors never leave the console
+    screen.run("env myenv", r"\(myenv\) [^\n]*work \(tq:1\|ON\) >")
+    screen.run("env -", r"\n[^(\n]*work \(tq:1\|ON\) >")
+    out = screen.run("python -c print(42) -p 7 -t answer")
+    assert "job 1 queued (priority 7, gpus 1)" in out
+    wait_until(lambda: show(repo, 1)["state"] == "done")
+    data = show(repo, 1)
+    assert data["tag"] == "answer" and data["gpus"] == [1]
+    assert data["command"] == ["python", "-c", "print(42)"]
+    out = screen.run("st --all")
+    assert "answer" in out and "done" in out
+    assert "Queue mode" in screen.run("man")
+    assert "(logs)" in screen.run("help lcd")
+    assert "rm works in Queue mode" in screen.run("rm 1")
+    (repo / "sub").mkdir()
+    screen.run("cd sub", r"work/sub \(tq:1\|ON\) >")
+    assert "work/sub" in screen.run("pwd")
+    screen.ask("back", r"Leave the git tq console\? \[y/N\]")
+    screen.run("n")
+    assert "daemon stopped" in screen.run("stop", r"work/sub \(tq:1\|OFF\) >")
+    screen.leave("exit")
+
+
+def test_queue_mode(screen: Screen, repo: Path) -> None:
+    git(repo, "config", "tq.autostart", "false")
+    for i in range(3):
+        assert "queued" in screen.run(f"echo job{i} -t t{i}")
+    out = screen.run("q", r"\[QUEUE\] >")
+    assert "waiting in queue any: 3" in out and "t2" in out
+    screen.run("rm 1,3")
+    states = {j["id"]: j["state"] for j in tq_json(repo, "ls", "--all")}  # type: ignore[union-attr]
+    assert states == {1: "cancelled", 2: "pending", 3: "cancelled"}
+    assert "no number 7 here" in screen.run("rm 7")
+    assert "not a Queue command" in screen.run("frobnicate")
+    screen.ask("purge", r"Remove 1 pending jobs")
+    assert "1 pending jobs removed" in screen.run("y")
+    screen.run("back", r"work \(tq:any\|OFF\) >")
+    screen.leave("eof")  # Ctrl-D leaves
+
+
+def test_logs_mode(screen: Screen, repo: Path, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    screen.run("echo first -t one")
+    wait_until(lambda: show(repo, 1)["state"] == "done")
+    (repo / "wait.sh").write_text(f"echo waiting\nwhile [ ! -e {gate} ]; do sleep 0.05; done\n")
+    screen.run("sh wait.sh")
+    wait_until(lambda: show(repo, 2)["state"] == "running")
+    out = screen.run("hist", r"\[LOGS:/\] >")
+    assert "<- you are here" in out and "1. #1" in out and "[one]" in out
+    out = screen.run("view 1")
+    assert "first" in out and "exited with code 0" in out
+    screen.ask("view 2 -f", r"waiting")
+    screen.child.sendintr()  # Ctrl-C ends following, and we stay in Logs mode
+    screen.wait(screen.prompt)
+    gate.touch()
+    assert "note saved on job 1" in screen.run("note 1 a fine run")
+    assert "filed: " in screen.run("catg 1 archived/ok")
+    out = screen.run("lcd archived/ok", r"\[LOGS:archived/ok\] >")
+    assert "a fine run" in out
+    assert "would leave the log root" in screen.run("lcd ../../..")
+    screen.run("lcd /", r"\[LOGS:/\] >")
+    wait_until(lambda: show(repo, 2)["state"] == "done")
+    screen.run("ls")
+    screen.ask("rm 1", r"Delete log 1 \(job 2\)\?")
+    assert "deleted " in screen.run("y")
+    assert not Path(str(show(repo, 2)["log"])).exists()
+    assert show(repo, 2)["state"] == "done"
+    screen.run("back", r"work \(tq:any\|ON\) >")
+    screen.leave("exit")
+
+
+def test_git_tq_alone_off_a_terminal_prints_help(repo: Path) -> None:
+    assert "Usage: git tq" in tq(repo).stdout
