@@ -66,7 +66,9 @@ def run(launch: dict[str, Any]) -> int:
             preexec_fn=_default_signals,
         )
     except OSError as exc:
-        reason = f"could not start: {exc.strerror or exc}"
+        reason = f"could not start {launch['argv'][0]!r}: {exc.strerror or exc}"
+        if isinstance(exc, FileNotFoundError):
+            reason += " (not on the PATH the job was submitted with?)"
         log.write(f"\n[git tq] {reason}\n".encode())
         write_json(launch["exit"], {"exit_code": 127, "signal": None, "ended_at": now_iso(),
                                     "start_error": reason})
