@@ -310,6 +310,8 @@ class Daemon:
                     waiting.append(scheduler.Waiting(key, job.spec.priority,
                                                      job.spec.submitted_at, job.spec.gpus))
                     jobs[key] = (rs, job)
+                    if job.attempt == 0:
+                        self.announce(rs, job)
         machine = self.machine_gpus(repos)
         self.gpus_in_use = bool(machine) and (bool(holding) or bool(waiting))
         foreign = self.find_foreign(machine, holding, jobs)
@@ -356,6 +358,14 @@ class Daemon:
             log.warning("job %d in %s was not submitted here by this user (fetched or "
                         "pushed?); it will not run", job.id, rs.common)
         return False
+
+    def announce(self, rs: RepoState, job: Job) -> None:
+        """Run the tq-submit hook once per new job (a marker in its run files says so)."""
+        rf = RunFiles(self.home, rs.key, job.id)
+        if os.path.exists(rf.announced):
+            return
+        rf.write(rf.announced, {"snapshot": job.snapshot})
+        self.run_hook(rs, job, "submit")
 
     # --- GPUs shared with processes that are not ours ---------------------------------
 

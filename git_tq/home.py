@@ -184,6 +184,7 @@ class RunFiles:
         self.ident = base + ".ident"
         self.exit = base + ".exit"
         self.stop = base + ".stop"
+        self.announced = base + ".submitted"  # the tq-submit hook has run for it
 
     def read(self, path: str) -> Optional[dict[str, Any]]:
         try:
@@ -199,6 +200,6 @@ class RunFiles:
 
     def clear(self) -> None:
         """Forget the run (after its outcome is recorded on the job's ref)."""
-        for path in (self.launch, self.ident, self.exit, self.stop, self.lock):
+        for path in (self.launch, self.ident, self.exit, self.stop, self.lock, self.announced):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -583,8 +583,12 @@ def remove(ctx: Context, tokens: Sequence[str], *, forget: bool = False,
     done = []
     for job in jobs.values():
         if forget:
+            log = ctx.store.log_path(job)
             ctx.store.forget(job)
             ctx.home.drop_local_job(ctx.repo.common_dir, job.snapshot)
+            if os.path.exists(log):
+                # Kept, but no longer a job's log: a later job may get this id again.
+                os.replace(log, log + ".forgotten")
             done.append(Removal(job.id, "forgotten"))
         else:
             ctx.store.update(job.id, lambda j: apply_event(j, "cancelled", when,

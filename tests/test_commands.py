@@ -336,9 +336,14 @@ def test_rm_forget_deletes_finished_records(repo: Path) -> None:
     p = tq(repo, "rm", "--forget", str(job_id), check=False)
     assert p.returncode == 1 and "only finished jobs" in p.stderr
     tq(repo, "rm", str(job_id))
+    log = Path(jobs_json(repo, "--all")[0]["log"])
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("old run\n")
     tq(repo, "rm", "--forget", str(job_id))
     assert git(repo, "for-each-ref", "refs/tq/jobs") == ""
+    assert Path(str(log) + ".forgotten").read_text() == "old run\n"  # kept, detached
     assert submit(repo, "--cpu", "true") == 1
+    assert not Path(jobs_json(repo)[0]["log"]).exists()  # the new job 1 has no old log
 
 
 def test_purge(repo: Path) -> None:

@@ -162,3 +162,22 @@ def test_logs_mode(screen: Screen, repo: Path, tmp_path: Path) -> None:
 
 def test_git_tq_alone_off_a_terminal_prints_help(repo: Path) -> None:
     assert "Usage: git tq" in tq(repo).stdout
+
+
+def test_top_is_live_and_quits_on_q(repo: Path, tmp_path: Path) -> None:
+    git(repo, "config", "tq.autostart", "true")
+    gate = tmp_path / "gate"
+    tq(repo, "run", "-q", "--gpu", "0", "sh", "-c",
+       f"echo busy; while [ ! -e {gate} ]; do sleep 0.05; done")
+    env = {**os.environ, "TERM": "xterm", "NO_COLOR": "1"}
+    child = pexpect.spawn("git", ["tq", "top"], cwd=str(repo), env=env, encoding="utf-8",
+                          timeout=20, dimensions=(40, 140))
+    try:
+        child.expect("running \\(1\\)")  # the job started: redrawn on the event
+        gate.touch()
+        child.expect("running \\(0\\)")
+        child.send("q")
+        child.expect(pexpect.EOF)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)

@@ -304,15 +304,16 @@ def test_yield_to_a_foreign_gpu_process(repo: Path, tmp_path: Path) -> None:
 def test_hooks_run_on_events(repo: Path, tmp_path: Path) -> None:
     csv = tmp_path / "events.csv"
     hooks = repo / ".git" / "hooks"
-    for event in ("start", "finish"):
+    for event in ("submit", "start", "finish"):
         hook = hooks / f"tq-{event}"
         hook.write_text(f"#!/bin/sh\necho \"$TQ_EVENT,$TQ_JOB_ID,$TQ_STATE,$TQ_EXIT_CODE\" "
                         f">> {csv}\n")
         hook.chmod(hook.stat().st_mode | stat.S_IXUSR)
     j = submit(repo, "--cpu", "python", "-c", "raise SystemExit(4)")
     wait_state(repo, j, "failed")
-    wait_until(lambda: csv.exists() and len(csv.read_text().splitlines()) == 2)
-    assert sorted(csv.read_text().splitlines()) == ["finish,1,failed,4", "start,1,running,"]
+    wait_until(lambda: csv.exists() and len(csv.read_text().splitlines()) == 3)
+    assert sorted(csv.read_text().splitlines()) == ["finish,1,failed,4", "start,1,running,",
+                                                    "submit,1,pending,"]
 
 
 def test_core_hooks_path_is_honoured(repo: Path, tmp_path: Path) -> None:

@@ -181,3 +181,14 @@ def test_completion_files_are_installed_by_setup() -> None:
     for name in ("git-tq.bash", "_git-tq", "git-tq.fish"):
         assert name in text
     assert shutil.which("git-tq")
+
+
+@pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
+def test_fish_completion(repo: Path) -> None:
+    git(repo, "config", "tq.autostart", "false")
+    submit(repo, "--cpu", "true")
+    script = Path(__file__).resolve().parent.parent / "git_tq" / "completion" / "git-tq.fish"
+    out = subprocess.run(["fish", "-c", f"source {script}; complete -C 'git tq pu'; "
+                          "complete -C 'git-tq show '"], cwd=repo, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("purge") and out[1].startswith("1\t")
