@@ -24,6 +24,17 @@ class DaemonNotRunning(TqError):
     pass
 
 
+def read_line(conn: socket.socket) -> bytes:
+    """One message of the protocol: bytes up to a newline (or the peer's close)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def request(home: Home, cmd: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
     """Send one request; the reply. Raises DaemonNotRunning if nobody listens."""
     try:
@@ -32,12 +43,7 @@ def request(home: Home, cmd: str, timeout: float = 5.0, **fields: Any) -> dict[s
             s.settimeout(timeout)
             s.connect(path)
             s.sendall(json.dumps({"v": PROTOCOL, "cmd": cmd, **fields}).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            data = read_line(s)
     except (FileNotFoundError, ConnectionRefusedError):
         raise DaemonNotRunning(
             "the git tq daemon is not running: start it with `git tq start`"

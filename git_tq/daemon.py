@@ -67,13 +67,7 @@ class RepoState:
 def open_repo(common: str) -> RepoState:
     repo = Repo(toplevel=None, git_dir=common, common_dir=common, prefix="",
                 index_path=os.path.join(common, "index"))
-    p = repo.git("config", "-z", "--get-regexp", r"^(tq|user)\.|^core\.hookspath$",
-                 check=False)
-    config: dict[str, str] = {}
-    for item in p.stdout.decode(errors="replace").split("\0"):
-        if item:
-            k, _, v = item.partition("\n")
-            config[k.lower()] = v
+    config = repo.config(r"^(tq|user)\.|^core\.hookspath$")
     env = identity_env(config, without_repo_vars(os.environ))
     return RepoState(repo_key(common), common, repo, JobStore(repo, env), config)
 
@@ -225,13 +219,7 @@ class Daemon:
                     if uid != os.getuid():
                         conn.sendall(b'{"error": "permission denied"}\n')
                         continue
-                    data = b""
-                    while not data.endswith(b"\n"):
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            break
-                        data += chunk
-                    reply = self.handle(json.loads(data or b"{}"))
+                    reply = self.handle(json.loads(client.read_line(conn) or b"{}"))
                     conn.sendall(json.dumps(reply).encode() + b"\n")
                 except (OSError, ValueError) as exc:
                     log.warning("bad request: %s", exc)

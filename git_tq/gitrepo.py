@@ -141,9 +141,10 @@ class Repo:
         p = self.git("update-ref", "-m", reason, "-d", ref, old, check=False)
         return p.returncode == 0
 
-    def config(self) -> dict[str, str]:
-        """Every `tq.*` setting (repository, then global, then system), keys lowercased."""
-        p = self.git("config", "-z", "--get-regexp", r"^tq\.", check=False)
+    def config(self, pattern: str = r"^tq\.") -> dict[str, str]:
+        """Settings whose names match `pattern` (repository over global over system),
+        keys lowercased; one git process whatever their number."""
+        p = self.git("config", "-z", "--get-regexp", pattern, check=False)
         result: dict[str, str] = {}
         for item in p.stdout.decode(errors="replace").split("\0"):
             if item:

@@ -7,8 +7,9 @@ overrides NVML. Otherwise NVML (nvidia-ml-py) is asked, when installed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Optional
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any, Optional
 
 from git_tq.errors import BadSpec
 from git_tq.model import GpuRequest
@@ -28,20 +29,34 @@ def parse_gpu_ids(text: str) -> tuple[int, ...]:
     return ids
 
 
-def nvml_gpu_ids() -> Optional[tuple[int, ...]]:
-    """GPU indices from NVML, or None when NVML or its driver is absent."""
+@contextlib.contextmanager
+def nvml() -> Iterator[Any]:
+    """The pynvml module, initialised, or None when NVML or its driver is absent."""
     try:
         import pynvml
     except ImportError:
-        return None
+        yield None
+        return
     try:
         pynvml.nvmlInit()
     except Exception:
-        return None
+        yield None
+        return
     try:
-        return tuple(range(int(pynvml.nvmlDeviceGetCount())))
+        yield pynvml
     finally:
         pynvml.nvmlShutdown()
+
+
+def nvml_gpu_ids() -> Optional[tuple[int, ...]]:
+    """GPU indices from NVML, or None when NVML or its driver is absent."""
+    with nvml() as lib:
+        if lib is None:
+            return None
+        try:
+            return tuple(range(int(lib.nvmlDeviceGetCount())))
+        except Exception:
+            return None
 
 
 def machine_gpus(config: Mapping[str, str]) -> tuple[int, ...]:
@@ -93,49 +108,32 @@ def gpu_processes(environ: Mapping[str, str]) -> dict[int, list[int]]:
             return {int(k): [int(p) for p in v] for k, v in data.items()}
         except (OSError, ValueError, TypeError, AttributeError):
             return {}
-    try:
-        import pynvml
-    except ImportError:
-        return {}
-    try:
-        pynvml.nvmlInit()
-    except Exception:
-        return {}
-    try:
-        result: dict[int, list[int]] = {}
-        for i in range(int(pynvml.nvmlDeviceGetCount())):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-            result[i] = [int(p.pid) for p in procs]
-        return result
-    except Exception:
-        return {}
-    finally:
-        pynvml.nvmlShutdown()
+    with nvml() as lib:
+        if lib is None:
+            return {}
+        try:
+            return {i: [int(p.pid) for p in lib.nvmlDeviceGetComputeRunningProcesses(
+                        lib.nvmlDeviceGetHandleByIndex(i))]
+                    for i in range(int(lib.nvmlDeviceGetCount()))}
+        except Exception:
+            return {}
 
 
 def gpu_details() -> dict[int, dict[str, object]]:
     """Name, utilisation and memory per GPU from NVML ({} without NVML)."""
-    try:
-        import pynvml
-    except ImportError:
-        return {}
-    try:
-        pynvml.nvmlInit()
-    except Exception:
-        return {}
-    try:
-        result: dict[int, dict[str, object]] = {}
-        for i in range(int(pynvml.nvmlDeviceGetCount())):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
-            util = pynvml.nvmlDeviceGetUtilizationRates(h)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            result[i] = {"name": name.decode() if isinstance(name, bytes) else str(name),
-                         "util": int(util.gpu), "mem_used": int(mem.used),
-                         "mem_total": int(mem.total)}
-        return result
-    except Exception:
-        return {}
-    finally:
-        pynvml.nvmlShutdown()
+    with nvml() as lib:
+        if lib is None:
+            return {}
+        try:
+            result: dict[int, dict[str, object]] = {}
+            for i in range(int(lib.nvmlDeviceGetCount())):
+                h = lib.nvmlDeviceGetHandleByIndex(i)
+                name = lib.nvmlDeviceGetName(h)
+                util = lib.nvmlDeviceGetUtilizationRates(h)
+                mem = lib.nvmlDeviceGetMemoryInfo(h)
+                result[i] = {"name": name.decode() if isinstance(name, bytes) else str(name),
+                             "util": int(util.gpu), "mem_used": int(mem.used),
+                             "mem_total": int(mem.total)}
+            return result
+        except Exception:
+            return {}

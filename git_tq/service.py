@@ -63,13 +63,7 @@ class Context:
             -> Context:
         environ = os.environ if environ is None else environ
         repo = discover(cwd)
-        # One git process reads every setting we need: tq.* and the identity.
-        p = repo.git("config", "-z", "--get-regexp", r"^(tq|user)\.", check=False)
-        config: dict[str, str] = {}
-        for item in p.stdout.decode(errors="replace").split("\0"):
-            if item:
-                key, _, value = item.partition("\n")
-                config[key.lower()] = value
+        config = repo.config(r"^(tq|user)\.")  # the tq settings and the identity
         store = JobStore(repo, identity_env(config, environ))
         return cls(repo, config, store, Home(default_home(config, environ)))
 
