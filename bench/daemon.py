@@ -130,16 +130,25 @@ def run_all(repo: Path, env: dict[str, str], tmp: Path, rounds: int, tsp: str | 
         "import signal, sys, time\n"
         "def term(*_):\n"
         "    open(sys.argv[1], 'w').write(repr(time.time()))\n"
+        "    time.sleep(float(sys.argv[4]))  # saving a checkpoint\n"
         "    open(sys.argv[2], 'w').write(repr(time.time()))\n"
         "    sys.exit(0)\n"
         "signal.signal(signal.SIGTERM, term)\n"
         "open(sys.argv[3], 'w').write('up')\n"
         "while True: time.sleep(0.01)\n")
+    for save in (0.0, 0.2):
+        preemption(repo, env, tmp, rounds, victim_py, save)
+    idle(env)
+
+
+def preemption(repo: Path, env: dict[str, str], tmp: Path, rounds: int, victim_py: Path,
+               save: float) -> None:
     reaction, reaction_ret, handover = [], [], []
     for i in range(rounds):
-        term, exit_, up, urgent = (tmp / f"{n}{i}" for n in ("term", "exit", "up", "urgent"))
+        term, exit_, up, urgent = (tmp / f"{n}{i}-{save}" for n in
+                                   ("term", "exit", "up", "urgent"))
         tq(repo, env, "run", "-q", "-p", "100", "-g", "30", "--gpu", "0", "--",
-           sys.executable, str(victim_py), str(term), str(exit_), str(up))
+           sys.executable, str(victim_py), str(term), str(exit_), str(up), str(save))
         wait_file_exists(up)
         t0 = time.time()
         t1 = tq(repo, env, "run", "-q", "-p", "1", "--gpu", "0", "--", "sh", "-c",
@@ -151,15 +160,18 @@ def run_all(repo: Path, env: dict[str, str], tmp: Path, rounds: int, tsp: str | 
         # let the victim resume and finish its round: kill it for the next one
         subprocess.run(["git", "tq", "purge", "-y"], cwd=repo, env=env, capture_output=True)
         wait_idle(repo, env)
-    print("preemption (GPU 0, victim grace 30 s; tsp has no equivalent):")
+    print(f"preemption (GPU 0; the victim saves for {save * 1000:.0f} ms after SIGTERM; "
+          "tsp has no equivalent):")
     print(f"  urgent git tq run start -> SIGTERM in victim   {ms(reaction)}")
     print(f"  urgent git tq run return -> SIGTERM in victim  {ms(reaction_ret)}")
     print(f"  victim exit -> urgent job running              {ms(handover)}")
 
-    # idle cost
-    info = Path(env["TQ_HOME"]) / "daemon.json"
+
+
+def idle(env: dict[str, str]) -> None:
     import json
 
+    info = Path(env["TQ_HOME"]) / "daemon.json"
     pid = json.loads(info.read_text())["pid"]
     proc = psutil.Process(pid)
     before = proc.cpu_times()

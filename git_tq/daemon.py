@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -44,6 +45,8 @@ RESCAN_SECONDS = 3.0
 PROBE_SECONDS = 0.5
 LAUNCH_PATIENCE = 15.0  # how long a launched supervisor may take to take its lock
 PREPARE_AHEAD = 2  # waiting jobs whose worktrees are checked out before their turn
+# Parallel checkout (one worker per core): 100 ms instead of 150 ms for 100 files here.
+CHECKOUT_OPTIONS = ("-c", "checkout.workers=0")
 
 
 def now_iso() -> str:
@@ -88,6 +91,16 @@ def setting(repos: list[RepoState], name: str) -> Optional[str]:
     return None
 
 
+@dataclass
+class Checkout:
+    """A waiting job's worktree being checked out in the background."""
+
+    proc: subprocess.Popen[bytes]
+    rs: RepoState
+    local: Mapping[str, Any]
+    linked: bool = False
+
+
 class Daemon:
     def __init__(self, home: Home) -> None:
         self.home = home
@@ -104,6 +117,8 @@ class Daemon:
         self.started_at = time.time()
         self.counts: dict[str, int] = {}
         self.cleanup: list[tuple[RepoState, int]] = []
+        self.preparing: dict[str, Checkout] = {}  # worktree path -> checkout under way
+        self.supervisors: set[int] = set()  # pids of the supervisors we forked
 
     # --- lifecycle of the daemon itself ---------------------------------------
 
@@ -190,16 +205,27 @@ class Daemon:
         self.stopping = True
 
     def reap(self) -> None:
-        """Collect exited children (supervisors are reparented on a daemon restart)."""
-        while True:
+        """Collect exited supervisors we forked (not other children: a Popen must keep
+        its own exit status), and finished hooks."""
+        for pid in list(self.supervisors):
             try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
+                done, _ = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            self.dirty = True
+                done = pid
+            if done:
+                self.supervisors.discard(pid)
+                self.dirty = True
         self.hooks = [h for h in self.hooks if h.poll() is None]
+        for path, checkout in self.preparing.items():
+            if checkout.proc.poll() == 0:  # reaped; the status stays for ensure_worktree
+                self.finish_checkout(path, checkout)
+
+    def finish_checkout(self, path: str, checkout: Checkout) -> None:
+        """Link the ignored paths into a checked-out worktree, once."""
+        if not checkout.linked:
+            checkout.linked = True
+            with contextlib.suppress(OSError, TqError):
+                self.link_ignored(checkout.rs, path, checkout.local)
 
     # --- the socket -------------------------------------------------------------
 
@@ -232,6 +258,7 @@ class Daemon:
         if cmd == "ping":
             return {"ok": True, "pid": os.getpid(), "version": __version__}
         if cmd == "nudge":
+            log.debug("nudged")
             self.dirty = True
             return {"ok": True}
         if cmd == "stop":
@@ -256,8 +283,10 @@ class Daemon:
     # --- one scheduling cycle -------------------------------------------------------
 
     def safe_cycle(self) -> None:
+        t0 = time.monotonic()
         try:
             self.cycle()
+            log.debug("cycle took %.1f ms", (time.monotonic() - t0) * 1000)
         except Exception:  # the daemon must outlive any one bad repository or race
             log.exception("scheduling cycle failed; retrying on the next one")
             self.dirty = False
@@ -327,8 +356,7 @@ class Daemon:
             if w.key not in started:
                 rs, job = jobs[w.key]
                 with contextlib.suppress(TqError, OSError):
-                    self.ensure_worktree(rs, job, self.home.load_local_job(rs.common,
-                                                                           job.snapshot) or {})
+                    self.prepare_worktree(rs, job)
 
     def machine_gpus(self, repos: list[RepoState]) -> tuple[int, ...]:
         declared = setting(repos, "tq.gpus")
@@ -567,7 +595,7 @@ class Daemon:
                 "socket": self.home.socket_path(),
             }
             rf.write(rf.launch, launch)
-            fork_supervisor(launch)
+            self.supervisors.add(fork_supervisor(launch))
         except (TqError, OSError) as exc:
             reason = f"could not start: {exc}"
             os.makedirs(os.path.dirname(logfile), exist_ok=True)
@@ -578,13 +606,35 @@ class Daemon:
         log.info("job %d in %s: %s on GPUs %s", job.id, rs.common, event, assigned or "cpu")
         self.run_hook(rs, job, "resume" if event == "resumed" else "start")
 
+    def prepare_worktree(self, rs: RepoState, job: Job) -> None:
+        """Begin checking out a waiting job's worktree in the background (a `git worktree
+        add` process the loop does not wait for), so the daemon stays responsive."""
+        path = self.home.worktree_dir(rs.key, job.id)
+        if path in self.preparing or (os.path.isdir(path) and os.listdir(path)):
+            return
+        ensure_private_dir(os.path.dirname(path))
+        proc = subprocess.Popen(
+            ["git", *CHECKOUT_OPTIONS, "--git-dir", rs.common, "worktree", "add", "--detach",
+             "-f", path, job.snapshot], cwd=rs.common, env=without_repo_vars(os.environ),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.preparing[path] = Checkout(proc, rs, self.home.load_local_job(
+            rs.common, job.snapshot) or {})
+
     def ensure_worktree(self, rs: RepoState, job: Job, local: Mapping[str, Any]) -> str:
         path = self.home.worktree_dir(rs.key, job.id)
-        if os.path.isdir(path) and os.listdir(path):
+        early = self.preparing.pop(path, None)
+        if early is not None:
+            if early.proc.wait() == 0:
+                self.finish_checkout(path, early)
+                return path
+            shutil.rmtree(path, ignore_errors=True)  # a failed checkout: try again below
+            run_git(["--git-dir", rs.common, "worktree", "prune"], rs.common, check=False)
+        elif os.path.isdir(path) and os.listdir(path):
             return path  # a resumed job: same worktree, checkpoints and all
         ensure_private_dir(os.path.dirname(path))
-        p = run_git(["--git-dir", rs.common, "worktree", "add", "--detach", "-f", path,
-                     job.snapshot], rs.common, env=without_repo_vars(os.environ), check=False)
+        p = run_git([*CHECKOUT_OPTIONS, "--git-dir", rs.common, "worktree", "add", "--detach",
+                     "-f", path, job.snapshot], rs.common, env=without_repo_vars(os.environ),
+                    check=False)
         if p.returncode != 0:
             raise TqError("git worktree add failed: "
                           + p.stderr.decode(errors="replace").strip().splitlines()[-1])
@@ -730,7 +780,8 @@ def main() -> None:
 
 
 def run_foreground(home: Home) -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    level = logging.DEBUG if os.environ.get("TQ_DEBUG") else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     daemon = Daemon(home)
     try:
