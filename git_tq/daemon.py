@@ -109,6 +109,7 @@ class Daemon:
         self.stopping = False
         self.dirty = True
         self.warned: set[tuple[str, int]] = set()
+        self.local_jobs: set[str] = set()  # submission commits known to be ours
         self.hooks: list[subprocess.Popen[bytes]] = []
         self.last_foreign: dict[int, str] = {}
         self.last_probe: set[tuple[int, int]] = set()
@@ -366,8 +367,11 @@ class Daemon:
 
     def is_local(self, rs: RepoState, job: Job) -> bool:
         """Only jobs this user submitted on this machine run (a fetched ref has no
-        local record)."""
-        if self.home.load_local_job(rs.common, job.snapshot) is not None:
+        local record). A positive answer is remembered: records are never moved."""
+        if job.snapshot in self.local_jobs:
+            return True
+        if os.path.exists(self.home.job_file(rs.common, job.snapshot)):
+            self.local_jobs.add(job.snapshot)
             return True
         if (rs.key, job.id) not in self.warned:
             self.warned.add((rs.key, job.id))
@@ -387,8 +391,9 @@ class Daemon:
 
     def our_pids(self, rs_jobs: Mapping[scheduler.JobKey, tuple[RepoState, Job]]) -> set[int]:
         pids: set[int] = set()
-        for (key, job_id), (_rs, _job) in rs_jobs.items():
-            ident = RunFiles(self.home, key, job_id).read(RunFiles(self.home, key, job_id).ident)
+        for key, job_id in rs_jobs:
+            rf = RunFiles(self.home, key, job_id)
+            ident = rf.read(rf.ident)
             if not ident:
                 continue
             for who in ("supervisor", "job"):

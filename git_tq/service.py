@@ -441,9 +441,7 @@ def history(ctx: Context, revisions: Sequence[str]) -> list[HistoryEntry]:
         by_source.setdefault(v.job.source, []).append(v)
     revs = list(revisions)
     entries: list[HistoryEntry] = []
-    if not revs and ctx.repo.head_commit() is None:
-        revs = []
-    else:
+    if revs or ctx.repo.head_commit() is not None:  # an unborn branch has no history yet
         if any(r.startswith("-") for r in revs):
             raise UsageError("git tq log takes revisions only (no git log options)")
         p = ctx.repo.git("log", "--format=%H%x00%h%x00%s%x00%cr%x00", *(revs or ["HEAD"]),
