@@ -13,7 +13,6 @@ their exit statuses; the next daemon adopts them through their lock files.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import fcntl
 import json
 import logging
@@ -34,7 +33,7 @@ from git_tq import __version__, client, gpus, scheduler, supervisor
 from git_tq.errors import InvalidTransition, RefRace, TqError
 from git_tq.gitrepo import Repo, run_git, without_repo_vars
 from git_tq.home import Home, RunFiles, ensure_private_dir, repo_key, write_private_file
-from git_tq.lifecycle import apply_event
+from git_tq.lifecycle import apply_event, now_iso
 from git_tq.model import Job, State
 from git_tq.procs import ProcessId, kill, terminate
 from git_tq.store import JobStore, identity_env
@@ -48,9 +47,6 @@ PREPARE_AHEAD = 2  # waiting jobs whose worktrees are checked out before their t
 # Parallel checkout (one worker per core): 100 ms instead of 150 ms for 100 files here.
 CHECKOUT_OPTIONS = ("-c", "checkout.workers=0")
 
-
-def now_iso() -> str:
-    return dt.datetime.now().astimezone().replace(microsecond=0).isoformat()
 
 
 class AlreadyRunning(TqError):

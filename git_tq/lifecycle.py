@@ -5,6 +5,7 @@ Pure: `apply_event` returns a new `Job`; the store writes it as a commit.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -12,6 +13,11 @@ from git_tq.errors import InvalidTransition
 from git_tq.model import Job, State
 
 P, R, S = State.PENDING, State.RUNNING, State.STOPPING
+
+
+def now_iso() -> str:
+    """The time stamp lifecycle records carry: local time, seconds, with its offset."""
+    return dt.datetime.now().astimezone().replace(microsecond=0).isoformat()
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ and return plain values; they never print.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import os
 import re
 import subprocess
@@ -20,7 +19,7 @@ from git_tq import gpus as gpu_inventory
 from git_tq.errors import BadSpec, DirtyWorkTree, InvalidTransition, TqError, UsageError
 from git_tq.gitrepo import Repo, discover, without_repo_vars
 from git_tq.home import Home, default_home
-from git_tq.lifecycle import apply_event
+from git_tq.lifecycle import apply_event, now_iso
 from git_tq.model import (
     DEFAULT_GRACE,
     DEFAULT_PRIORITY,
@@ -44,9 +43,6 @@ def _user_name() -> str:
     except KeyError:
         return os.environ.get("USER", str(os.getuid()))
 
-
-def now_iso() -> str:
-    return dt.datetime.now().astimezone().replace(microsecond=0).isoformat()
 
 
 @dataclass

@@ -10,7 +10,6 @@ the daemon's death; it ignores SIGTERM/SIGINT/SIGHUP (signals go to the job).
 
 from __future__ import annotations
 
-import datetime as dt
 import fcntl
 import json
 import os
@@ -21,13 +20,11 @@ import sys
 from typing import Any
 
 from git_tq.home import write_private_file
+from git_tq.lifecycle import now_iso
 from git_tq.procs import ProcessId, become_subreaper, kill
 
 EXIT_LOCKED = 75
 
-
-def now_iso() -> str:
-    return dt.datetime.now().astimezone().replace(microsecond=0).isoformat()
 
 
 def nudge(socket_path: str) -> None:
