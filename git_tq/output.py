@@ -36,10 +36,6 @@ def echo(text: str = "") -> None:
     sys.stdout.write(text + "\n")
 
 
-def warn(text: str) -> None:
-    sys.stderr.write(f"git tq: warning: {text}\n")
-
-
 def parse_time(stamp: Optional[str]) -> Optional[dt.datetime]:
     if not stamp:
         return None
