@@ -113,7 +113,7 @@ run_tests() {
     export PATH="$here/.venv/bin:$PATH"
     say "ruff"; ruff check git_tq tests bench
     say "mypy"; mypy
-    say "pytest"; python -m pytest -p no:cacheprovider "$@"
+    say "pytest"; python -m pytest -p no:cacheprovider -n 2 "$@"
 }
 
 case "${1:-}" in

@@ -21,6 +21,7 @@ from common import git, machine, make_repo, side_by_side, which_git_tq  # noqa: 
 
 from git_tq import recordfmt  # noqa: E402
 from git_tq.lifecycle import apply_event  # noqa: E402
+from git_tq.localjobs import LedgerEntry, LocalJobs  # noqa: E402
 from git_tq.model import ChangeSummary, GpuRequest, Job, JobSpec, State  # noqa: E402
 
 
@@ -64,6 +65,16 @@ def write_jobs(repo: Path, count: int) -> None:
     if packed.exists():
         kept = [ln for ln in packed.read_text().splitlines() if "refs/tq/jobs/" not in ln]
         packed.write_text("\n".join(kept) + "\n")
+    # The user's own jobs: each in the tq home's ledger, as `git tq run` leaves it.
+    ledger = LocalJobs(tq_home(repo), str(repo / ".git"))
+    with ledger.locked():
+        for line in refs.splitlines():
+            oid, ref = line.split()
+            ledger.record(int(ref.rsplit("/", 1)[1]), LedgerEntry(oid, oid, None))
+
+
+def tq_home(repo: Path) -> str:
+    return str(repo.parent / "tqhome")
 
 
 def main() -> None:
@@ -75,6 +86,7 @@ def main() -> None:
     print(f"git-tq: {which_git_tq()}")
     with tempfile.TemporaryDirectory() as tmp:
         repo = make_repo(Path(tmp) / "repo", folders=10)
+        git(repo, "config", "tq.home", tq_home(repo))
         write_jobs(repo, args.jobs)
         cmds = {
             "for-each-ref": ["git", "for-each-ref", "--format=%(contents)", "refs/tq/jobs"],
@@ -82,7 +94,7 @@ def main() -> None:
             "git tq log": ["git", "tq", "log"],
         }
         cold = [
-            "sh", "-c", "rm -f .git/tq/cache/records-v1.marshal && git tq ls --all --json",
+            "sh", "-c", "rm -f .git/tq/cache/records-v2.marshal && git tq ls --all --json",
         ]
         for label in ("loose refs", "packed refs"):
             if label == "packed refs":

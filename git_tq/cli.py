@@ -9,17 +9,23 @@ import contextlib
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Callable, Optional, TypeVar
 
 import click
 
 from git_tq import __version__
 from git_tq.errors import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_USAGE, TqError
+from git_tq.safetext import visible
 
 F = TypeVar("F", bound=Callable[..., Any])
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 ALIASES = {"st": "ls"}
+
+
+def say(text: str, err: bool = False) -> None:
+    """click.echo for text that holds record data: control characters shown as escapes."""
+    click.echo(visible(text, newlines=True), err=err)
 
 
 class TqGroup(click.Group):
@@ -66,7 +72,8 @@ def complete_jobs(ctx: click.Context, param: click.Parameter, incomplete: str) -
     for v in sorted(views, key=lambda v: (not v.job.state.active, -v.job.id)):
         if str(v.job.id).startswith(incomplete):
             items.append(CompletionItem(str(v.job.id),
-                                        help=f"{v.job.state.value}: {v.job.spec.command_line()}"))
+                                        help=visible(f"{v.job.state.value}: "
+                                                     f"{v.job.spec.command_line()}")))
     return items
 
 
@@ -143,15 +150,15 @@ def run(priority: Optional[int], grace: Optional[int], tag: Optional[str],
     )
     result = service.submit(ctx, req)
     for w in result.warnings:
-        click.echo(f"git tq: warning: {w}", err=True)
+        say(f"git tq: warning: {w}", err=True)
     if result.daemon_hint:
-        click.echo(f"git tq: {result.daemon_hint}", err=True)
+        say(f"git tq: {result.daemon_hint}", err=True)
     job = result.job
     if quiet:
         click.echo(str(job.id))
         return
     src = job.source[:10] if job.source else "no commit yet"
-    click.echo(f"job {job.id} queued (priority {job.spec.priority}, gpus "
+    say(f"job {job.id} queued (priority {job.spec.priority}, gpus "
                f"{job.spec.gpus.describe()}): {job.spec.command_line()}")
     click.echo(f"  code: {src} + {job.changes.describe()}; snapshot {job.snapshot[:10]}")
 
@@ -171,12 +178,17 @@ def ls_cmd(show_all: bool, states: tuple[str, ...], tags: tuple[str, ...],
     """List jobs: the active queue by default (alias: st)."""
     from git_tq import output, service
 
-    views = service.list_jobs(open_context(), include_finished=show_all, states=states,
-                              tags=tags)
+    listed = service.list_queue(open_context(), include_finished=show_all, states=states,
+                                tags=tags)
+    views = listed.views
+    if listed.unreadable and (as_json or not show_all):
+        click.echo(f"git tq: {len(listed.unreadable)} job record"
+                   f"{'s are' if len(listed.unreadable) > 1 else ' is'} unreadable "
+                   "(git tq ls --all lists them; git tq doctor explains)", err=True)
     if as_json:
         output.print_json([v.to_json() for v in views])
         return
-    if not views:
+    if not views and not (show_all and listed.unreadable):
         output.echo("no jobs" if show_all or states or tags else
                     "no active jobs (git tq ls --all shows finished ones)")
         return
@@ -192,12 +204,18 @@ def ls_cmd(show_all: bool, states: tuple[str, ...], tags: tuple[str, ...],
         state = j.state.value
         if j.state.value == "failed":
             state += f" ({j.exit_code})" if j.signal is None else f" (sig {j.signal})"
+        if v.trust != "local":
+            state = f"{v.trust}: {state}"  # not ours: never run, never written
         gpus = ",".join(map(str, j.assigned_gpus)) if j.assigned_gpus else \
             j.spec.gpus.describe()
         rows.append([str(j.id), state, str(j.spec.priority), gpus, j.spec.tag or "",
                      output.shorten(j.spec.command_line(), 60), when,
                      output.shorten(v.note or "", 40)])
-        styles.append(output.STATE_STYLES.get(j.state.value))
+        styles.append(output.STATE_STYLES.get(j.state.value) if v.trust == "local" else "dim")
+    if show_all:
+        for u in listed.unreadable:
+            rows.append([u.name, f"(unreadable: {u.reason})", "", "", "", "", "", ""])
+            styles.append("red")
     output.print_table(["ID", "STATE", "PRI", "GPUS", "TAG", "COMMAND", "TIME", "NOTE"],
                        rows, styles)
 
@@ -218,6 +236,7 @@ def show(job: str, as_json: bool) -> None:
              if r.event != "submitted" else r.spec.submitted_at}
             for c, r in detail.lifecycle
         ]
+        data["outside_links"] = [{"path": p, "target": t} for p, t in detail.outside_links]
         output.print_json(data)
         return
     j, s = detail.view.job, detail.view.job.spec
@@ -231,18 +250,26 @@ def show(job: str, as_json: bool) -> None:
         f"priority   {s.priority}    grace {s.grace}s    gpus {s.gpus.describe()}"
         + (f" (holding {','.join(map(str, j.assigned_gpus))})" if j.assigned_gpus else ""),
         f"tag        {e(s.tag or '-')}    env {e(s.env or '-')}    cwd {e(s.cwd or '.')}",
-        f"submitted  {s.submitted_at} by {e(s.user)}@{e(s.host)}",
-        f"source     {j.source or '(unborn branch)'}",
-        f"snapshot   {j.snapshot}  ({j.changes.describe()} vs source)",
+        f"submitted  {e(s.submitted_at)} by {e(s.user)}@{e(s.host)}"
+        + {"local": "", "fetched": "   [fetched: read-only, never runs here]",
+           "tampered": "   [TAMPERED: moved by someone else; see git tq doctor]"}.get(
+               detail.view.trust, ""),
+        f"source     {e(j.source or '(unborn branch)')}",
+        f"snapshot   {e(j.snapshot)}  ({j.changes.describe()} vs source)",
         f"attempts   {j.attempt}"
-        + (f"    started {j.started_at}" if j.started_at else "")
-        + (f"    ended {j.ended_at}" if j.ended_at else ""),
+        + (f"    started {e(j.started_at)}" if j.started_at else "")
+        + (f"    ended {e(j.ended_at)}" if j.ended_at else ""),
         f"log        {e(detail.view.log)}"
         + (f"  [{e(detail.view.category)}]" if detail.view.category else ""),
         f"restore    git tq checkout {j.id}   (or -b BRANCH, --worktree PATH)",
     ]
+    for path, target in detail.outside_links:
+        lines.append(f"link       {e(path)} -> {e(target)}  (leaves the repository: the job "
+                     "sees what it pointed to at submission)")
     if detail.view.note:
-        lines.append("note       " + output.styled(e(detail.view.note), "cyan"))
+        # one line per line of the note, each made safe (a note may span lines)
+        note_lines = [e(part) for part in detail.view.note.split("\n")]
+        lines.append("note       " + output.styled("\n           ".join(note_lines), "cyan"))
     lines.append("lifecycle")
     for commit, rec in detail.lifecycle:
         at = rec.spec.submitted_at if rec.event == "submitted" else \
@@ -250,7 +277,8 @@ def show(job: str, as_json: bool) -> None:
         if rec.event in ("preempted", "cancelled", "stopping"):
             at = ""
         extra = f"  {e(rec.detail)}" if rec.detail else ""
-        lines.append(f"  {commit[:10]}  {rec.event:<12} -> {rec.state.value:<9} {at}{extra}")
+        lines.append(f"  {e(commit[:10])}  {e(rec.event):<12} -> {rec.state.value:<9} "
+                     f"{e(at)}{extra}")
     output.print_markup("\n".join(lines))
 
 
@@ -284,8 +312,8 @@ def log_cmd(revisions: tuple[str, ...], as_json: bool) -> None:
             folded += 1
             continue
         flush()
-        lines.append(f"{output.styled(en.short, 'yellow')} {e(en.subject)}"
-                     + (output.styled(f" ({en.when})", "dim") if en.when else ""))
+        lines.append(f"{output.styled(e(en.short), 'yellow')} {e(en.subject)}"
+                     + (output.styled(f" ({e(en.when)})", "dim") if en.when else ""))
         for v in sorted(en.jobs, key=lambda v: v.job.id):
             j = v.job
             status = j.state.value
@@ -337,8 +365,7 @@ def checkout(job: str, branch: Optional[str], worktree: Optional[str], force: bo
     """Bring back the code a job ran: into the work tree, a new branch, or a worktree."""
     from git_tq import service
 
-    click.echo(service.checkout(open_context(), job, branch=branch, worktree=worktree,
-                                force=force))
+    say(service.checkout(open_context(), job, branch=branch, worktree=worktree, force=force))
 
 
 # --- editing -------------------------------------------------------------------
@@ -385,10 +412,10 @@ def rm(jobs: tuple[str, ...], forget: bool, logs: bool, yes: bool) -> None:
                 click.echo("nothing deleted")
                 return
         for token in tokens:
-            click.echo(f"deleted {service.remove_log(ctx, token)}")
+            say(f"deleted {service.remove_log(ctx, token)}")
         return
     for r in service.remove(ctx, jobs, forget=forget):
-        click.echo(f"job {r.job_id} {r.outcome}")
+        say(f"job {r.job_id} {r.outcome}")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -416,18 +443,49 @@ def purge(yes: bool) -> None:
 # --- logs ------------------------------------------------------------------------------
 
 
-def page(path: str) -> None:
-    """Show a file in the pager on a terminal ($GIT_PAGER, $PAGER, else less -R); else print."""
+def _read_chunks(path: str, size: int = 1 << 16) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(size)
+            if not chunk:
+                return
+            yield chunk
+
+
+def page(path: str, raw: bool = False) -> None:
+    """Show a log in the pager on a terminal ($GIT_PAGER, $PAGER, else less -R); else print.
+
+    Unless `raw`, its bytes are made safe first (safetext.visible_bytes): a job's
+    output may hold escape sequences meant for whoever reads the log."""
     import shlex
     import subprocess
 
+    from git_tq.safetext import visible_stream
+
+    chunks = _read_chunks(path)
+    if not raw:
+        chunks = visible_stream(chunks)
     if not sys.stdout.isatty():
-        with open(path, "rb") as fh:
-            sys.stdout.buffer.write(fh.read())
+        for chunk in chunks:
+            sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
         return
     pager = os.environ.get("GIT_PAGER") or os.environ.get("PAGER") or "less -R"
-    with open(path, "rb") as fh:
-        subprocess.call(shlex.split(pager), stdin=fh)
+    if raw:
+        with open(path, "rb") as fh:
+            subprocess.call(shlex.split(pager), stdin=fh)
+        return
+    proc = subprocess.Popen(shlex.split(pager), stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    try:
+        for chunk in chunks:
+            proc.stdin.write(chunk)
+    except BrokenPipeError:
+        pass  # the reader quit the pager early
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+        proc.wait()
 
 
 @cli.command(context_settings=CONTEXT)
@@ -436,29 +494,36 @@ def page(path: str) -> None:
               help="Follow the log as it grows, until the job ends (Ctrl-C stops).")
 @click.option("-n", "--tail", "tail", type=click.IntRange(min=0), metavar="N",
               help="Only the last N lines (then follow, with -f).")
-def view(job: str, follow: bool, tail: Optional[int]) -> None:
+@click.option("--raw", is_flag=True,
+              help="The log's exact bytes, escape sequences included (by default control "
+                   "characters are shown as escapes such as \\x1b).")
+def view(job: str, follow: bool, tail: Optional[int], raw: bool) -> None:
     """Show a job's log: in the pager, or followed live with -f."""
     from git_tq import service
+    from git_tq.safetext import visible_stream
 
     ctx = open_context()
     j, path = service.job_log(ctx, job)
     if not os.path.exists(path) and not follow:
         raise TqError(f"job {j.id} has no log yet ({j.state.value}); "
                       f"`git tq view -f {j.id}` waits for it")
+
+    def write(chunks: Iterable[bytes]) -> None:
+        for chunk in chunks if raw else visible_stream(chunks):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+
     if tail is not None and os.path.exists(path):
         with open(path, "rb") as fh:
             lines = fh.read().splitlines(keepends=True)
-        sys.stdout.buffer.write(b"".join(lines[-tail:] if tail else []))
-        sys.stdout.flush()
+        write([b"".join(lines[-tail:] if tail else [])])
         if not follow:
             return
     elif not follow:
-        page(path)
+        page(path, raw=raw)
         return
     try:
-        for chunk in service.follow_log(ctx, job, from_start=tail is None):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
+        write(service.follow_log(ctx, job, from_start=tail is None))
     except KeyboardInterrupt:
         return
 
@@ -477,7 +542,7 @@ def hist(folder: Optional[str], as_json: bool) -> None:
                                     for e in tree.entries]})
         return
     e = output.esc
-    lines = [output.styled(f"logs/{tree.folder}" if tree.folder else "logs/", "bold")]
+    lines = [output.styled(f"logs/{e(tree.folder)}" if tree.folder else "logs/", "bold")]
     lines += [output.styled(f"  {e(name)}/", "blue") for name in tree.folders]
     for entry in tree.entries:
         j = entry.view.job
@@ -485,7 +550,7 @@ def hist(folder: Optional[str], as_json: bool) -> None:
         note = output.styled(" — " + e(output.shorten(entry.view.note, 60)), "bold cyan") \
             if entry.view.note else ""
         tag = f" [{e(j.spec.tag)}]" if j.spec.tag else ""
-        lines.append(f"  {entry.number:>3}. #{j.id:<5} {state} {j.spec.submitted_at[:16]}"
+        lines.append(f"  {entry.number:>3}. #{j.id:<5} {state} {e(j.spec.submitted_at[:16])}"
                      f"{tag} {e(os.path.basename(entry.path))}{note}")
     if not tree.folders and not tree.entries:
         lines.append("  (empty)")
@@ -499,7 +564,7 @@ def catg(job: str, folder: str) -> None:
     """File a job's log under FOLDER (e.g. archived/failed; created as needed)."""
     from git_tq import service
 
-    click.echo(f"filed: {service.file_log(open_context(), job, folder)}")
+    say(f"filed: {service.file_log(open_context(), job, folder)}")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -525,8 +590,8 @@ def start() -> None:
 
     home = service.home_for()
     started = service.start_daemon(home)
-    click.echo(("daemon started" if started else "the daemon is already running")
-               + f" (home {home.path})")
+    say(("daemon started" if started else "the daemon is already running")
+        + f" (home {home.path})")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -566,17 +631,18 @@ def daemon_status(as_json: bool) -> None:
         output.print_json(status or {"running": False, "home": home.path})
         return
     if status is None:
-        click.echo(f"daemon: not running (home {home.path}); start it with `git tq start`")
+        say(f"daemon: not running (home {home.path}); start it with `git tq start`")
         sys.exit(1)
     counts = status.get("counts", {})
-    click.echo(f"daemon: running, pid {status['pid']}, version {status['version']}, up "
-               f"{output.duration(time.time() - status['started'])}")
-    click.echo(f"home:   {status['home']}")
-    click.echo(f"socket: {status['socket']}")
-    click.echo(f"jobs:   {counts.get('running', 0)} running, {counts.get('pending', 0)} "
-               f"pending, in {counts.get('repos', 0)} repositories")
+    say(f"daemon: running, pid {status['pid']}, version {status['version']}, up "
+        f"{output.duration(time.time() - status['started'])}")
+    say(f"home:   {status['home']}")
+    say(f"socket: {status['socket']}")
+    say(f"jobs:   {counts.get('running', 0)} running, {counts.get('pending', 0)} "
+        f"pending, in {counts.get('repos', 0)} repositories")
     for gpu, who in sorted(status.get("foreign", {}).items()):
-        click.echo(f"GPU {gpu}: held by a {who}; nothing of ours runs there")
+        # `who` names a foreign process: its name is whatever that process chose
+        say(f"GPU {gpu}: held by a {who}; nothing of ours runs there")
 
 
 @cli.command("kill", context_settings=CONTEXT)
@@ -590,18 +656,52 @@ def kill_cmd(jobs: tuple[str, ...], now: bool) -> None:
     click.echo(f"stopping job{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}")
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings={**CONTEXT, "allow_interspersed_args": False})
 @click.argument("job")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("-q", "--quiet", is_flag=True, help="Print only the new job id.")
-def requeue(job: str, quiet: bool) -> None:
-    """Submit a finished job's code and command again, as a new job."""
+def requeue(job: str, command: tuple[str, ...], quiet: bool) -> None:
+    """Submit a finished job's code again, as a new job, with your current environment.
+
+    Your own job keeps its command unless COMMAND is given. A job you did not
+    submit here (fetched) is only code to you: give the command,
+    `git tq requeue 12 -- python train.py`.
+    """
     from git_tq import service
 
-    result = service.requeue(open_context(), job)
+    if command[:1] == ("--",):
+        command = command[1:]
+    result = service.requeue(open_context(), job, command=command)
+    for w in result.warnings:
+        say(f"git tq: {w}", err=True)
     if result.daemon_hint:
-        click.echo(f"git tq: {result.daemon_hint}", err=True)
-    click.echo(str(result.job.id) if quiet else
+        say(f"git tq: {result.daemon_hint}", err=True)
+    say(str(result.job.id) if quiet else
                f"job {result.job.id} queued: {result.job.spec.command_line()} (code of job {job})")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--restore", is_flag=True,
+              help="Move each tampered job ref back to the record git tq last wrote.")
+@json_option
+def doctor(restore: bool, as_json: bool) -> None:
+    """Explain job records that are tampered, unreadable, or not yours."""
+    from git_tq import output, service
+
+    found = service.doctor(open_context(), restore=restore)
+    if as_json:
+        output.print_json([{"job": f.job, "problem": f.problem, "explanation": f.explanation,
+                            "fix": f.fix} for f in found])
+        return
+    if not found:
+        output.echo("all job records are readable, and yours are as git tq wrote them")
+        return
+    for f in found:
+        output.echo(f"job {f.job}: {f.problem}: {f.explanation}")
+        if f.fix:
+            output.echo(f"  fix: {f.fix}")
+    if any(f.problem in ("tampered", "unreadable") for f in found):
+        sys.exit(1)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -618,16 +718,18 @@ def gc() -> None:
 
 def _crash(exc: BaseException) -> int:
     try:
-        from git_tq.home import Home, default_home
+        from git_tq.home import Home, default_home, open_private
 
         path = Home(default_home({}, os.environ)).crash_log()
-        with open(path, "a", encoding="utf-8") as fh:
+        # 0600 (tightened if older): tracebacks show arguments and paths
+        with open(open_private(path), "a", encoding="utf-8") as fh:
             fh.write(f"--- git tq {__version__} {sys.argv!r}\n")
             fh.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         where = f"details in {path}"
     except OSError:
         where = "no crash log could be written"
-    sys.stderr.write(f"git tq: internal error: {type(exc).__name__}: {exc} ({where})\n")
+    sys.stderr.write(visible(f"git tq: internal error: {type(exc).__name__}: {exc} ({where})")
+                     + "\n")
     return EXIT_CRASH
 
 
@@ -639,20 +741,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         complete_var="_GIT_TQ_COMPLETE")
         sys.exit(code if isinstance(code, int) else 0)
     except TqError as exc:
-        sys.stderr.write(f"git tq: {exc}\n")
+        sys.stderr.write(visible(f"git tq: {exc}") + "\n")
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        from git_tq import snapshot
+
+        snapshot.abandon()  # a head start removes its temporary index before we exit
         sys.stderr.write("git tq: interrupted\n")
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
         where: Optional[click.Context] = getattr(exc, "ctx", None)
         name = where.info_name if where is not None else None
         hint = f" (see git tq {name} -h)" if name and name != "git tq" else " (see git tq -h)"
-        sys.stderr.write(f"git tq: {exc.format_message()}{hint}\n")
+        sys.stderr.write(visible(f"git tq: {exc.format_message()}{hint}") + "\n")
         sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)
-    except KeyboardInterrupt:
-        sys.stderr.write("git tq: interrupted\n")
-        sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         # `git tq ls | head`: the reader left; that is not an error.
         with contextlib.suppress(OSError):

@@ -15,7 +15,8 @@ import time
 from typing import Any, Optional
 
 from git_tq.errors import TqError
-from git_tq.home import Home, ensure_private_dir
+from git_tq.gitrepo import clean_git_env
+from git_tq.home import Home, connect_private, ensure_private_dir
 
 PROTOCOL = 1
 
@@ -35,13 +36,17 @@ def read_line(conn: socket.socket) -> bytes:
     return data
 
 
+def connect(home: Home, timeout: float) -> socket.socket:
+    """A connection to the daemon's socket, checked to be served by this user (the
+    socket's path comes from the tq home, never from a fixed name in /tmp)."""
+    return connect_private(home.socket_path(), timeout)
+
+
 def request(home: Home, cmd: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
-    """Send one request; the reply. Raises DaemonNotRunning if nobody listens."""
+    """Send one request; the reply. Raises DaemonNotRunning if nobody listens, TqError if
+    the socket is served by another user."""
     try:
-        path = home.socket_path()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(path)
+        with connect(home, timeout) as s:
             s.sendall(json.dumps({"v": PROTOCOL, "cmd": cmd, **fields}).encode() + b"\n")
             data = read_line(s)
     except (FileNotFoundError, ConnectionRefusedError):
@@ -53,7 +58,9 @@ def request(home: Home, cmd: str, timeout: float = 5.0, **fields: Any) -> dict[s
     except OSError as exc:
         raise TqError(f"cannot reach the git tq daemon: {exc}") from None
     try:
-        reply: dict[str, Any] = json.loads(data)
+        reply = json.loads(data)
+        if not isinstance(reply, dict):
+            raise ValueError("not a JSON object")
     except ValueError:
         raise TqError("the git tq daemon gave no answer; restart it (git tq stop; git tq start)"
                       ) from None
@@ -74,7 +81,8 @@ def spawn(home: Home) -> None:
     """Start a daemon in the background (it exits at once if one already runs)."""
     ensure_private_dir(home.path)
     log = os.open(home.daemon_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    env = dict(os.environ, TQ_HOME=home.path)
+    os.fchmod(log, 0o600)  # a looser one from before is tightened
+    env = dict(clean_git_env(os.environ), TQ_HOME=home.path)
     subprocess.Popen([sys.executable, "-m", "git_tq.daemon", home.path],
                      stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                      start_new_session=True, close_fds=True)

@@ -19,6 +19,8 @@ from prompt_toolkit.history import FileHistory, InMemoryHistory
 
 from git_tq import service
 from git_tq.errors import TqError
+from git_tq.home import ensure_private_dir, open_private
+from git_tq.safetext import visible
 
 RUN_OPTIONS_WITH_VALUE = {"-p", "--priority", "-g", "--grace", "-t", "--tag", "-e", "--env",
                           "--gpu", "--gpus"}
@@ -94,7 +96,9 @@ class Console:
         self.folder = ""  # Logs mode: relative to the log root
         self.gpus: Optional[str] = None  # the selected GPU queue
         self.env: Optional[str] = None
-        self.out = out
+        # Everything shown goes through safetext: job fields and log names may hold
+        # escape sequences (records can come from a teammate's fetched refs).
+        self.out: Callable[[str], None] = lambda text: out(visible(text, newlines=True))
         self.numbers: dict[int, int] = {}  # number shown in Queue/Logs mode -> job id
         self.ask: Callable[[str], str] = input
 
@@ -117,7 +121,7 @@ class Console:
             text += " [QUEUE]"
         elif self.mode == "logs":
             text += f" [LOGS:{self.folder or '/'}]"
-        return text + " > "
+        return visible(text) + " > "
 
     # --- dispatch -----------------------------------------------------------------
 
@@ -371,8 +375,10 @@ def run() -> None:
     console = Console()
     home = service.home_for()
     try:
-        os.makedirs(home.path, mode=0o700, exist_ok=True)
-        history: object = FileHistory(os.path.join(home.path, "console_history"))
+        ensure_private_dir(home.path)
+        path = os.path.join(home.path, "console_history")
+        os.close(open_private(path))  # 0600, tightened if it exists (FileHistory appends)
+        history: object = FileHistory(path)
     except OSError:
         history = InMemoryHistory()
     session: PromptSession[str] = PromptSession(history=history,  # type: ignore[arg-type]
@@ -392,6 +398,6 @@ def run() -> None:
         except KeyboardInterrupt:
             continue
         except TqError as exc:
-            print(f"git tq: {exc}")
+            print(visible(f"git tq: {exc}"))
         except Exception as exc:  # noqa: BLE001 - errors never leave the console
-            print(f"git tq: internal error: {type(exc).__name__}: {exc}")
+            print(visible(f"git tq: internal error: {type(exc).__name__}: {exc}"))

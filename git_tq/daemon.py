@@ -21,7 +21,6 @@ import selectors
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -29,13 +28,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from git_tq import __version__, client, gpus, scheduler, supervisor
-from git_tq.errors import InvalidTransition, RefRace, TqError
+from git_tq import __version__, client, gpus, jobtree, scheduler, supervisor
+from git_tq.errors import InvalidTransition, NotOurs, RefRace, TqError
 from git_tq.gitrepo import Repo, run_git, without_repo_vars
 from git_tq.home import Home, RunFiles, ensure_private_dir, repo_key, write_private_file
 from git_tq.lifecycle import apply_event, now_iso
+from git_tq.localjobs import LedgerEntry, LocalJobs, LocalSpec
 from git_tq.model import Job, State
 from git_tq.procs import ProcessId, kill, terminate
+from git_tq.server import BadRequest, RequestServer, check_request
 from git_tq.store import JobStore, identity_env
 
 log = logging.getLogger("git-tq-daemon")
@@ -45,7 +46,7 @@ PROBE_SECONDS = 0.5
 LAUNCH_PATIENCE = 15.0  # how long a launched supervisor may take to take its lock
 PREPARE_AHEAD = 2  # waiting jobs whose worktrees are checked out before their turn
 # Parallel checkout (one worker per core): 100 ms instead of 150 ms for 100 files here.
-CHECKOUT_OPTIONS = ("-c", "checkout.workers=0")
+CHECKOUT_OPTIONS = ("-c", "checkout.workers=0", *jobtree.NO_HOOKS)
 
 
 
@@ -61,14 +62,26 @@ class RepoState:
     store: JobStore
     config: dict[str, str]
     jobs: list[Job] = field(default_factory=list)
+    entries: dict[int, LedgerEntry] = field(default_factory=dict)  # our jobs (the ledger)
+
+    @property
+    def local(self) -> LocalJobs:
+        assert self.store.local is not None
+        return self.store.local
+
+    def ours(self, job: Job) -> Optional[LedgerEntry]:
+        """The ledger entry of a job this user submitted here and whose record nobody
+        else moved; None for any other record (fetched or tampered)."""
+        entry = self.entries.get(job.id)
+        return entry if entry is not None and entry.trusts(job.tip) else None
 
 
-def open_repo(common: str) -> RepoState:
+def open_repo(common: str, local: LocalJobs) -> RepoState:
     repo = Repo(toplevel=None, git_dir=common, common_dir=common, prefix="",
                 index_path=os.path.join(common, "index"))
     config = repo.config(r"^(tq|user)\.|^core\.hookspath$")
     env = identity_env(config, without_repo_vars(os.environ))
-    return RepoState(repo_key(common), common, repo, JobStore(repo, env), config)
+    return RepoState(repo_key(common), common, repo, JobStore(repo, env, local), config)
 
 
 def advance(rs: RepoState, job: Job, event: str, when: str, **fields: Any) -> Job:
@@ -93,8 +106,9 @@ class Checkout:
 
     proc: subprocess.Popen[bytes]
     rs: RepoState
-    local: Mapping[str, Any]
+    spec: LocalSpec
     linked: bool = False
+    error: Optional[str] = None  # completing the worktree failed: the start will say why
 
 
 class Daemon:
@@ -104,8 +118,8 @@ class Daemon:
         self.server: Optional[socket.socket] = None
         self.stopping = False
         self.dirty = True
-        self.warned: set[tuple[str, int]] = set()
-        self.local_jobs: set[str] = set()  # submission commits known to be ours
+        self.warned: set[tuple[str, str]] = set()  # (repository, tip) already reported
+        self.ledgers: dict[str, LocalJobs] = {}  # per repository, read incrementally
         self.hooks: list[subprocess.Popen[bytes]] = []
         self.last_foreign: dict[int, str] = {}
         self.last_probe: set[tuple[int, int]] = set()
@@ -128,7 +142,8 @@ class Daemon:
             os.close(fd)
             raise AlreadyRunning(f"a git tq daemon already runs for {self.home.path}") from None
         self.lock_fd = fd
-        path = self.home.socket_path()
+        path = self.home.make_socket_path()  # in the home, or a private folder it records
+        self.socket_file = path
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # we hold the lock, so no live daemon listens there
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -138,7 +153,7 @@ class Daemon:
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
-        server.listen(64)
+        server.listen(256)  # room for a burst; RequestServer caps what is held open
         server.setblocking(False)
         self.server = server
         write_private_file(self.home.daemon_info, json.dumps({
@@ -158,7 +173,8 @@ class Daemon:
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         sel = selectors.DefaultSelector()
-        sel.register(self.server, selectors.EVENT_READ, "server")
+        # The socket's connections live in this loop, non-blocking, each with a deadline.
+        requests = RequestServer(self.server, sel, self.handle, client.PROTOCOL)
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         last_scan = 0.0
         last_probe = 0.0
@@ -180,21 +196,26 @@ class Daemon:
                     timeout = min(timeout, PROBE_SECONDS - (time.monotonic() - last_probe))
                 if self.next_deadline is not None:
                     timeout = min(timeout, self.next_deadline - time.time())
-                for key, _ in sel.select(max(timeout, 0.0)):
-                    if key.data == "server":
-                        self.accept()
+                conn_deadline = requests.next_deadline()
+                if conn_deadline is not None:
+                    timeout = min(timeout, conn_deadline - time.monotonic())
+                for key, events in sel.select(max(timeout, 0.0)):
+                    if requests.owns(key):
+                        requests.ready(key, events)  # requests are handled here, on this thread
                     else:
                         with contextlib.suppress(BlockingIOError):
                             while os.read(wake_r, 4096):
                                 pass
                         self.reap()
+                requests.expire()
                 if self.next_deadline is not None and time.time() >= self.next_deadline:
                     self.dirty = True
         finally:
             log.info("daemon stopping; running jobs keep running")
+            requests.close_all()
             self.server.close()
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.home.socket_path())
+                os.unlink(self.socket_file)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.home.daemon_info)
 
@@ -218,40 +239,26 @@ class Daemon:
                 self.finish_checkout(path, checkout)
 
     def finish_checkout(self, path: str, checkout: Checkout) -> None:
-        """Link the ignored paths into a checked-out worktree, once."""
+        """Complete a checked-out worktree (nested repositories, links...), once."""
         if not checkout.linked:
             checkout.linked = True
-            with contextlib.suppress(OSError, TqError):
-                self.link_ignored(checkout.rs, path, checkout.local)
+            try:
+                jobtree.complete(checkout.rs.common, path, checkout.spec, checkout.rs.config)
+            except (OSError, TqError) as exc:
+                checkout.error = str(exc)
 
     # --- the socket -------------------------------------------------------------
 
-    def accept(self) -> None:
-        assert self.server is not None
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except BlockingIOError:
-                return
-            with conn:
-                conn.settimeout(2.0)
-                try:
-                    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                            struct.calcsize("3i"))
-                    _pid, uid, _gid = struct.unpack("3i", creds)
-                    if uid != os.getuid():
-                        conn.sendall(b'{"error": "permission denied"}\n')
-                        continue
-                    reply = self.handle(json.loads(client.read_line(conn) or b"{}"))
-                    conn.sendall(json.dumps(reply).encode() + b"\n")
-                except (OSError, ValueError) as exc:
-                    log.warning("bad request: %s", exc)
+    # Connections, limits, deadlines and the request schema: git_tq/server.py.
 
-    def handle(self, req: Mapping[str, Any]) -> dict[str, Any]:
-        if req.get("v") not in (None, client.PROTOCOL):
-            return {"error": f"the running daemon speaks protocol {client.PROTOCOL}; "
-                             "restart it (git tq stop; git tq start)"}
-        cmd = req.get("cmd")
+    def handle(self, request: object) -> dict[str, Any]:
+        """Answer one request, on the loop's thread. A request that breaks the schema
+        gets an error, never an exception."""
+        try:
+            req = check_request(request, client.PROTOCOL)
+        except BadRequest as exc:
+            return {"error": str(exc)}
+        cmd = req["cmd"]
         if cmd == "ping":
             return {"ok": True, "pid": os.getpid(), "version": __version__}
         if cmd == "nudge":
@@ -263,16 +270,18 @@ class Daemon:
             return {"ok": True}
         if cmd == "status":
             return {"ok": True, "pid": os.getpid(), "version": __version__,
-                    "started": self.started_at, "socket": self.home.socket_path(),
+                    "started": self.started_at, "socket": self.socket_file,
                     "home": self.home.path, "repos": self.home.registered_repos(),
                     "counts": self.counts, "foreign": {str(k): v for k, v in
                                                        self.last_foreign.items()}}
         if cmd == "kill":
             try:
-                done = self.kill_jobs(str(req["repo"]), [int(i) for i in req["jobs"]],
-                                      bool(req.get("now")))
+                done = self.kill_jobs(req["repo"], list(req["jobs"]), req.get("now", False))
             except TqError as exc:
                 return {"error": str(exc)}
+            except Exception as exc:  # the loop must outlive any one request
+                log.exception("kill failed")
+                return {"error": f"kill failed: {exc}"}
             self.dirty = True
             return {"ok": True, "jobs": done}
         return {"error": f"unknown request {cmd!r}"}
@@ -296,13 +305,25 @@ class Daemon:
                 self.home.drop_repo(common)
                 continue
             try:
-                rs = open_repo(common)
-                rs.jobs = rs.store.list_jobs()
+                local = self.ledgers.setdefault(common, LocalJobs(self.home.path, common))
+                rs = open_repo(common, local)
+                listing = rs.store.listing()
+                rs.jobs = listing.jobs
+                rs.entries = local.entries()
             except TqError as exc:
                 log.warning("skipping %s: %s", common, exc)
                 continue
+            for bad in listing.unreadable:
+                self.warn_once(rs, bad.tip, f"refs/tq/jobs/{bad.name} is unreadable "
+                                            f"({bad.reason}); ignored")
             repos.append(rs)
         return repos
+
+    def warn_once(self, rs: RepoState, tip: str, message: str) -> None:
+        """Log a problem with a record once per record (tip), not every cycle."""
+        if (rs.key, tip) not in self.warned:
+            self.warned.add((rs.key, tip))
+            log.warning("%s: %s", rs.common, message)
 
     def cycle(self) -> None:
         repos = self.load()
@@ -313,6 +334,14 @@ class Daemon:
         for rs in repos:
             for job in rs.jobs:
                 key = (rs.key, job.id)
+                if rs.ours(job) is None:
+                    # Fetched or tampered: never run, written or hooked. A run of ours
+                    # that is still alive keeps its GPUs, and is never a victim.
+                    self.report_foreign_record(rs, job)
+                    held = self.live_run_gpus(rs, job.id)
+                    if held is not None:
+                        holding.append(scheduler.Holding(key, -(10**9), held, True))
+                    continue
                 if job.state in (State.RUNNING, State.STOPPING):
                     job = self.reconcile(rs, job)  # may record an ending
                 if job.state in (State.RUNNING, State.STOPPING):
@@ -320,7 +349,7 @@ class Daemon:
                                                      job.assigned_gpus or (),
                                                      job.state is State.STOPPING))
                     jobs[key] = (rs, job)
-                elif job.state is State.PENDING and self.is_local(rs, job):
+                elif job.state is State.PENDING:
                     waiting.append(scheduler.Waiting(key, job.spec.priority,
                                                      job.spec.submitted_at, job.spec.gpus))
                     jobs[key] = (rs, job)
@@ -348,6 +377,9 @@ class Daemon:
         cleanup, self.cleanup = self.cleanup, []
         for rs, job_id in cleanup:
             self.remove_worktree(rs, job_id)
+        for rs in repos:
+            with contextlib.suppress(OSError):
+                rs.local.compact_if_sparse()
         started = {s.key for s in plan.starts}
         for w in scheduler.queue_order(waiting)[:PREPARE_AHEAD]:
             if w.key not in started:
@@ -361,19 +393,26 @@ class Daemon:
             return gpus.machine_gpus({"tq.gpus": declared})
         return gpus.machine_gpus({})
 
-    def is_local(self, rs: RepoState, job: Job) -> bool:
-        """Only jobs this user submitted on this machine run (a fetched ref has no
-        local record). A positive answer is remembered: records are never moved."""
-        if job.snapshot in self.local_jobs:
-            return True
-        if os.path.exists(self.home.job_file(rs.common, job.snapshot)):
-            self.local_jobs.add(job.snapshot)
-            return True
-        if (rs.key, job.id) not in self.warned:
-            self.warned.add((rs.key, job.id))
-            log.warning("job %d in %s was not submitted here by this user (fetched or "
-                        "pushed?); it will not run", job.id, rs.common)
-        return False
+    def report_foreign_record(self, rs: RepoState, job: Job) -> None:
+        if job.id in rs.entries:
+            self.warn_once(rs, job.tip, f"job {job.id}'s record was moved by someone else "
+                                        "(a fetch or a hand edit): it is tampered and is "
+                                        "neither run nor written; see git tq doctor")
+        elif job.state.active:
+            self.warn_once(rs, job.tip, f"job {job.id} was not submitted here by this user "
+                                        "(fetched or pushed?); it will not run")
+
+    def live_run_gpus(self, rs: RepoState, job_id: int) -> Optional[tuple[int, ...]]:
+        """The GPUs of a run of ours whose supervisor still lives, from its launch file
+        (not from the record, which may be anyone's); None when no run is alive."""
+        rf = RunFiles(self.home, rs.key, job_id)
+        if not self.supervisor_alive(rf):
+            return None
+        launch = rf.read(rf.launch) or {}
+        gpus_held = launch.get("gpus")
+        if isinstance(gpus_held, list) and all(isinstance(g, int) for g in gpus_held):
+            return tuple(gpus_held)
+        return ()
 
     def announce(self, rs: RepoState, job: Job) -> None:
         """Run the tq-submit hook once per new job (a marker in its run files says so)."""
@@ -488,12 +527,16 @@ class Daemon:
         when = now_iso()
         try:
             new = advance(rs, job, event, when, **fields)
-        except (InvalidTransition, RefRace) as exc:
+        except (InvalidTransition, RefRace, NotOurs) as exc:
             log.warning("job %d: could not record %s: %s", job.id, event, exc)
             return job
         log.info("job %d in %s: %s -> %s", job.id, rs.common, event, new.state.value)
         rf.clear()
         if new.state.finished:
+            # Its environment (secrets included) is kept only while a resume may need it.
+            entry = rs.entries.get(job.id) or rs.local.entry(job.id)
+            if entry is not None:
+                rs.local.drop_spec(entry.submission)
             keep = new.state is State.FAILED and \
                 rs.config.get("tq.keepworktrees", "false").lower() in ("true", "yes", "1")
             if not keep:
@@ -537,7 +580,7 @@ class Daemon:
         if job.state is State.RUNNING:
             try:
                 advance(rs, job, "stopping", now_iso(), detail=reason)
-            except (InvalidTransition, RefRace) as exc:
+            except (InvalidTransition, RefRace, NotOurs) as exc:
                 log.warning("job %d: %s", job.id, exc)
         ident = rf.read(rf.ident)
         stop = rf.read(rf.stop)
@@ -546,10 +589,15 @@ class Daemon:
         log.info("job %d in %s: stopping (%s)", job.id, rs.common, reason)
 
     def kill_jobs(self, common: str, ids: list[int], now: bool) -> list[int]:
-        rs = open_repo(common)
+        if os.path.realpath(common) not in map(os.path.realpath, self.home.registered_repos()):
+            raise TqError(f"{common} has no jobs of this daemon")
+        local = self.ledgers.setdefault(common, LocalJobs(self.home.path, common))
+        rs = open_repo(common, local)
+        rs.entries = local.entries()
         done = []
         for job_id in ids:
             job = rs.store.load(job_id)
+            rs.store.require_ours(job, "killed")
             if job.state not in (State.RUNNING, State.STOPPING):
                 raise TqError(f"job {job_id} is {job.state.value}, not running")
         for job_id in ids:
@@ -573,23 +621,31 @@ class Daemon:
     # --- starting a job ---------------------------------------------------------------
 
     def start(self, rs: RepoState, job: Job, assigned: tuple[int, ...]) -> None:
-        local = self.home.load_local_job(rs.common, job.snapshot) or {}
+        """Run one of our pending jobs: what runs (command, cwd, environment, code) comes
+        from the private record named by the ledger, never from the job's record."""
+        entry = rs.ours(job)
+        if entry is None:
+            return
+        spec = rs.local.load_spec(entry.submission)
         event = "resumed" if job.attempt > 0 else "started"
         try:
             job = advance(rs, job, event, now_iso(), assigned_gpus=assigned)
-        except (InvalidTransition, RefRace) as exc:
+        except (InvalidTransition, RefRace, NotOurs) as exc:
             log.info("job %d not started: %s", job.id, exc)
             return
         rf = RunFiles(self.home, rs.key, job.id)
         logfile = rs.store.log_path(job)
         try:
-            worktree = self.ensure_worktree(rs, job, local)
-            env = self.job_env(rs, job, local, assigned, logfile, worktree)
-            argv = ["/bin/sh", "-c", job.spec.command[0]] if job.spec.shell \
-                else list(job.spec.command)
-            cwd = os.path.join(worktree, job.spec.cwd) if job.spec.cwd else worktree
+            if spec is None:
+                raise TqError("its private record in the tq home is missing (submitted by an "
+                              "older git tq, or deleted); requeue it")
+            worktree = self.ensure_worktree(rs, job, entry.submission, spec)
+            env = self.job_env(job, spec, assigned, logfile, worktree)
+            argv = ["/bin/sh", "-c", spec.command[0]] if spec.shell else list(spec.command)
+            cwd = safe_join(worktree, spec.cwd)
             rf.clear()
             launch = {
+                "gpus": list(assigned),
                 "job_id": job.id, "attempt": job.attempt, "argv": argv, "cwd": cwd, "env": env,
                 "log": logfile, "banner": banner(job, rs, worktree, assigned),
                 "lock": rf.lock, "ident": rf.ident, "exit": rf.exit,
@@ -599,8 +655,10 @@ class Daemon:
             self.supervisors.add(fork_supervisor(launch))
         except (TqError, OSError) as exc:
             reason = f"could not start: {exc}"
-            os.makedirs(os.path.dirname(logfile), exist_ok=True)
-            with open(logfile, "a", encoding="utf-8") as fh:
+            from git_tq.home import ensure_log_folder, open_private
+
+            ensure_log_folder(logfile)  # 0600 in 0700 folders, as the supervisor's
+            with open(open_private(logfile), "a", encoding="utf-8") as fh:
                 fh.write(banner(job, rs, "", assigned) + f"\n[git tq] {reason}\n")
             self.record(rs, job, "start-failed", rf, detail=reason)
             return
@@ -611,22 +669,30 @@ class Daemon:
         """Begin checking out a waiting job's worktree in the background (a `git worktree
         add` process the loop does not wait for), so the daemon stays responsive."""
         path = self.home.worktree_dir(rs.key, job.id)
-        if path in self.preparing or (os.path.isdir(path) and os.listdir(path)):
+        entry = rs.ours(job)
+        if entry is None or path in self.preparing or (os.path.isdir(path) and os.listdir(path)):
+            return
+        spec = rs.local.load_spec(entry.submission)
+        if spec is None:
             return
         ensure_private_dir(os.path.dirname(path))
         proc = subprocess.Popen(
             ["git", *CHECKOUT_OPTIONS, "--git-dir", rs.common, "worktree", "add", "--detach",
-             "-f", path, job.snapshot], cwd=rs.common, env=without_repo_vars(os.environ),
+             "-f", "--", path, entry.submission], cwd=rs.common,
+            env=without_repo_vars(os.environ),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.preparing[path] = Checkout(proc, rs, self.home.load_local_job(
-            rs.common, job.snapshot) or {})
+        self.preparing[path] = Checkout(proc, rs, spec)
 
-    def ensure_worktree(self, rs: RepoState, job: Job, local: Mapping[str, Any]) -> str:
+    def ensure_worktree(self, rs: RepoState, job: Job, submission: str,
+                        spec: LocalSpec) -> str:
+        """The job's worktree: a checkout of our own submission commit."""
         path = self.home.worktree_dir(rs.key, job.id)
         early = self.preparing.pop(path, None)
         if early is not None:
             if early.proc.wait() == 0:
                 self.finish_checkout(path, early)
+                if early.error:
+                    raise TqError(f"preparing the worktree failed: {early.error}")
                 return path
             shutil.rmtree(path, ignore_errors=True)  # a failed checkout: try again below
             run_git(["--git-dir", rs.common, "worktree", "prune"], rs.common, check=False)
@@ -634,58 +700,42 @@ class Daemon:
             return path  # a resumed job: same worktree, checkpoints and all
         ensure_private_dir(os.path.dirname(path))
         p = run_git([*CHECKOUT_OPTIONS, "--git-dir", rs.common, "worktree", "add", "--detach",
-                     "-f", path, job.snapshot], rs.common, env=without_repo_vars(os.environ),
-                    check=False)
+                     "-f", "--", path, submission], rs.common,
+                    env=without_repo_vars(os.environ), check=False)
         if p.returncode != 0:
             raise TqError("git worktree add failed: "
                           + p.stderr.decode(errors="replace").strip().splitlines()[-1])
-        self.link_ignored(rs, path, local)
+        jobtree.complete(rs.common, path, spec, rs.config)
         return path
 
-    def link_ignored(self, rs: RepoState, path: str, local: Mapping[str, Any]) -> None:
-        """Symlink the source tree's top-level ignored entries (data, checkpoints,
-        .env) and every `tq.link` path into the job's worktree."""
-        source = local.get("worktree")
-        if not source or not os.path.isdir(source):
-            return
-        names: list[str] = []
-        if rs.config.get("tq.linkignored", "true").lower() not in ("false", "no", "0"):
-            p = run_git(["ls-files", "--others", "--ignored", "--exclude-standard",
-                         "--directory", "--no-empty-directory"], source,
-                        env=without_repo_vars(os.environ), check=False)
-            for line in p.stdout.decode(errors="replace").splitlines():
-                top = line.rstrip("/")
-                if top and "/" not in top:
-                    names.append(top)
-        p = run_git(["config", "--get-all", "tq.link"], source, check=False)
-        names += [n.strip().strip("/") for n in p.stdout.decode().splitlines() if n.strip()]
-        for name in names:
-            src, dst = os.path.join(source, name), os.path.join(path, name)
-            if os.path.realpath(src).startswith(os.path.realpath(source) + os.sep) and \
-                    os.path.lexists(src) and not os.path.lexists(dst):
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                os.symlink(src, dst)
-
     def remove_worktree(self, rs: RepoState, job_id: int) -> None:
-        path = self.home.worktree_dir(rs.key, job_id)
-        if os.path.exists(path):
-            run_git(["--git-dir", rs.common, "worktree", "remove", "--force", path], rs.common,
-                    env=without_repo_vars(os.environ), check=False)
+        from git_tq.gitrepo import remove_worktree
 
-    def job_env(self, rs: RepoState, job: Job, local: Mapping[str, Any],
-                assigned: tuple[int, ...], logfile: str, worktree: str) -> dict[str, str]:
+        path = self.home.worktree_dir(rs.key, job_id)
+        if os.path.lexists(path):
+            # Never `git worktree remove` a path the job may have replaced by a symlink:
+            # only the registered real directory goes; a link is only unlinked.
+            outcome = remove_worktree(rs.common, path)
+            if outcome != "removed":
+                log.warning("job %d's worktree %s was not a registered worktree; %s", job_id,
+                            path, "only the link was removed" if outcome == "unlinked"
+                            else "it was left alone")
+
+    def job_env(self, job: Job, spec: LocalSpec, assigned: tuple[int, ...], logfile: str,
+                worktree: str) -> dict[str, str]:
         from git_tq import envs
 
-        env = without_repo_vars(local.get("env") or os.environ)
-        if job.spec.env:
-            env = envs.activate(job.spec.env, env)
+        env = without_repo_vars(spec.environ)
+        if spec.env_name:
+            env = envs.activate(spec.env_name, env)
         env.update({
             "CUDA_VISIBLE_DEVICES": ",".join(map(str, assigned)),
             "TQ_JOB_ID": str(job.id), "TQ_ATTEMPT": str(job.attempt),
             "TQ_RESUMED": "1" if job.attempt > 1 else "0", "TQ_LOG": logfile,
-            "TQ_SOURCE_DIR": str(local.get("worktree", "")), "TQ_WORKTREE": worktree,
+            "TQ_SOURCE_DIR": spec.source_dir, "TQ_WORKTREE": worktree,
             "TQ_PRIORITY": str(job.spec.priority), "TQ_TAG": job.spec.tag or "",
         })
+        env.update(jobtree.job_git_config(worktree, env))
         return env
 
     # --- hooks ---------------------------------------------------------------------
@@ -709,6 +759,22 @@ class Daemon:
                                                start_new_session=True, cwd=rs.common))
         except OSError as exc:
             log.warning("hook %s failed to start: %s", path, exc)
+
+
+def safe_join(worktree: str, cwd: str) -> str:
+    """The job's working directory: `cwd` (relative, checked) inside its worktree, and
+    never outside it, even through a symlink in the snapshot."""
+    from git_tq.recordfmt import RecordFormatError, relative_path
+
+    try:
+        rel = relative_path(cwd)
+    except RecordFormatError:
+        raise TqError(f"bad working directory {cwd!r}") from None
+    path = os.path.join(worktree, rel) if rel else worktree
+    real_root = os.path.realpath(worktree)
+    if os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
+        raise TqError(f"the working directory {cwd!r} leaves the job's worktree")
+    return path
 
 
 def fork_supervisor(launch: Mapping[str, Any]) -> int:
@@ -780,10 +846,27 @@ def main() -> None:
     run_foreground(home)
 
 
+class SafeFormatter(logging.Formatter):
+    """Log lines quote record text (paths, ids, reasons): control characters are shown
+    as escapes, since `daemon --foreground` may log to a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from git_tq.safetext import visible
+
+        return visible(super().format(record), newlines=True)
+
+
 def run_foreground(home: Home) -> None:
+    # A daemon started from a shell with GIT_DIR (or GIT_CONFIG_*, ...) set would point
+    # every git process of every repository at that one: start from a clean slate.
+    from git_tq.gitrepo import clean_git_env
+
+    for name in set(os.environ) - set(clean_git_env(os.environ)):
+        del os.environ[name]
     level = logging.DEBUG if os.environ.get("TQ_DEBUG") else logging.INFO
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     daemon = Daemon(home)
     try:
         daemon.serve()

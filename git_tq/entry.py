@@ -11,7 +11,19 @@ import sys
 
 
 def main() -> None:
-    args = sys.argv[1:]
+    try:
+        _main(sys.argv[1:])
+    except KeyboardInterrupt:
+        # Ctrl-C while Python is still importing: one line, not a traceback. (A head
+        # start's thread is joined at exit and removes its temporary index itself.)
+        from git_tq import snapshot
+
+        snapshot.abandon()
+        sys.stderr.write("git tq: interrupted\n")
+        sys.exit(130)
+
+
+def _main(args: list[str]) -> None:
     if not args and sys.stdin.isatty() and sys.stdout.isatty():
         from git_tq import console
 

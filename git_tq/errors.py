@@ -51,3 +51,11 @@ class BadSpec(TqError):
 
 class DirtyWorkTree(TqError):
     """An action would overwrite uncommitted changes."""
+
+
+class NotOurs(TqError):
+    """A write to a job record that this user did not write here (fetched or tampered)."""
+
+
+class UnreadableRecord(TqError):
+    """A job ref whose record is not a valid job record."""

@@ -10,8 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+from git_tq.errors import TqError
+
+if TYPE_CHECKING:
+    import socket
 
 
 def default_home(config: Mapping[str, str], environ: Mapping[str, str]) -> str:
@@ -42,13 +48,19 @@ def repo_key(common_dir: str) -> str:
 
 
 def ensure_private_dir(path: str) -> str:
-    """Create `path` and any missing parents, each 0700 (makedirs gives parents 0777)."""
+    """Create `path` and any missing parents, each 0700 (makedirs gives parents 0777);
+    an existing `path` of ours that others may read is tightened to 0700."""
     if not os.path.isdir(path):
         parent = os.path.dirname(path)
         if parent and parent != path:
             ensure_private_dir(parent)
         with contextlib.suppress(FileExistsError):
             os.mkdir(path, 0o700)
+    else:
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if st.st_uid == os.getuid() and st.st_mode & 0o077 and not os.path.islink(path):
+                os.chmod(path, 0o700)
     return path
 
 
@@ -79,6 +91,124 @@ def create_temp_beside(path: str, mode: int = 0o600) -> tuple[int, str]:
             continue
 
 
+def open_private(path: str) -> int:
+    """Open `path` for appending, created 0600 whatever the umask; an existing file is
+    tightened to 0600 (it may hold secrets: logs, tracebacks, history). A descriptor."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o7077 and st.st_uid == os.getuid():
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def ensure_private_tree(top: str, path: str) -> str:
+    """Make `path` a folder private to the user, as every folder from `top` down to it:
+    missing ones are created 0700 whatever the umask, existing ones tightened to 0700.
+
+    `top`'s parent must exist; `path` must be `top` or inside it. Folders above `top`
+    are not touched (`top` is e.g. `<git common dir>/tq`).
+    """
+    top = os.path.normpath(top)
+    path = os.path.normpath(path)
+    rel = os.path.relpath(path, top)
+    parts = [] if rel == "." else rel.split(os.sep)
+    if parts[:1] == [".."]:
+        raise ValueError(f"{path} is not inside {top}")
+    folder = top
+    for part in [None, *parts]:
+        if part is not None:
+            folder = os.path.join(folder, part)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, 0o700)
+        st = os.stat(folder)
+        if st.st_mode & 0o077 and st.st_uid == os.getuid():
+            os.chmod(folder, st.st_mode & 0o7700)
+    return path
+
+
+def log_root_of(log_path: str) -> Optional[str]:
+    """The `<git dir>/tq/logs` folder that holds a log file (in any sub-folder), or
+    None when the path is not a job log's."""
+    folder = os.path.dirname(os.path.abspath(log_path))
+    while True:
+        parent = os.path.dirname(folder)
+        if os.path.basename(folder) == "logs" and os.path.basename(parent) == "tq" and \
+                os.path.exists(os.path.join(os.path.dirname(parent), "HEAD")):
+            return folder
+        if parent == folder:
+            return None
+        folder = parent
+
+
+def ensure_log_folder(log_path: str) -> None:
+    """Create the folder of a job's log, private: 0700 from `<git dir>/tq` down."""
+    folder = os.path.dirname(os.path.abspath(log_path))
+    root = log_root_of(log_path)
+    if root is None:
+        ensure_private_dir(folder)
+    else:
+        ensure_private_tree(os.path.dirname(root), folder)
+
+
+MAX_SOCKET_PATH = 100  # bytes; a unix socket's path must fit in 108
+
+
+def socket_path_fits(path: str) -> bool:
+    return len(path.encode()) <= MAX_SOCKET_PATH
+
+
+def private_dir_ok(path: str, exact: bool = False) -> bool:
+    """Whether `path` is a real folder (not a symlink) owned by this user and closed to
+    everyone else (mode & 0o077 == 0; `exact`: mode 0700)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    mode = stat.S_IMODE(st.st_mode)
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and \
+        (mode == 0o700 if exact else not mode & 0o077)
+
+
+def peer_uid(conn: socket.socket) -> int:
+    """The uid of the process at the other end of a connected unix socket."""
+    import socket
+    import struct
+
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+def connect_private(path: str, timeout: float) -> socket.socket:
+    """Connect to the unix socket at `path` and make sure this user serves it
+    (SO_PEERCRED), before anything is sent or believed. TqError if another uid does."""
+    import socket
+    import time
+
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                conn.connect(path)
+                break
+            except BlockingIOError:  # its listen queue is full (a flood): wait for room
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.005)
+        uid = peer_uid(conn)
+        if uid != os.getuid():
+            raise TqError(f"the socket {path} is served by uid {uid}, not by you; refusing")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 class Home:
     """Paths and local records inside one tq home."""
 
@@ -104,29 +234,6 @@ class Home:
                 entries.append((os.stat(path).st_mtime, fh.read().strip()))
         return [p for _, p in sorted(entries)]
 
-    def job_file(self, common_dir: str, snapshot: str) -> str:
-        return os.path.join(self.path, "jobs", repo_key(common_dir), f"{snapshot}.json")
-
-    def save_local_job(self, common_dir: str, snapshot: str, data: Mapping[str, Any]) -> str:
-        """Record that this user submitted `snapshot` here, with its environment (0600)."""
-        path = self.job_file(common_dir, snapshot)
-        ensure_private_dir(os.path.dirname(path))
-        write_private_file(path, json.dumps(dict(data)).encode())
-        return path
-
-    def load_local_job(self, common_dir: str, snapshot: str) -> Optional[dict[str, Any]]:
-        """The local record of a job, or None if it was not submitted here by this user."""
-        try:
-            with open(self.job_file(common_dir, snapshot), encoding="utf-8") as fh:
-                data: dict[str, Any] = json.load(fh)
-                return data
-        except FileNotFoundError:
-            return None
-
-    def drop_local_job(self, common_dir: str, snapshot: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.job_file(common_dir, snapshot))
-
     def drop_repo(self, common_dir: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.path, "repos", repo_key(common_dir)))
@@ -143,21 +250,82 @@ class Home:
     def daemon_log(self) -> str:
         return os.path.join(self.path, "daemon.log")
 
-    def socket_path(self) -> str:
-        """The daemon's socket: in the (0700) home, or a private /tmp folder when the
-        home's path is too long for a unix socket (108 bytes)."""
+    @property
+    def socket_dir_record(self) -> str:
+        """Where the daemon records the folder of its socket when the home's path is too
+        long for one (clients read it; nothing guesses a fixed name in /tmp)."""
+        return os.path.join(self.path, "socket-dir")
+
+    def _socket_in_home(self) -> Optional[str]:
         path = os.path.join(self.path, "daemon.sock")
-        if len(path.encode()) <= 100:
-            return path
+        return path if socket_path_fits(path) else None
+
+    def _socket_name(self) -> str:
         import hashlib
 
-        folder = os.path.join("/tmp", f"git-tq-{os.getuid()}")
-        ensure_private_dir(folder)
-        st = os.stat(folder)
-        if st.st_uid != os.getuid() or st.st_mode & 0o077:
-            raise PermissionError(f"{folder} is not private to this user; remove it")
         digest = hashlib.sha1(os.path.realpath(self.path).encode()).hexdigest()[:16]
-        return os.path.join(folder, f"{digest}.sock")
+        return f"git-tq-{digest}.sock"  # $XDG_RUNTIME_DIR may serve several homes
+
+    def _recorded_socket_dir(self) -> Optional[str]:
+        try:
+            with open(self.socket_dir_record, encoding="utf-8") as fh:
+                folder = fh.read().strip()
+        except FileNotFoundError:
+            return None
+        return folder if os.path.isabs(folder) else None
+
+    def socket_path(self) -> str:
+        """Where a client finds the daemon's socket; resolves only, creates nothing.
+
+        `<home>/daemon.sock` (0600 in the 0700 home) when short enough for a unix
+        socket; otherwise in the folder the daemon recorded in `socket-dir`, which must
+        be a real folder (no symlink) of this user closed to others. FileNotFoundError
+        when there is none (no daemon); PermissionError when it is not private.
+        """
+        path = self._socket_in_home()
+        if path is not None:
+            return path
+        folder = self._recorded_socket_dir()
+        if folder is None:
+            raise FileNotFoundError(f"no daemon socket recorded in {self.socket_dir_record}")
+        if not private_dir_ok(folder):
+            if not os.path.lexists(folder):
+                raise FileNotFoundError(f"the daemon's socket folder {folder} is gone")
+            raise PermissionError(f"the daemon's socket folder {folder} is not a private "
+                                  "folder of this user; refusing it")
+        return os.path.join(folder, self._socket_name())
+
+    def make_socket_path(self) -> str:
+        """For the daemon, under its lock, before it binds: choose its socket's path,
+        creating and recording a private folder for it when the home's path is too long.
+
+        The folder is $XDG_RUNTIME_DIR when it is a real 0700 folder of this user, else
+        the recorded folder when it is still private and ours, else a fresh one from
+        `tempfile.mkdtemp` (0700). Never a fixed name in /tmp that another user could
+        take first.
+        """
+        path = self._socket_in_home()
+        if path is not None:
+            return path
+        name = self._socket_name()
+        candidates = []
+        runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+        if os.path.isabs(runtime) and private_dir_ok(runtime, exact=True):
+            candidates.append(runtime)
+        recorded = self._recorded_socket_dir()
+        if recorded is not None and private_dir_ok(recorded):
+            candidates.append(recorded)
+        folder = next((c for c in candidates if socket_path_fits(os.path.join(c, name))), None)
+        if folder is None:
+            import tempfile
+
+            folder = tempfile.mkdtemp(prefix="git-tq-")
+            if not socket_path_fits(os.path.join(folder, name)):  # a long $TMPDIR
+                os.rmdir(folder)
+                folder = tempfile.mkdtemp(prefix="git-tq-", dir="/tmp")
+        if folder != recorded:
+            write_private_file(self.socket_dir_record, folder.encode() + b"\n")
+        return os.path.join(folder, name)
 
     def worktree_dir(self, key: str, job_id: int) -> str:
         return os.path.join(self.path, "worktrees", key, str(job_id))

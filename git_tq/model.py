@@ -13,6 +13,10 @@ from typing import Any, Optional
 DEFAULT_PRIORITY = 100
 DEFAULT_GRACE = 180
 
+# Every lifecycle event a record can name (lifecycle.EVENTS, plus the submission).
+EVENT_NAMES = frozenset({"submitted", "started", "resumed", "stopping", "preempted",
+                         "finished", "start-failed", "cancelled"})
+
 
 class State(str, enum.Enum):
     PENDING = "pending"

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Optional
 
+from git_tq.safetext import json_safe, visible
+
 STATE_STYLES = {
     "pending": "yellow",
     "running": "bold green",
@@ -27,13 +29,17 @@ def is_tty() -> bool:
 
 
 def print_json(data: Any) -> None:
-    """Indented on a terminal; compact otherwise (the C encoder: 10,000 jobs in ~0.1 s)."""
+    """Indented on a terminal; compact otherwise (the C encoder: 10,000 jobs in ~0.1 s).
+
+    Non-ASCII text stays readable, but C1 and bidi controls are \\u escapes: JSON
+    with every string intact that a terminal cannot act on."""
     indent = 2 if is_tty() else None
-    sys.stdout.write(json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
+    sys.stdout.write(json_safe(json.dumps(data, indent=indent, ensure_ascii=False)) + "\n")
 
 
 def echo(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
+    """Print a line (or several), control characters shown as escapes (safetext)."""
+    sys.stdout.write(visible(text, newlines=True) + "\n")
 
 
 def parse_time(stamp: Optional[str]) -> Optional[dt.datetime]:
@@ -72,7 +78,12 @@ def shorten(text: str, width: int) -> str:
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
                 styles: Optional[Sequence[Optional[str]]] = None,
                 title: Optional[str] = None) -> None:
-    """A table: rich on a terminal (colour unless NO_COLOR), aligned plain text otherwise."""
+    """A table: rich on a terminal (colour unless NO_COLOR), aligned plain text otherwise.
+
+    Every cell is shown with its control characters as escapes (safetext.visible)."""
+    rows = [[visible(c) for c in row] for row in rows]
+    headers = [visible(h) for h in headers]
+    title = visible(title) if title is not None else None
     if is_tty():
         from rich.console import Console
         from rich.table import Table
@@ -103,6 +114,9 @@ def styled(text: str, style: str) -> str:
 
 
 def print_markup(text: str) -> None:
+    """Print rich markup on a terminal, the text off it; either way control characters
+    are shown as escapes (user fields must also go through `esc`)."""
+    text = visible(text, newlines=True)
     if is_tty():
         from rich.console import Console
 
@@ -113,7 +127,9 @@ def print_markup(text: str) -> None:
 
 
 def esc(text: str) -> str:
-    """Escape user text for rich markup (on a terminal only; off it nothing is parsed)."""
+    """User text made safe: control characters (newlines too) shown as escapes, and
+    escaped for rich markup on a terminal (off it nothing is parsed)."""
+    text = visible(text)
     if not is_tty():
         return text
     from rich.markup import escape

@@ -21,12 +21,13 @@ when a field changes meaning.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import json
 import re
 from typing import Optional
 
-from git_tq.model import ChangeSummary, GpuRequest, Job, JobSpec, State
+from git_tq.model import EVENT_NAMES, ChangeSummary, GpuRequest, Job, JobSpec, State
 
 FORMAT_VERSION = 1
 SUBJECT_WIDTH = 72
@@ -50,7 +51,7 @@ def encode(job: Job) -> str:
         ("Job", str(job.id)),
         ("Event", job.event),
         ("State", job.state.value),
-        ("Detail", job.detail),
+        ("Detail", None if job.detail is None else " ".join(job.detail.split())),
         ("Command", json.dumps(list(s.command))),
         ("Shell", "yes" if s.shell else None),
         ("Priority", str(s.priority)),
@@ -93,70 +94,190 @@ def parse_fields(message: str) -> dict[str, str]:
     return dict(_FIELD.findall(message))
 
 
+# Every field is parsed into a typed value before use: a record can come from
+# anyone (a fetch), so nothing in it is trusted to be well-formed.
+_ID = re.compile(r"[1-9][0-9]{0,17}\Z")
+_INT = re.compile(r"-?[0-9]{1,18}\Z")
+_HEX = re.compile(r"[0-9a-f]+\Z")
+_STAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?"
+                    r"[+-][0-9]{2}:[0-9]{2}\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_BAD_TAG = re.compile(r"[\x00-\x20/\\\x7f-\x9f]")
+_CHANGES = re.compile(r"M=([0-9]{1,9}) A=([0-9]{1,9}) D=([0-9]{1,9})\Z")
+_GPUS = re.compile(r"(?:cpu|any:[0-9]{1,3}|[0-9]{1,3}(?:,[0-9]{1,3}){0,63})\Z")
+_GPU_IDS = re.compile(r"[0-9]{1,3}(?:,[0-9]{1,3}){0,63}\Z")
+_STATES = {s.value: s for s in State}
+MAX_FIELD = 64 * 1024
+
+
+def canonical_id(text: str) -> int:
+    """A job id as written in ref names and records: a positive integer, no padding."""
+    if not _ID.match(text):
+        raise RecordFormatError(f"job id {text[:20]!r} is not a canonical number")
+    return int(text)
+
+
+def _int(text: str, name: str, low: int, high: int) -> int:
+    if not _INT.match(text) or not low <= int(text) <= high:
+        raise RecordFormatError(f"Tq-{name} {text[:20]!r} is not a number in {low}..{high}")
+    return int(text)
+
+
+def _oid(text: str, name: str, length: int) -> str:
+    if len(text) != length or not _HEX.match(text):
+        raise RecordFormatError(f"Tq-{name} is not an object id of this repository")
+    return text
+
+
+def _stamp(text: str, name: str) -> str:
+    if not _STAMP.match(text):
+        raise RecordFormatError(f"Tq-{name} {text[:40]!r} is not a time stamp with an offset")
+    try:
+        dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise RecordFormatError(f"Tq-{name} {text[:40]!r} is not a valid time") from None
+    return text
+
+
+def _text(text: str, name: str, limit: int = 4096) -> str:
+    if len(text) > limit or _CONTROL.search(text):
+        raise RecordFormatError(f"Tq-{name} holds control characters or is too long")
+    return text
+
+
+def relative_path(text: str, name: str = "Cwd") -> str:
+    """A path inside the repository: relative, normalised, no `..`, no `.git`."""
+    if text in ("", "."):
+        return ""
+    parts = text.split("/")
+    if text.startswith("/") or _CONTROL.search(text) or len(text) > 4096 or \
+            any(p in ("", ".", "..") or p.lower() == ".git" for p in parts):
+        raise RecordFormatError(f"Tq-{name} {text[:40]!r} is not a normalised relative path")
+    return text
+
+
+def _command(text: str, shell: bool) -> tuple[str, ...]:
+    try:
+        words = json.loads(text)
+    except (ValueError, RecursionError):
+        raise RecordFormatError("Tq-Command is not a JSON list of strings") from None
+    if not isinstance(words, list) or not words or \
+            not all(isinstance(w, str) and "\0" not in w for w in words) or not words[0]:
+        raise RecordFormatError("Tq-Command is not a non-empty JSON list of strings")
+    if shell and len(words) != 1:
+        raise RecordFormatError("Tq-Command of a shell job must be one string")
+    return tuple(words)
+
+
 @functools.lru_cache(maxsize=256)
 def _gpus(text: str) -> GpuRequest:
+    if not _GPUS.match(text):
+        raise RecordFormatError(f"Tq-Gpus {text[:20]!r} is not cpu, any:N or GPU ids")
     return GpuRequest.decode(text)
 
 
 @functools.lru_cache(maxsize=256)
 def _changes(text: str) -> ChangeSummary:
-    return ChangeSummary.decode(text)
+    m = _CHANGES.match(text)
+    if not m:
+        raise RecordFormatError(f"Tq-Changes {text[:30]!r} is not M=n A=n D=n")
+    return ChangeSummary(int(m.group(1)), int(m.group(2)), int(m.group(3)))
 
 
-_STATES = {s.value: s for s in State}
+def _gpu_ids(text: str) -> tuple[int, ...]:
+    if not _GPU_IDS.match(text):
+        raise RecordFormatError(f"Tq-Assigned-Gpus {text[:20]!r} is not a list of GPU ids")
+    return tuple(int(x) for x in text.split(","))
 
 
-def _int_or_none(text: Optional[str]) -> Optional[int]:
-    return None if text is None else int(text)
+def _tag(text: Optional[str]) -> Optional[str]:
+    if text is None:
+        return None
+    if not text or len(text) > 64 or _BAD_TAG.search(text) or text.startswith((".", "-")):
+        raise RecordFormatError(f"Tq-Tag {text[:20]!r} is not a valid tag")
+    return text
+
+
+def _env_name(text: Optional[str]) -> Optional[str]:
+    if text is None:
+        return None
+    if not text or len(text) > 4096 or _CONTROL.search(text) or text.startswith("-"):
+        raise RecordFormatError("Tq-Env is not a conda env name or a path")
+    return text
 
 
 def decode(message: str, tip: str) -> Job:
-    """The job recorded in commit `tip` whose message is `message`.
+    """The job recorded in commit `tip` (an object id from git) whose message is `message`.
 
-    Listing 10,000 jobs calls this 10,000 times, so it avoids repeated work
-    (value objects that repeat, like GPU requests, are shared).
+    Raises RecordFormatError, and nothing else, for anything that is not a
+    well-formed record. Listing 10,000 jobs calls this 10,000 times, so it
+    avoids repeated work (value objects that repeat, like GPU requests, are shared).
     """
-    f = parse_fields(message)
-    get = f.get
     try:
-        if int(f["Format"]) > FORMAT_VERSION:
-            raise RecordFormatError(
-                f"job record format {f['Format']} is newer than this git tq understands; upgrade"
-            )
-        cwd = get("Cwd", ".")
-        spec = JobSpec(
-            command=tuple(json.loads(f["Command"])),
-            shell=get("Shell") == "yes",
-            priority=int(f["Priority"]),
-            grace=int(f["Grace"]),
-            tag=get("Tag"),
-            env=get("Env"),
-            gpus=_gpus(f["Gpus"]),
-            cwd="" if cwd == "." else cwd,
-            submitted_at=f["Submitted-At"],
-            user=get("User", ""),
-            host=get("Host", ""),
-        )
-        source = get("Source", "none")
-        assigned = get("Assigned-Gpus")
-        return Job(
-            id=int(f["Job"]),
-            spec=spec,
-            state=_STATES[f["State"]],
-            event=f["Event"],
-            attempt=int(get("Attempt", "0")),
-            snapshot=get("Snapshot", tip),
-            source=None if source == "none" else source,
-            changes=_changes(get("Changes", "")),
-            tip=tip,
-            started_at=get("Started-At"),
-            ended_at=get("Ended-At"),
-            exit_code=_int_or_none(get("Exit-Code")),
-            signal=_int_or_none(get("Signal")),
-            assigned_gpus=tuple(int(x) for x in assigned.split(",")) if assigned else None,
-            detail=get("Detail"),
-        )
+        return _decode(message, tip)
     except RecordFormatError:
         raise
-    except (KeyError, ValueError, TypeError) as exc:
-        raise RecordFormatError(f"commit {tip[:12]} is not a valid tq job record ({exc})") from None
+    except (KeyError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        name = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        what = f"no Tq-{name}" if isinstance(exc, KeyError) else str(exc)[:80]
+        raise RecordFormatError(f"not a valid tq job record ({what})") from None
+
+
+def _decode(message: str, tip: str) -> Job:
+    f = parse_fields(message)
+    get = f.get
+    if not _HEX.match(tip) or len(tip) not in (40, 64):
+        raise RecordFormatError("the record's commit id is not an object id")
+    if any(len(v) > MAX_FIELD for v in f.values()):
+        raise RecordFormatError("a field is longer than 64 KiB")
+    version = _int(f["Format"], "Format", 1, 10**9)
+    if version > FORMAT_VERSION:
+        raise RecordFormatError(
+            f"job record format {version} is newer than this git tq understands; upgrade"
+        )
+    oid_len = len(tip)
+    shell_text = get("Shell")
+    if shell_text not in (None, "yes"):
+        raise RecordFormatError("Tq-Shell is not yes")
+    shell = shell_text == "yes"
+    spec = JobSpec(
+        command=_command(f["Command"], shell),
+        shell=shell,
+        priority=_int(f["Priority"], "Priority", -10**9, 10**9),
+        grace=_int(f["Grace"], "Grace", 0, 10**9),
+        tag=_tag(get("Tag")),
+        env=_env_name(get("Env")),
+        gpus=_gpus(f["Gpus"]),
+        cwd=relative_path(get("Cwd", ".")),
+        submitted_at=_stamp(f["Submitted-At"], "Submitted-At"),
+        user=_text(get("User", ""), "User", 256),
+        host=_text(get("Host", ""), "Host", 256),
+    )
+    state = _STATES.get(f["State"])
+    if state is None:
+        raise RecordFormatError(f"Tq-State {f['State'][:20]!r} is not a job state")
+    event = f["Event"]
+    if event not in EVENT_NAMES:
+        raise RecordFormatError(f"Tq-Event {event[:20]!r} is not a lifecycle event")
+    source = get("Source", "none")
+    assigned = get("Assigned-Gpus")
+    started, ended = get("Started-At"), get("Ended-At")
+    code, sig = get("Exit-Code"), get("Signal")
+    detail = get("Detail")
+    return Job(
+        id=canonical_id(f["Job"]),
+        spec=spec,
+        state=state,
+        event=event,
+        attempt=_int(get("Attempt", "0"), "Attempt", 0, 10**9),
+        snapshot=_oid(get("Snapshot", tip), "Snapshot", oid_len),
+        source=None if source == "none" else _oid(source, "Source", oid_len),
+        changes=_changes(get("Changes", "M=0 A=0 D=0")),
+        tip=tip,
+        started_at=None if started is None else _stamp(started, "Started-At"),
+        ended_at=None if ended is None else _stamp(ended, "Ended-At"),
+        exit_code=None if code is None else _int(code, "Exit-Code", -1, 255),
+        signal=None if sig is None else _int(sig, "Signal", 1, 128),
+        assigned_gpus=None if not assigned else _gpu_ids(assigned),
+        detail=None if detail is None else _text(detail, "Detail"),
+    )

@@ -13,13 +13,20 @@ import subprocess
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from git_tq import gpus as gpu_inventory
-from git_tq.errors import BadSpec, DirtyWorkTree, InvalidTransition, TqError, UsageError
-from git_tq.gitrepo import Repo, discover, without_repo_vars
+from git_tq.errors import (
+    BadSpec,
+    DirtyWorkTree,
+    InvalidTransition,
+    TqError,
+    UsageError,
+)
+from git_tq.gitrepo import Repo, discover, run_git, without_repo_vars
 from git_tq.home import Home, default_home
 from git_tq.lifecycle import apply_event, now_iso
+from git_tq.localjobs import FETCHED, LOCAL, TAMPERED, LocalJobs, LocalSpec
 from git_tq.model import (
     DEFAULT_GRACE,
     DEFAULT_PRIORITY,
@@ -28,8 +35,8 @@ from git_tq.model import (
     JobSpec,
     State,
 )
-from git_tq.snapshot import Snapshot, take_snapshot
-from git_tq.store import JobStore, identity_env, pending_in_queue_order
+from git_tq.snapshot import Snapshot, nested_in_tree, take_snapshot
+from git_tq.store import JobStore, Unreadable, identity_env, pending_in_queue_order
 
 _SHELL_CHARS = re.compile(r"[\s|&;<>()$`\\\"'*?~#=]")
 _BAD_TAG = re.compile(r"[\x00-\x20/\\\x7f]")
@@ -60,8 +67,15 @@ class Context:
         environ = os.environ if environ is None else environ
         repo = discover(cwd)
         config = repo.config(r"^(tq|user)\.")  # the tq settings and the identity
-        store = JobStore(repo, identity_env(config, environ))
-        return cls(repo, config, store, Home(default_home(config, environ)))
+        home = Home(default_home(config, environ))
+        store = JobStore(repo, identity_env(config, without_repo_vars(environ)),
+                         LocalJobs(home.path, repo.common_dir))
+        return cls(repo, config, store, home)
+
+    @property
+    def local(self) -> LocalJobs:
+        assert self.store.local is not None
+        return self.store.local
 
 
 # --- submit ------------------------------------------------------------------
@@ -171,25 +185,25 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
         host=os.uname().nodename,
     )
     snap = take_snapshot(ctx.repo)
+    if spec.cwd and ctx.repo.resolve_object(f"{snap.tree}:{spec.cwd}") is None:
+        raise BadSpec(f"the current directory {spec.cwd}/ is not in the snapshot (it is empty "
+                      "or ignored), so the job could not start there: run from a directory "
+                      "with files git sees")
     draft = Job(id=0, spec=spec, state=State.PENDING, event="submitted", attempt=0,
                 snapshot="", source=snap.source, changes=snap.changes)
     environ = os.environ if environ is None else environ
     captured = without_repo_vars(environ)
-    common = ctx.repo.common_dir
-    ctx.home.register_repo(common)
+    ctx.home.register_repo(ctx.repo.common_dir)
+
+    nested = tuple((n.path, n.git_dir, n.commit) for n in snap.nested)
 
     def save_local(commit: str) -> None:
-        ctx.home.save_local_job(common, commit, {
-            "repo": common, "snapshot": commit, "worktree": toplevel, "env": captured,
-        })
+        ctx.local.save_spec(LocalSpec(commit, spec.command, spec.shell, spec.cwd, spec.env,
+                                      toplevel, captured, nested, snap.outside_cone))
 
     job = ctx.store.create(draft, snap.tree, before_publish=save_local,
-                           after_lost_race=lambda c: ctx.home.drop_local_job(common, c))
-    warnings = [
-        f"submodule {p} has uncommitted changes; the job gets its checked-out commit only"
-        for p in snap.dirty_submodules
-    ]
-    return Submitted(job, snap, tuple(warnings), wake_daemon(ctx))
+                           after_lost_race=ctx.local.drop_spec)
+    return Submitted(job, snap, snap.warnings, wake_daemon(ctx))
 
 
 def _flag(ctx: Context, name: str, default: bool) -> bool:
@@ -253,6 +267,7 @@ def kill_jobs(ctx: Context, tokens: Sequence[str], *, now: bool = False) -> list
 
     jobs = [ctx.store.resolve(t) for t in parse_job_tokens(tokens)]
     for job in jobs:
+        ctx.store.require_ours(job, "killed")
         if job.state.finished:
             raise InvalidTransition(f"job {job.id} is {job.state.value}: nothing to kill")
     pending = [j.id for j in jobs if j.state is State.PENDING]
@@ -264,51 +279,157 @@ def kill_jobs(ctx: Context, tokens: Sequence[str], *, now: bool = False) -> list
     return [j.id for j in jobs]
 
 
-def requeue(ctx: Context, token: str, *, now: Optional[str] = None) -> Submitted:
-    """Submit a finished job's snapshot again, as a new job with the same spec."""
+def requeue(ctx: Context, token: str, *, command: Sequence[str] = (),
+            now: Optional[str] = None, environ: Optional[Mapping[str, str]] = None) \
+        -> Submitted:
+    """Submit a finished job's code again, as a new local job.
+
+    The new job gets the caller's current environment (a job's saved environment
+    is deleted when it ends). Our own job keeps its command unless `command` is
+    given; a job we did not write (fetched, or tampered with) is only code to us:
+    its snapshot *tree* is reused, and the command must be given explicitly.
+    """
     old = ctx.store.resolve(token)
     if old.state.active:
         raise InvalidTransition(f"job {old.id} is {old.state.value}; requeue takes a finished job")
-    local = ctx.home.load_local_job(ctx.repo.common_dir, old.snapshot)
-    if local is None:
-        raise TqError(f"job {old.id} was not submitted here by this user; it cannot be requeued")
-    spec = dataclasses.replace(old.spec, submitted_at=now or now_iso())
+    trust = ctx.store.trust(old)
+    toplevel = ctx.repo.require_worktree("git tq requeue")
+    if trust != LOCAL and not command:
+        raise UsageError(f"job {old.id} was not written here by you ({trust}): its command is "
+                         f"not trusted; give one: git tq requeue {old.id} -- COMMAND...")
+    spec = dataclasses.replace(old.spec, submitted_at=now or now_iso(), user=_user_name(),
+                               host=os.uname().nodename)
+    if command:
+        if not any(w.strip() for w in command):
+            raise UsageError("empty command")
+        shell = len(command) == 1 and bool(_SHELL_CHARS.search(command[0]))
+        spec = dataclasses.replace(spec, command=tuple(command), shell=shell,
+                                   cwd=ctx.repo.prefix if trust != LOCAL else spec.cwd)
+    if trust != LOCAL:  # nothing of theirs steers it: our defaults, not their priority
+        spec = dataclasses.replace(spec, env=None, priority=DEFAULT_PRIORITY,
+                                   grace=DEFAULT_GRACE)
+        if not spec.gpus.cpu_only:
+            gpu_inventory.check_request(spec.gpus, gpu_inventory.machine_gpus(ctx.config))
+    detail = f"requeued from job {old.id}" if trust == LOCAL else \
+        f"code of job {old.id} ({trust}, by {old.spec.user}@{old.spec.host})"
     draft = Job(id=0, spec=spec, state=State.PENDING, event="submitted", attempt=0,
                 snapshot="", source=old.source, changes=old.changes,
-                detail=f"requeued from job {old.id}")
-    tree = ctx.repo.out("rev-parse", f"{old.snapshot}^{{tree}}")
-    common = ctx.repo.common_dir
+                detail=" ".join(detail.split()))
+    tree = ctx.repo.out("rev-parse", "--verify", "--end-of-options", f"{old.tip}^{{tree}}")
+    captured = without_repo_vars(os.environ if environ is None else environ)
+    ctx.home.register_repo(ctx.repo.common_dir)
+
+    nested = nested_in_tree(ctx.repo, tree, toplevel)
 
     def save_local(commit: str) -> None:
-        ctx.home.save_local_job(common, commit, {**local, "snapshot": commit})
+        ctx.local.save_spec(LocalSpec(commit, spec.command, spec.shell, spec.cwd, spec.env,
+                                      toplevel, captured, nested))
 
     job = ctx.store.create(draft, tree, before_publish=save_local,
-                           after_lost_race=lambda c: ctx.home.drop_local_job(common, c))
+                           after_lost_race=ctx.local.drop_spec)
     snap = Snapshot(tree, old.source, old.changes, ())
-    return Submitted(job, snap, (), wake_daemon(ctx))
+    notes = () if trust == LOCAL else (
+        f"job {old.id} was {trust}: job {job.id} runs its code with your command and your "
+        "environment",)
+    return Submitted(job, snap, notes, wake_daemon(ctx))
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A problem `git tq doctor` explains: which record, what is wrong, how to fix it."""
+
+    job: str  # the id (or ref name) concerned
+    problem: str  # "tampered", "unreadable", "fetched", "missing private record"
+    explanation: str
+    fix: str
+
+
+def doctor(ctx: Context, *, restore: bool = False) -> list[Finding]:
+    """Records that are not what this user wrote, and why; with `restore`, move each
+    tampered ref back to the record we last wrote (compare-and-swap)."""
+    listing = ctx.store.listing()
+    entries = ctx.local.entries()
+    found: list[Finding] = []
+    for bad in listing.unreadable:
+        found.append(Finding(bad.name, "unreadable",
+                             f"refs/tq/jobs/{bad.name} holds no valid job record: {bad.reason}; "
+                             "it is listed, never used",
+                             f"look: git log refs/tq/jobs/{bad.name}; delete: git update-ref -d "
+                             f"refs/tq/jobs/{bad.name} {bad.tip}"))
+    for job in listing.jobs:
+        trust = ctx.store.trust(job, entries)
+        entry = entries.get(job.id)
+        if trust == TAMPERED and entry is not None:
+            ours = entry.tip or entry.next or ""
+            if restore and ours:
+                with ctx.local.locked():
+                    if ctx.repo.update_ref(job.ref, ours, job.tip,
+                                           f"tq: doctor restores job {job.id}"):
+                        found.append(Finding(str(job.id), "restored",
+                                             f"job {job.id}'s ref is back at our record "
+                                             f"{ours[:12]} (it was at {job.tip[:12]})", ""))
+                        continue
+            found.append(Finding(
+                str(job.id), "tampered",
+                f"job {job.id} is yours, but its ref was moved from the record git tq last "
+                f"wrote ({ours[:12]}) to {job.tip[:12]} by something else (a fetch, a push or "
+                "a hand edit): it is neither run nor written, and no hook fires for it",
+                f"git tq doctor --restore (or: git update-ref refs/tq/jobs/{job.id} {ours} "
+                f"{job.tip})"))
+        elif trust == FETCHED and job.state.active:
+            found.append(Finding(
+                str(job.id), "fetched",
+                f"job {job.id} ({job.state.value}) was not submitted here by you "
+                f"(by {job.spec.user}@{job.spec.host}): it never runs here",
+                f"run its code yourself: git tq requeue {job.id} -- COMMAND"))
+        elif trust == LOCAL and job.state is State.PENDING and entry is not None and \
+                ctx.local.load_spec(entry.submission) is None:
+            found.append(Finding(
+                str(job.id), "missing private record",
+                f"job {job.id} is pending but its private record (command, environment) is "
+                f"gone from {ctx.local.folder}: it cannot start",
+                f"git tq rm {job.id}; git tq requeue {job.id}"))
+    if any(f.problem == "restored" for f in found):
+        wake_daemon(ctx)
+    return found
 
 
 def gc(ctx: Context) -> list[str]:
     """Remove worktrees and run files of jobs that have finished; what was removed."""
+    import shutil
+    import stat
+
+    from git_tq.gitrepo import remove_worktree, run_git
     from git_tq.home import RunFiles, repo_key
 
-    key = repo_key(ctx.repo.common_dir)
+    def real_dir(path: str) -> bool:  # lstat: a symlink to a directory is not one
+        try:
+            return stat.S_ISDIR(os.lstat(path).st_mode)
+        except OSError:
+            return False
+
+    common = ctx.repo.common_dir
+    key = repo_key(common)
     removed = []
     jobs = {j.id: j for j in ctx.store.list_jobs()}
-    root = os.path.join(ctx.home.path, "worktrees", key)
-    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    top = os.path.join(ctx.home.path, "worktrees")
+    root = os.path.join(top, key)
+    # Never list (or delete in) a folder reached through a symlink a job may have planted.
+    names = sorted(os.listdir(root)) if real_dir(top) and real_dir(root) else []
+    for name in names:
         job = jobs.get(int(name)) if name.isdigit() else None
         if job is None or job.state.finished:
             path = os.path.join(root, name)
-            ctx.repo.git("worktree", "remove", "--force", path, check=False)
-            if os.path.exists(path):
-                import shutil
-
+            remove_worktree(common, path)  # the registered worktree, or only a link
+            if real_dir(path):
+                # A leftover git does not know (a failed checkout): ours, inside our
+                # folder. rmtree refuses symlinks and never follows one inside.
                 shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
             if job is not None:
                 RunFiles(ctx.home, key, job.id).clear()
-    ctx.repo.git("worktree", "prune", check=False)
+    run_git(["--git-dir", common, "worktree", "prune"], common,
+            env=without_repo_vars(os.environ), check=False)
     return removed
 
 
@@ -323,6 +444,7 @@ class JobView:
     note: Optional[str]
     log: str
     category: Optional[str]
+    trust: str = LOCAL  # localjobs.LOCAL, FETCHED or TAMPERED
 
     def to_json(self) -> dict[str, Any]:
         j, s = self.job, self.job.spec
@@ -330,6 +452,7 @@ class JobView:
         return {
             "id": j.id,
             "state": j.state.value,
+            "trust": self.trust,
             "priority": s.priority,
             "grace": s.grace,
             "tag": s.tag,
@@ -362,11 +485,14 @@ class JobView:
 def _views(ctx: Context, jobs: Iterable[Job]) -> list[JobView]:
     notes = ctx.store.all_notes()
     logs = ctx.store.find_logs()
+    entries = ctx.local.entries()
     views = []
     for job in jobs:
         log = ctx.store.log_path(job, logs)
         category = ctx.store.category(log) if job.id in logs else None
-        views.append(JobView(job, notes.get(job.snapshot), log, category))
+        trust = ctx.store.trust(job, entries)
+        note_key = entries[job.id].submission if trust == LOCAL else job.snapshot
+        views.append(JobView(job, notes.get(note_key), log, category, trust))
     return views
 
 
@@ -386,11 +512,24 @@ def _parse_states(states: Sequence[str]) -> set[State]:
     return result
 
 
+@dataclass(frozen=True)
+class JobList:
+    views: list[JobView]
+    unreadable: list[Unreadable]
+
+
 def list_jobs(ctx: Context, *, include_finished: bool = False, states: Sequence[str] = (),
               tags: Sequence[str] = ()) -> list[JobView]:
-    """Jobs in queue order (running, then pending by priority); every job by id with --all."""
+    return list_queue(ctx, include_finished=include_finished, states=states, tags=tags).views
+
+
+def list_queue(ctx: Context, *, include_finished: bool = False, states: Sequence[str] = (),
+               tags: Sequence[str] = ()) -> JobList:
+    """Jobs in queue order (running, then pending by priority); every job by id with --all;
+    plus the refs that hold no readable record."""
     wanted = _parse_states(states)
-    jobs = ctx.store.list_jobs()
+    listing = ctx.store.listing()
+    jobs = listing.jobs
     if wanted:
         jobs = [j for j in jobs if j.state in wanted]
     elif not include_finished:
@@ -400,13 +539,16 @@ def list_jobs(ctx: Context, *, include_finished: bool = False, states: Sequence[
     if not include_finished and not wanted:
         started = [j for j in jobs if j.state in (State.RUNNING, State.STOPPING)]
         jobs = started + pending_in_queue_order(jobs)
-    return _views(ctx, jobs)
+    return JobList(_views(ctx, jobs), listing.unreadable)
 
 
 @dataclass(frozen=True)
 class JobDetail:
     view: JobView
     lifecycle: list[tuple[str, Job]]
+    # Symlinks whose relative target leaves the repository (path, target as written):
+    # the job's worktree points them where the user's links pointed at submission.
+    outside_links: list[tuple[str, str]] = field(default_factory=list)
 
 
 def show_job(ctx: Context, token: str) -> JobDetail:
@@ -414,8 +556,11 @@ def show_job(ctx: Context, token: str) -> JobDetail:
     logs = ctx.store.find_logs()
     log = ctx.store.log_path(job, logs)
     view = JobView(job, ctx.store.note(job), log,
-                   ctx.store.category(log) if job.id in logs else None)
-    return JobDetail(view, ctx.store.lifecycle(job))
+                   ctx.store.category(log) if job.id in logs else None, ctx.store.trust(job))
+    from git_tq import jobtree
+
+    links = jobtree.outside_links([], ctx.repo.cwd, job.tip)
+    return JobDetail(view, ctx.store.lifecycle(job), links)
 
 
 @dataclass(frozen=True)
@@ -466,16 +611,23 @@ def diff_targets(ctx: Context, first: str, second: Optional[str]) -> tuple[str, 
     a = ctx.store.resolve(first)
     if second is not None:
         b = ctx.store.resolve(second)
-        return a.snapshot, b.snapshot, f"job {a.id} -> job {b.id}"
+        return job_tree(ctx, a), job_tree(ctx, b), f"job {a.id} -> job {b.id}"
     now_tree = take_snapshot(ctx.repo).tree
-    return a.snapshot, now_tree, f"job {a.id} -> work tree"
+    return job_tree(ctx, a), now_tree, f"job {a.id} -> work tree"
+
+
+def job_tree(ctx: Context, job: Job) -> str:
+    """The code of a job: the tree of its record's commit (every commit of a job has the
+    submission's tree), never an object named by a trailer."""
+    return ctx.repo.out("rev-parse", "--verify", "--end-of-options", f"{job.tip}^{{tree}}")
 
 
 def run_diff(ctx: Context, first: str, second: Optional[str], stat: bool,
              paths: Sequence[str]) -> int:
     """Show the difference with git's own diff (pager and colour as git decides)."""
     a, b, _ = diff_targets(ctx, first, second)
-    args = ["git", "diff"] + (["--stat"] if stat else []) + [a, b, "--", *paths]
+    args = ["git", "diff"] + (["--stat"] if stat else []) + ["--end-of-options", a, b, "--",
+                                                              *paths]
     return subprocess.call(args, cwd=ctx.repo.cwd)
 
 
@@ -486,18 +638,32 @@ def _uncommitted(repo: Repo) -> list[str]:
 
 def checkout(ctx: Context, token: str, *, branch: Optional[str] = None,
              worktree: Optional[str] = None, force: bool = False) -> str:
-    """Bring a job's code back; returns a sentence saying where it went."""
+    """Bring a job's code back, submodules and nested repositories included; returns a
+    sentence saying where it went.
+
+    This is the user's own checkout, so git runs the repository's hooks; one that
+    fails after the checkout is done is named, and the checkout still reported.
+    """
+    from git_tq import jobtree
+
     job = ctx.store.resolve(token)
+    commit = ctx.store.submission(job)  # checked, never a trailer taken on trust
     repo = ctx.repo
+    if branch is not None and (branch.startswith("-") or not branch.strip()):
+        raise UsageError(f"bad branch name {branch!r}")
+    toplevel = repo.require_worktree("git tq checkout")
+    tree = job_tree(ctx, job)
+    nested = nested_in_tree(repo, tree, toplevel)
     if worktree is not None:
         path = os.path.abspath(worktree)
         if os.path.exists(path) and os.listdir(path):
             raise TqError(f"{worktree} exists and is not empty: give a new path")
         args = ["worktree", "add"] + (["-b", branch] if branch else ["--detach"])
-        repo.git(*args, path, job.snapshot)
+        hook = _git_or_hook_failure(repo, [*args, "--", path, commit],
+                                    lambda: os.path.exists(os.path.join(path, ".git")))
+        jobtree.checkout_nested(path, nested)
         where = f"branch {branch} in {path}" if branch else f"{path} (detached)"
-        return f"job {job.id}'s code is checked out at {where}"
-    toplevel = repo.require_worktree("git tq checkout")
+        return f"job {job.id}'s code is checked out at {where}{_nested_note(nested)}{hook}"
     dirty = _uncommitted(repo)
     if dirty and not force:
         raise DirtyWorkTree(
@@ -505,15 +671,54 @@ def checkout(ctx: Context, token: str, *, branch: Optional[str] = None,
             "them, or pass --force to overwrite them"
         )
     if branch is not None:
-        repo.git("checkout", *(["-f"] if force else []), "-q", "-b", branch, job.snapshot)
-        return f"switched to new branch {branch} at job {job.id}'s snapshot ({job.snapshot[:10]})"
-    repo.git("read-tree", "-u", "--reset", job.snapshot)
+        hook = _git_or_hook_failure(
+            repo, ["checkout", *(["-f"] if force else []), "-q", "-b", branch, commit, "--"],
+            lambda: repo.resolve_ref(f"refs/heads/{branch}") == commit)
+        _restore_nested(toplevel, nested)
+        return (f"switched to new branch {branch} at job {job.id}'s snapshot ({commit[:10]})"
+                f"{_nested_note(nested)}{hook}")
+    repo.git("read-tree", "-u", "--reset", "--end-of-options", commit)
+    _restore_nested(toplevel, nested)
     head = repo.head_commit()
     msg = f"work tree and index of {toplevel} now hold job {job.id}'s code"
     if head != job.source:
         src = job.source[:10] if job.source else "an unborn branch"
         msg += f" (HEAD stays at {head[:10] if head else 'nothing'}; the job ran on {src})"
-    return msg
+    return msg + _nested_note(nested)
+
+
+def _git_or_hook_failure(repo: Repo, args: Sequence[str], done: Callable[[], bool]) -> str:
+    """Run a porcelain git command; if it failed only in a hook after doing its work,
+    say which hook (a note for the user); if it failed, raise git's reason."""
+    p = repo.git(*args, check=False)
+    err = p.stderr.decode(errors="replace")
+    if p.returncode == 0:
+        return ""
+    if done():
+        hooks = [h for h in ("post-checkout", "post-index-change", "reference-transaction")
+                 if h in err] or ["a hook"]
+        last = [ln.strip() for ln in err.splitlines() if ln.strip()]
+        return (f"; note: your {hooks[0]} hook failed (exit {p.returncode})"
+                + (f": {last[-1]}" if last else ""))
+    lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
+    first = next((ln for ln in lines if ln.startswith(("fatal:", "error:"))),
+                 lines[-1] if lines else "failed")
+    raise TqError(f"git {args[0]}: {first}")
+
+
+def _restore_nested(toplevel: str, nested: Sequence[tuple[str, str, str]]) -> None:
+    """Put each submodule's snapshot into its index and files (its HEAD stays)."""
+    for path, git_dir, commit in nested:
+        where = os.path.join(toplevel, path)
+        run_git(["--git-dir", git_dir, "--work-tree", where, "read-tree", "-u", "--reset",
+                 "--end-of-options", commit], where, env=without_repo_vars(os.environ))
+
+
+def _nested_note(nested: Sequence[tuple[str, str, str]]) -> str:
+    if not nested:
+        return ""
+    return f", with {len(nested)} nested repositor{'y' if len(nested) == 1 else 'ies'} " \
+        f"({', '.join(p for p, _, _ in nested)})"
 
 
 # --- editing records ---------------------------------------------------------------
@@ -559,6 +764,7 @@ def remove(ctx: Context, tokens: Sequence[str], *, forget: bool = False,
         job = ctx.store.resolve(token)
         jobs[job.id] = job
     for job in jobs.values():
+        ctx.store.require_ours(job, "forgotten" if forget else "removed")
         if forget and job.state.active:
             raise InvalidTransition(
                 f"job {job.id} is {job.state.value}: only finished jobs can be forgotten"
@@ -572,8 +778,8 @@ def remove(ctx: Context, tokens: Sequence[str], *, forget: bool = False,
     for job in jobs.values():
         if forget:
             log = ctx.store.log_path(job)
-            ctx.store.forget(job)
-            ctx.home.drop_local_job(ctx.repo.common_dir, job.snapshot)
+            entry = ctx.store.forget(job)
+            ctx.local.drop_spec(entry.submission)
             if os.path.exists(log):
                 # Kept, but no longer a job's log: a later job may get this id again.
                 os.replace(log, log + ".forgotten")
@@ -587,14 +793,20 @@ def remove(ctx: Context, tokens: Sequence[str], *, forget: bool = False,
 
 
 def pending_jobs(ctx: Context) -> list[Job]:
-    return pending_in_queue_order(ctx.store.list_jobs())
+    """Our own pending jobs, in queue order."""
+    entries = ctx.local.entries()
+    return [j for j in pending_in_queue_order(ctx.store.list_jobs())
+            if ctx.store.trust(j, entries) == LOCAL]
 
 
 def purge(ctx: Context, *, now: Optional[str] = None) -> list[int]:
     """Cancel every pending job; returns their ids."""
     when = now or now_iso()
     cancelled = []
+    entries = ctx.local.entries()
     for job in pending_jobs(ctx):
+        if ctx.store.trust(job, entries) != LOCAL:
+            continue  # not ours: never touched
         try:
             ctx.store.update(job.id, lambda j: apply_event(j, "cancelled", when,
                                                            detail="purged from the queue"),
@@ -716,16 +928,17 @@ def file_log(ctx: Context, token: str, folder: str) -> str:
     target_dir = log_folder(ctx, folder)
     if target_dir == ctx.store.log_root and folder not in ("", ".", "/"):
         raise UsageError("give a folder")
+    from git_tq.home import ensure_private_tree, open_private
+
     job, path = job_log(ctx, token)
-    os.makedirs(target_dir, exist_ok=True)
+    # Logs hold whatever jobs print: folders 0700 from <common>/tq down, files 0600.
+    ensure_private_tree(os.path.dirname(ctx.store.log_root), target_dir)
     target = os.path.join(target_dir, os.path.basename(path))
     if os.path.abspath(path) == os.path.abspath(target):
         return target
     if os.path.exists(path):
         os.rename(path, target)
-    else:
-        with open(target, "ab"):
-            pass
+    os.close(open_private(target))  # created, or tightened if it was looser
     _prune_empty_folders(ctx, os.path.dirname(path))
     return target
 
@@ -786,7 +999,8 @@ def last_line(path: str, limit: int = 4096) -> str:
 
 def dashboard(ctx: Context, recent: int = 5) -> Dashboard:
     """What `git tq top` shows: GPUs and their holders, running jobs, the queue, finishes."""
-    jobs = ctx.store.list_jobs()
+    entries = ctx.local.entries()  # the dashboard shows what this machine runs: our jobs
+    jobs = [j for j in ctx.store.list_jobs() if ctx.store.trust(j, entries) == LOCAL]
     logs = ctx.store.find_logs()
     status = daemon_status(ctx.home)
     foreign = {int(k): v for k, v in (status or {}).get("foreign", {}).items()}

@@ -9,8 +9,10 @@ not read again: the cost grows with the number of changed files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,7 +20,25 @@ from git_tq.errors import TqError
 from git_tq.gitrepo import Repo, discover
 from git_tq.model import ChangeSummary
 
-EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+EMPTY_TREES = {  # the empty tree of each object format, by the length of its ids
+    40: "4b825dc642cb6eb9a060e54bf8d69288fbee4904",
+    64: "6ef19b41225c5369f1c104d45d8d85efa9b057b53b14b4b9b939dd74decc5321",
+}
+
+
+def empty_tree(like: str) -> str:
+    """The empty tree in the object format of the object id `like`."""
+    return EMPTY_TREES[len(like)]
+
+
+@dataclass(frozen=True)
+class NestedSnapshot:
+    """A submodule or nested repository captured with the job: the commit (in that
+    repository) whose tree is its content on disk, uncommitted changes included."""
+
+    path: str  # relative to the outer repository's top level, '/'-separated
+    git_dir: str  # the nested repository's common git dir, which holds the commit
+    commit: str
 
 
 @dataclass(frozen=True)
@@ -26,7 +46,9 @@ class Snapshot:
     tree: str
     source: Optional[str]  # HEAD's commit, None on an unborn branch
     changes: ChangeSummary  # against the source commit
-    dirty_submodules: tuple[str, ...]
+    warnings: tuple[str, ...] = ()  # one line each, for the user
+    nested: tuple[NestedSnapshot, ...] = ()  # submodules and nested repositories, outer first
+    outside_cone: tuple[str, ...] = ()  # files on disk outside a sparse checkout's cone
 
 
 class _HeadStart:
@@ -36,6 +58,9 @@ class _HeadStart:
         self.repo = repo
         self.result: Optional[Snapshot] = None
         self.error: Optional[BaseException] = None
+        # Our own completion flag: a Thread.join() interrupted by Ctrl-C can leave the
+        # thread marked as stopped while it still runs (CPython gh-90882).
+        self.done = threading.Event()
         # Not a daemon thread: an early exit still waits for it to remove its temp index.
         self.thread = threading.Thread(target=self._run, name="tq-snapshot")
         self.thread.start()
@@ -45,9 +70,11 @@ class _HeadStart:
             self.result = _compute(self.repo)
         except BaseException as exc:  # handed to whoever joins
             self.error = exc
+        finally:
+            self.done.set()
 
     def join(self) -> Snapshot:
-        self.thread.join()
+        self.done.wait()
         if self.error is not None:
             raise self.error
         assert self.result is not None
@@ -74,44 +101,232 @@ def start_early(cwd: Optional[str] = None) -> None:
         _head_start = _HeadStart(repo)
 
 
+def abandon() -> None:
+    """On Ctrl-C: let a head start finish and remove its temporary index (its git
+    processes got the same SIGINT), rather than exit while it still writes one."""
+    global _head_start
+    early, _head_start = _head_start, None
+    if early is None:
+        return
+    while True:
+        try:
+            early.done.wait(timeout=30)
+            return
+        except KeyboardInterrupt:
+            continue  # a second Ctrl-C: still let it clean up
+
+
 def take_snapshot(repo: Repo) -> Snapshot:
     """The snapshot of `repo`'s work tree (collecting a head start if one was made)."""
     global _head_start
-    early, _head_start = _head_start, None
+    early = _head_start
     if early is not None:
         if early.repo == repo:
-            return early.join()
-        early.thread.join()  # a different repository: discard it
+            snap = early.join()  # still findable by abandon() if Ctrl-C comes meanwhile
+            _head_start = None
+            return snap
+        early.done.wait()  # a different repository: discard it
+        _head_start = None
     return _compute(repo)
 
 
-def _compute(repo: Repo) -> Snapshot:
+# Internal plumbing runs none of the repository's hooks (post-index-change would fire
+# on our temporary index) and never splits our temporary index (each split write
+# leaves a new .git/sharedindex.* behind).
+PLUMBING = ("-c", "core.hooksPath=/dev/null", "-c", "core.splitIndex=false",
+            "-c", "advice.addEmbeddedRepo=false")
+SNAPSHOT_REFS = "refs/tq/snapshots/"
+MAX_DEPTH = 8
+
+
+def _sweep_leftovers(folder: str) -> None:
+    """Remove temporary indexes that a killed `git tq` left behind (its pid is gone):
+    Ctrl-C in the wrong millisecond can end the process while a git it started still
+    writes one."""
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith("tq-index.")]
+    except OSError:
+        return
+    for name in names:
+        pid = name.split(".")[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running: its own
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, name))
+
+
+def _compute(repo: Repo, depth: int = 0) -> Snapshot:
     toplevel = repo.require_worktree("taking a snapshot")
     source = repo.head
+    _sweep_leftovers(os.path.dirname(repo.index_path))
     tmp_index = os.path.join(
         os.path.dirname(repo.index_path), f"tq-index.{os.getpid()}.{os.urandom(4).hex()}"
     )
     env = dict(os.environ, GIT_INDEX_FILE=tmp_index)
+    warnings: list[str] = []
+    nested: list[NestedSnapshot] = []
     try:
-        if os.path.exists(repo.index_path):
-            # A plain copy (shutil costs ~8 ms to import on the submit path).
-            with open(repo.index_path, "rb") as src, open(tmp_index, "wb") as dst:
-                dst.write(src.read())
-        repo.git("add", "-A", env=env)
+        try:
+            _copy_index(repo.index_path, tmp_index)
+        except PermissionError:
+            raise TqError(f"cannot write in {os.path.dirname(repo.index_path)}: permission "
+                          "denied (git tq needs write access to the repository)") from None
+        unmerged = _unmerged(repo, env)
+        p = repo.git(*PLUMBING, "add", "-A", "--sparse", env=env, check=False)
+        if p.returncode != 0:
+            raise TqError("snapshot failed: git add: " + _first_problem(p.stderr))
+        warnings += _git_warnings(p.stderr)
+        warnings += [f"{path} has unresolved merge conflicts: the job gets it with its "
+                     "conflict markers" for path in unmerged]
+        gitlinks = _gitlinks(repo, env)
+        for path, recorded in gitlinks:
+            captured = _capture_nested(repo, toplevel, path, recorded, depth, warnings)
+            if captured is None:
+                continue
+            inner_commit, inner_nested = captured
+            nested.append(NestedSnapshot(path, inner_nested[0], inner_commit))
+            nested.extend(NestedSnapshot(f"{path}/{n.path}", n.git_dir, n.commit)
+                          for n in inner_nested[1])
+            if inner_commit != recorded:
+                repo.git(*PLUMBING, "update-index", "--cacheinfo",
+                         f"160000,{inner_commit},{path}", env=env)
+        outside = _outside_cone(repo, env)
         tree = repo.out("write-tree", env=env)
-        dirty: tuple[str, ...] = ()
-        if os.path.exists(os.path.join(toplevel, ".gitmodules")):
-            dirty = _dirty_submodules(repo, env)
     finally:
         for path in (tmp_index, tmp_index + ".lock"):
             if os.path.exists(path):
                 os.unlink(path)
-    return Snapshot(tree, source, changes_between(repo, source, tree), dirty)
+    return Snapshot(tree, source, changes_between(repo, source, tree), tuple(warnings),
+                    tuple(nested), outside)
+
+
+def _copy_index(index: str, copy: str) -> None:
+    """Copy the index with its modification time: git compares each file's mtime with
+    the index's to spot "racily clean" entries (a file changed in the same second as
+    the index was written). A copy with a new mtime would hide such an edit, and the
+    job would run the old content."""
+    try:
+        st = os.stat(index)
+    except FileNotFoundError:
+        return
+    # A plain copy (shutil costs ~8 ms to import on the submit path).
+    fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(index, "rb") as src, os.fdopen(fd, "wb") as dst:
+        dst.write(src.read())
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _first_problem(stderr: bytes) -> str:
+    """git's own reason (its first error or fatal line), not its last hint."""
+    lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
+    for prefix in ("fatal:", "error:"):
+        for ln in lines:
+            if ln.startswith(prefix):
+                return ln
+    return lines[0] if lines else "failed"
+
+
+def _git_warnings(stderr: bytes) -> list[str]:
+    """git's warnings (a failed clean filter, CRLF conversion, ...), one line each."""
+    seen: list[str] = []
+    for ln in stderr.decode(errors="replace").splitlines():
+        ln = ln.strip()
+        if ln.startswith(("warning:", "error:")) and "embedded git repository" not in ln:
+            text = "git: " + ln
+            if text not in seen:
+                seen.append(text)
+    return seen
+
+
+def _unmerged(repo: Repo, env: dict[str, str]) -> list[str]:
+    out = repo.git("ls-files", "-u", "-z", env=env).stdout.decode(errors="surrogateescape")
+    paths = []
+    for entry in out.split("\0"):
+        if "\t" in entry:
+            path = entry.split("\t", 1)[1]
+            if path not in paths:
+                paths.append(path)
+    return paths
+
+
+def _gitlinks(repo: Repo, env: dict[str, str]) -> list[tuple[str, str]]:
+    """(path, commit) of every submodule and nested repository in the index."""
+    out = repo.git("ls-files", "-s", "-z", env=env).stdout.decode(errors="surrogateescape")
+    links = []
+    for entry in out.split("\0"):
+        if entry.startswith("160000 "):
+            meta, path = entry.split("\t", 1)
+            links.append((path, meta.split()[1]))
+    return links
+
+
+def _capture_nested(repo: Repo, toplevel: str, path: str, recorded: str, depth: int,
+                    warnings: list[str]) -> Optional[tuple[str, tuple[str, tuple[
+                        NestedSnapshot, ...]]]]:
+    """Snapshot the repository at `path` (a gitlink) as a commit of its own; None (with a
+    warning) when nothing is checked out there."""
+    inner_dir = os.path.join(toplevel, path)
+    if not os.path.lexists(os.path.join(inner_dir, ".git")):
+        if os.path.isdir(inner_dir) and os.listdir(inner_dir):
+            warnings.append(f"{path} is a submodule with files but no repository: the job "
+                            f"gets its recorded commit's folder empty")
+        else:
+            warnings.append(f"submodule {path} is not checked out: the job gets it empty, "
+                            "as you have it")
+        return None
+    if depth >= MAX_DEPTH:
+        raise TqError(f"submodules nested more than {MAX_DEPTH} deep at {path}: refusing")
+    try:
+        inner = discover(inner_dir)
+    except TqError as exc:
+        raise TqError(f"cannot snapshot the nested repository {path}: {exc}") from None
+    if inner.toplevel is None or os.path.realpath(inner.toplevel) != os.path.realpath(inner_dir):
+        raise TqError(f"cannot snapshot the nested repository {path}: it is not a work tree")
+    snap = _compute(inner, depth + 1)
+    warnings.extend(f"in {path}: {w}" for w in snap.warnings)
+    head_tree = inner.out("rev-parse", f"{inner.head}^{{tree}}") if inner.head else None
+    if inner.head and head_tree == snap.tree:
+        commit = inner.head
+    else:
+        args = ["commit-tree", snap.tree] + (["-p", inner.head] if inner.head else [])
+        commit = inner.git(*args, env=_identity(os.environ), input=(
+            f"tq snapshot of {path}: its work tree when a job was submitted\n").encode()) \
+            .stdout.decode().strip()
+    # Keep the commit reachable in its own repository (gc must not take it from the job).
+    inner.git("update-ref", f"{SNAPSHOT_REFS}{commit}", commit)
+    return commit, (inner.common_dir, snap.nested)
+
+
+def _identity(base: Mapping[str, str]) -> dict[str, str]:
+    env = dict(base)
+    for role in ("AUTHOR", "COMMITTER"):
+        env.setdefault(f"GIT_{role}_NAME", env.get("GIT_AUTHOR_NAME", "git-tq"))
+        env.setdefault(f"GIT_{role}_EMAIL", env.get("GIT_AUTHOR_EMAIL", "git-tq@localhost"))
+    return env
+
+
+def _outside_cone(repo: Repo, env: dict[str, str]) -> tuple[str, ...]:
+    """In a sparse checkout: every file the user has on disk (git clears the
+    skip-worktree bit of files present on disk). The job's worktree starts with
+    the same sparsity; the daemon checks out those of them it leaves out, so the
+    job sees every file the user had, and the rest stays sparse."""
+    p = repo.git("config", "--bool", "core.sparseCheckout", check=False)
+    if p.stdout.decode().strip() != "true":
+        return ()
+    out = repo.git("ls-files", "-t", "-z", env=env).stdout.decode(errors="surrogateescape")
+    return tuple(e[2:] for e in out.split("\0") if e and not e.startswith("S "))
 
 
 def changes_between(repo: Repo, source: Optional[str], tree: str) -> ChangeSummary:
     """Counts of files modified, added and deleted from `source` to `tree`."""
-    base = f"{source}^{{tree}}" if source else EMPTY_TREE
+    base = f"{source}^{{tree}}" if source else empty_tree(tree)
     out = repo.out("diff-tree", "-r", "--no-renames", "--name-status", "-z", base, tree)
     counts = {"M": 0, "A": 0, "D": 0}
     items = out.split("\0")
@@ -122,16 +337,29 @@ def changes_between(repo: Repo, source: Optional[str], tree: str) -> ChangeSumma
     return ChangeSummary(counts["M"], counts["A"], counts["D"])
 
 
-def _dirty_submodules(repo: Repo, env: dict[str, str]) -> tuple[str, ...]:
-    # After `add -A` the temp index holds each submodule at its checked-out
-    # commit, so diff-files reports only submodules with uncommitted changes.
-    gitlinks = {
-        line.split("\t", 1)[1]
-        for line in repo.out("ls-files", "-s", env=env).splitlines()
-        if line.startswith("160000 ")
-    }
-    if not gitlinks:
-        return ()
-    out = repo.out("diff-files", "--name-only", "--ignore-submodules=none", "--", *gitlinks,
-                   env=env)
-    return tuple(p for p in out.splitlines() if p in gitlinks)
+def nested_in_tree(repo: Repo, tree: str, toplevel: str,
+                   prefix: str = "") -> tuple[tuple[str, str, str], ...]:
+    """The gitlinks of a snapshot tree whose commits the repositories on disk at those
+    paths hold: (path, git dir, commit), outer first. For running an old snapshot
+    again (requeue) and for bringing one back (checkout)."""
+    out = repo.git("ls-tree", "-r", "-z", "--end-of-options", tree).stdout.decode(
+        errors="surrogateescape")
+    found: list[tuple[str, str, str]] = []
+    for entry in out.split("\0"):
+        if not entry.startswith("160000 "):
+            continue
+        meta, path = entry.split("\t", 1)
+        commit = meta.split()[2]
+        where = os.path.join(toplevel, path)
+        if not os.path.lexists(os.path.join(where, ".git")):
+            continue
+        try:
+            inner = discover(where)
+        except TqError:
+            continue
+        if inner.resolve_commit(commit) != commit:
+            continue
+        found.append((prefix + path, inner.common_dir, commit))
+        sub_tree = inner.out("rev-parse", f"{commit}^{{tree}}")
+        found.extend(nested_in_tree(inner, sub_tree, where, f"{prefix}{path}/"))
+    return tuple(found)

@@ -13,16 +13,16 @@ import functools
 import marshal
 import os
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from git_tq import recordfmt
-from git_tq.errors import RefRace, TqError, UnknownJob
-from git_tq.gitrepo import ZERO_OID, Repo
-from git_tq.home import create_temp_beside
+from git_tq.errors import NotOurs, RefRace, TqError, UnknownJob, UnreadableRecord
+from git_tq.gitrepo import Repo
+from git_tq.home import create_temp_beside, ensure_private_dir
 from git_tq.lifecycle import apply_event
+from git_tq.localjobs import FETCHED, LedgerEntry, LocalJobs, is_oid
 from git_tq.model import ChangeSummary, GpuRequest, Job, JobSpec, State, job_ref
 
 JOBS_PREFIX = "refs/tq/jobs/"
@@ -43,14 +43,94 @@ def identity_env(config: Mapping[str, str], base: Mapping[str, str]) -> dict[str
     return env
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A ref under refs/tq/jobs/ that holds no valid record: listed, never used."""
+
+    name: str  # the ref name after refs/tq/jobs/ (normally the id)
+    tip: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Listing:
+    jobs: list[Job]
+    unreadable: list[Unreadable]
+
+
+def _canonical(name: str) -> Optional[int]:
+    try:
+        return recordfmt.canonical_id(name)
+    except recordfmt.RecordFormatError:
+        return None
+
+
 @dataclass
 class JobStore:
-    """Reads and writes the job records of one repository."""
+    """Reads and writes the job records of one repository.
+
+    Reading takes any record (and reports the unreadable ones); writing takes
+    only this user's own records, through `local` (see localjobs).
+    """
 
     repo: Repo
     commit_env: Mapping[str, str]
+    local: Optional[LocalJobs] = None
 
     # --- reading ------------------------------------------------------------
+
+    def listing(self) -> Listing:
+        """Every job of the repository by id, and every ref that holds no valid record.
+
+        Records are commits, so a decoded record never goes stale: decoded
+        records (and decoding errors) are cached by commit id (see
+        `RecordCache`), and only tips not seen before are read from git.
+        """
+        out = self.repo.out("for-each-ref", "--format=%(objectname) %(refname:lstrip=3)",
+                            JOBS_PREFIX)
+        tips: list[tuple[str, str]] = []
+        for line in out.splitlines():
+            oid, _, name = line.partition(" ")
+            tips.append((oid, name))
+        cache = RecordCache(os.path.join(self.repo.common_dir, "tq", "cache"))
+        known, known_bad = cache.load()
+        missing = [oid for oid, _ in tips if oid not in known and oid not in known_bad]
+        fresh: dict[str, Job] = {}
+        fresh_bad: dict[str, str] = {}
+        if missing:
+            messages = self._messages(missing)
+            for oid in missing:
+                if oid not in messages:
+                    fresh_bad[oid] = "not a commit"
+                    continue
+                try:
+                    fresh[oid] = recordfmt.decode(messages[oid], oid)
+                except recordfmt.RecordFormatError as exc:
+                    fresh_bad[oid] = str(exc)
+        jobs: list[Job] = []
+        bad: list[Unreadable] = []
+        seen: set[str] = set()
+        for oid, name in tips:
+            job = fresh.get(oid) or known.get(oid)
+            job_id = _canonical(name)
+            if job_id is None:
+                bad.append(Unreadable(name, oid, "the ref name is not a canonical job id"))
+            elif job is None:
+                bad.append(Unreadable(name, oid, fresh_bad.get(oid) or known_bad.get(oid, "?")))
+            elif job.id != job_id:
+                bad.append(Unreadable(name, oid, f"the record says it is job {job.id}"))
+            else:
+                jobs.append(job)
+            seen.add(oid)
+        if fresh or fresh_bad or len(known) + len(known_bad) != len(seen):
+            cache.save(jobs, {u.tip: u.reason for u in bad
+                              if u.tip in fresh_bad or u.tip in known_bad})
+        jobs.sort(key=lambda j: j.id)
+        return Listing(jobs, bad)
+
+    def list_jobs(self) -> list[Job]:
+        """Every readable job of the repository, by id."""
+        return self.listing().jobs
 
     def _read_refs(self, pattern: str) -> list[Job]:
         out = self.repo.git(
@@ -61,60 +141,60 @@ class JobStore:
         for i in range(0, len(parts) - 2, 3):
             oid, ref, message = parts[i].lstrip("\n"), parts[i + 1], parts[i + 2]
             name = ref[len(JOBS_PREFIX):]
-            if not name.isdigit():
+            job_id = _canonical(name)
+            if job_id is None:
                 continue
             try:
                 job = recordfmt.decode(message, oid)
             except recordfmt.RecordFormatError as exc:
-                print(f"git tq: warning: {ref}: {exc}", file=sys.stderr)
-                continue
-            if job.id != int(name):
-                print(f"git tq: warning: {ref} holds job {job.id}; ignored", file=sys.stderr)
-                continue
-            jobs.append(job)
-        jobs.sort(key=lambda j: j.id)
-        return jobs
-
-    def list_jobs(self) -> list[Job]:
-        """Every job of the repository, by id.
-
-        Records are commits, so a decoded record never goes stale: decoded
-        records are cached by commit id (see `RecordCache`), and only tips not
-        seen before are read from git. 10,000 jobs list in a third of the time.
-        """
-        out = self.repo.out("for-each-ref", "--format=%(objectname) %(refname:lstrip=3)",
-                            JOBS_PREFIX)
-        tips: list[tuple[str, int]] = []
-        for line in out.splitlines():
-            oid, _, name = line.partition(" ")
-            if name.isdigit():
-                tips.append((oid, int(name)))
-        cache = RecordCache(os.path.join(self.repo.common_dir, "tq", "cache"))
-        known = cache.load()
-        missing = [oid for oid, _ in tips if oid not in known]
-        fresh: dict[str, Job] = {}
-        if missing:
-            names = dict(tips)
-            for oid, message in self._messages(missing).items():
-                try:
-                    fresh[oid] = recordfmt.decode(message, oid)
-                except recordfmt.RecordFormatError as exc:
-                    print(f"git tq: warning: refs/tq/jobs/{names[oid]}: {exc}; ignored",
-                          file=sys.stderr)
-        jobs = []
-        for oid, job_id in tips:
-            job = fresh.get(oid) or known.get(oid)
-            if job is None:
-                continue
+                raise UnreadableRecord(f"job {job_id}'s record is unreadable: {exc} "
+                                       "(see git tq doctor)") from None
             if job.id != job_id:
-                print(f"git tq: warning: refs/tq/jobs/{job_id} holds job {job.id}; ignored",
-                      file=sys.stderr)
-                continue
+                raise UnreadableRecord(f"job {job_id}'s record says it is job {job.id} "
+                                       "(see git tq doctor)")
             jobs.append(job)
-        if fresh or len(known) != len(tips):
-            cache.save(jobs)
         jobs.sort(key=lambda j: j.id)
         return jobs
+
+    # --- whose records --------------------------------------------------------
+
+    def trust(self, job: Job, entries: Optional[Mapping[int, LedgerEntry]] = None) -> str:
+        """localjobs.LOCAL, FETCHED or TAMPERED: whether this user wrote the record."""
+        if self.local is None:
+            return FETCHED
+        return self.local.trust(job.id, job.tip, entries)
+
+    def submission(self, job: Job) -> str:
+        """The job's submission commit, where notes go, checked rather than read from a
+        trailer: the ledger's for our jobs; for others the recorded one only if it is
+        the tip or a first-parent ancestor of it with the same tree."""
+        if self.local is not None:
+            entry = self.local.entry(job.id)
+            if entry is not None and entry.trusts(job.tip):
+                return entry.submission
+        if job.snapshot == job.tip:
+            return job.tip
+        if is_oid(job.snapshot):
+            p = self.repo.git("rev-list", "--first-parent", "--end-of-options", job.tip,
+                              check=False)
+            if job.snapshot in p.stdout.decode().split():
+                trees = self.repo.out("rev-parse", f"{job.snapshot}^{{tree}}",
+                                      f"{job.tip}^{{tree}}").split()
+                if len(trees) == 2 and trees[0] == trees[1]:
+                    return job.snapshot
+        return job.tip
+
+    def require_ours(self, job: Job, action: str) -> LedgerEntry:
+        """The ledger entry of one of our jobs, or a one-line refusal saying why not."""
+        entry = self.local.entry(job.id) if self.local is not None else None
+        if entry is None:
+            who = f" (by {job.spec.user}@{job.spec.host})" if job.spec.user else ""
+            raise NotOurs(f"job {job.id} was not submitted here by you{who}: fetched records "
+                          f"are read-only, so it cannot be {action}")
+        if not entry.trusts(job.tip):
+            raise NotOurs(f"job {job.id}'s record was changed by someone else (a fetch or a "
+                          f"hand edit): it cannot be {action}; see git tq doctor")
+        return entry
 
     def _messages(self, commits: list[str]) -> dict[str, str]:
         """Commit messages of many commits, read by one `git cat-file --batch`."""
@@ -157,8 +237,9 @@ class JobStore:
             raise UnknownJob(f"no job {token!r}: give a job id (7), tq/jobs/7, or a job commit")
         message = self.repo.out("cat-file", "commit", commit)
         fields = recordfmt.parse_fields(message.partition("\n\n")[2])
-        if fields.get("Job", "").isdigit():
-            job = self.load(int(fields["Job"]))
+        job_id = _canonical(fields.get("Job", ""))
+        if job_id is not None:
+            job = self.load(job_id)
             if commit in (job.tip, job.snapshot) or self._ref_contains(job.ref, commit):
                 return job
         raise UnknownJob(f"commit {commit[:12]} ({token}) is not a commit of any job")
@@ -170,7 +251,8 @@ class JobStore:
     def lifecycle(self, job: Job) -> list[tuple[str, Job]]:
         """Every record of the job, oldest first, with its commit."""
         revs = [job.tip] + ([f"^{job.source}"] if job.source else [])
-        out = self.repo.out("log", "--first-parent", "--format=%H%x00%B%x00", *revs)
+        out = self.repo.out("log", "--first-parent", "--format=%H%x00%B%x00",
+                            "--end-of-options", *revs)
         parts = out.split("\0")
         history = []
         for i in range(0, len(parts) - 1, 2):
@@ -199,20 +281,30 @@ class JobStore:
     def create(self, draft: Job, tree: str,
                before_publish: Optional[Callable[[str], None]] = None,
                after_lost_race: Optional[Callable[[str], None]] = None) -> Job:
-        """Store `draft` as a new job with the next free id (allocated by compare-and-swap).
+        """Store `draft` as a new job of ours with the next free id (allocated by
+        compare-and-swap), recorded in the ledger as ours.
 
-        `before_publish(commit)` runs before the ref appears (to save local state
-        keyed by the commit); `after_lost_race(commit)` undoes it when another
-        submitter took that id.
+        `before_publish(commit)` runs before the ref appears (to save the private
+        record keyed by the commit); `after_lost_race(commit)` undoes it when
+        another submitter took that id.
         """
+        local = self._require_local()
         job_id = self.next_free_id()
         for attempt in range(1, CAS_ATTEMPTS * 4 + 1):
             job = draft.evolve(id=job_id, snapshot="")
             commit = self._commit(tree, draft.source, recordfmt.encode(job))
             if before_publish:
                 before_publish(commit)
-            if self.repo.update_ref(job_ref(job_id), commit, ZERO_OID,
-                                    f"tq: submit job {job_id}"):
+            ref = job_ref(job_id)
+            with local.locked():
+                # Our writers hold the lock, so only a fetch can create the ref meanwhile.
+                won = self.repo.resolve_ref(ref) is None
+                if won:
+                    local.record(job_id, LedgerEntry(commit, None, commit))
+                    won = self.repo.update_ref(ref, commit, "0" * len(commit),
+                                               f"tq: submit job {job_id}")
+                    local.record(job_id, LedgerEntry(commit, commit, None) if won else None)
+            if won:
                 return job.evolve(snapshot=commit, tip=commit)
             if after_lost_race:
                 after_lost_race(commit)
@@ -220,15 +312,26 @@ class JobStore:
             job_id = self.next_free_id() if attempt % 4 == 0 else job_id + 1
         raise RefRace("could not allocate a job id: too many concurrent submissions; try again")
 
-    def write(self, old: Job, new: Job, reason: str) -> Optional[Job]:
-        """Compare-and-swap the job's ref from `old.tip` to a commit of `new`.
+    def _require_local(self) -> LocalJobs:
+        if self.local is None:
+            raise NotOurs("records can be written only with this user's tq home")
+        return self.local
 
-        Returns the stored job, or None if the ref moved meanwhile.
+    def write(self, old: Job, new: Job, reason: str) -> Optional[Job]:
+        """Compare-and-swap our job's ref from `old.tip` to a commit of `new`.
+
+        Returns the stored job, or None if the ref moved meanwhile. Raises
+        NotOurs for a record this user did not write (fetched or tampered).
         """
+        local = self._require_local()
         commit = self._commit(f"{old.tip}^{{tree}}", old.tip, recordfmt.encode(new))
-        if self.repo.update_ref(old.ref, commit, old.tip, reason):
-            return new.evolve(tip=commit)
-        return None
+        with local.locked():
+            entry = self.require_ours(old, "changed")
+            local.record(old.id, LedgerEntry(entry.submission, old.tip, commit))
+            moved = self.repo.update_ref(old.ref, commit, old.tip, reason)
+            local.record(old.id, LedgerEntry(entry.submission, commit if moved else old.tip,
+                                             None))
+        return new.evolve(tip=commit) if moved else None
 
     def update(self, job_id: int, change: Callable[[Job], Optional[Job]], reason: str) -> Job:
         """Apply `change` to the current record until the compare-and-swap lands.
@@ -251,15 +354,21 @@ class JobStore:
         return self.update(job_id, lambda j: apply_event(j, event, now, **fields),
                            f"tq: job {job_id} {event}")
 
-    def forget(self, job: Job) -> None:
-        """Delete the job's ref (only if it has not moved since `job` was read)."""
-        if not self.repo.delete_ref(job.ref, job.tip, f"tq: forget job {job.id}"):
-            raise RefRace(f"job {job.id} changed while being removed; try again")
+    def forget(self, job: Job) -> LedgerEntry:
+        """Delete our job's ref (only if it has not moved since `job` was read)."""
+        local = self._require_local()
+        with local.locked():
+            entry = self.require_ours(job, "forgotten")
+            if not self.repo.delete_ref(job.ref, job.tip, f"tq: forget job {job.id}"):
+                raise RefRace(f"job {job.id} changed while being removed; try again")
+            local.record(job.id, None)
+        return entry
 
     # --- notes ----------------------------------------------------------------
 
     def note(self, job: Job) -> Optional[str]:
-        p = self.repo.git("notes", f"--ref={NOTES_REF}", "show", job.snapshot, check=False)
+        p = self.repo.git("notes", f"--ref={NOTES_REF}", "show", "--end-of-options",
+                          self.submission(job), check=False)
         return p.stdout.decode(errors="replace").rstrip("\n") if p.returncode == 0 else None
 
     def all_notes(self) -> dict[str, str]:
@@ -289,6 +398,7 @@ class JobStore:
         moved meanwhile; otherwise the edit is redone on the new tip.
         """
         scratch = f"refs/notes/tq-scratch/{os.getpid()}-{id(self):x}"
+        target = self.submission(job)  # a checked object id, never text from a record
         try:
             for _ in range(CAS_ATTEMPTS):
                 old = self.repo.resolve_ref(NOTES_REF)
@@ -296,7 +406,7 @@ class JobStore:
                     self.repo.git("update-ref", scratch, old)
                 else:
                     self.repo.git("update-ref", "-d", scratch)
-                p = self.repo.git("notes", f"--ref={scratch}", *args, job.snapshot,
+                p = self.repo.git("notes", f"--ref={scratch}", *args, "--end-of-options", target,
                                   env=self.commit_env,
                                   input=None if text is None else text.encode(), check=False)
                 if p.returncode != 0:
@@ -305,7 +415,7 @@ class JobStore:
                 new = self.repo.resolve_ref(scratch)
                 if new is None or new == old:
                     return
-                if self.repo.update_ref(NOTES_REF, new, old or ZERO_OID,
+                if self.repo.update_ref(NOTES_REF, new, old or "0" * len(new),
                                         f"tq: note on job {job.id}"):
                     return
             raise RefRace("notes kept changing under us; try again")
@@ -359,32 +469,33 @@ class JobStore:
 
 
 class RecordCache:
-    """Decoded job records by commit id, in one marshal file (a pure cache).
+    """Decoded job records, and decoding errors, by commit id, in one marshal file.
 
     Entries are keyed by commit, whose content never changes, so any version
     of the file is correct; it is replaced atomically and rebuilt if unreadable.
+    (Version 2: records are fully validated; version 1 entries are not trusted.)
     """
 
-    VERSION = 1
+    VERSION = 2
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
         self.path = os.path.join(folder, f"records-v{self.VERSION}.marshal")
 
-    def load(self) -> dict[str, Job]:
+    def load(self) -> tuple[dict[str, Job], dict[str, str]]:
         try:
             with open(self.path, "rb") as fh:
-                rows = marshal.loads(fh.read())  # marshal.load(fh) reads in tiny pieces
-            return {row[0]: _job_from_row(row) for row in rows}
+                rows, errors = marshal.loads(fh.read())  # marshal.load(fh) reads in pieces
+            return {row[0]: _job_from_row(row) for row in rows}, dict(errors)
         except (OSError, EOFError, ValueError, TypeError, IndexError, KeyError):
-            return {}
+            return {}, {}
 
-    def save(self, jobs: list[Job]) -> None:
+    def save(self, jobs: list[Job], errors: Mapping[str, str]) -> None:
         try:
-            os.makedirs(self.folder, exist_ok=True)
+            ensure_private_dir(self.folder)
             fd, tmp = create_temp_beside(self.path)
             with os.fdopen(fd, "wb") as fh:
-                fh.write(marshal.dumps([_job_to_row(j) for j in jobs]))
+                fh.write(marshal.dumps(([_job_to_row(j) for j in jobs], dict(errors))))
             os.replace(tmp, self.path)
         except OSError:
             pass  # a cache that cannot be written only costs speed

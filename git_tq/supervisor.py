@@ -14,12 +14,12 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from typing import Any
 
-from git_tq.home import write_private_file
+from git_tq.errors import TqError
+from git_tq.home import connect_private, ensure_log_folder, open_private, write_private_file
 from git_tq.lifecycle import now_iso
 from git_tq.procs import ProcessId, become_subreaper, kill
 
@@ -28,14 +28,13 @@ EXIT_LOCKED = 75
 
 
 def nudge(socket_path: str) -> None:
-    """Tell the daemon something changed (best effort: it rescans anyway)."""
+    """Tell the daemon something changed (best effort: it rescans anyway). Nothing is
+    sent to a socket that another user serves."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(0.5)
-            s.connect(socket_path)
+        with connect_private(socket_path, 0.5) as s:
             s.sendall(b'{"cmd": "nudge"}\n')
             s.recv(64)
-    except OSError:
+    except (OSError, TqError):
         pass
 
 
@@ -53,8 +52,9 @@ def run(launch: dict[str, Any]) -> int:
         signal.signal(sig, signal.SIG_IGN)
     become_subreaper()
     me = ProcessId.of(os.getpid())
-    os.makedirs(os.path.dirname(launch["log"]), exist_ok=True)
-    log = open(launch["log"], "ab", buffering=0)  # noqa: SIM115 - held for the job's life
+    # The log holds whatever the job prints, secrets included: 0600 in 0700 folders.
+    ensure_log_folder(launch["log"])
+    log = open(open_private(launch["log"]), "ab", buffering=0)  # noqa: SIM115 - job's life
     log.write(launch["banner"].encode())
     try:
         child = subprocess.Popen(

@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from git_tq import output, service
+from git_tq.safetext import visible
 
 STYLES = output.STATE_STYLES
 MIN_WIDTH = {"ID": 4, "STATE": 9, "PRI": 4, "GPUS": 5, "ELAPSED": 8, "EXIT": 6, "RAN": 7,
@@ -29,6 +30,10 @@ RATIO = {"COMMAND": 2, "LAST LOG LINE": 2}
 
 
 def render(board: service.Dashboard, title: str) -> Group:
+    """The frame. Every cell that holds record data, a log line, a process or GPU
+    name is passed through safetext.visible: none may send a raw escape sequence."""
+    v = visible
+    title = v(title)
     gpus = Table(box=None, expand=True, header_style="bold")
     for col in ("GPU", "NAME", "UTIL", "MEMORY", "HELD BY"):
         gpus.add_column(col)
@@ -37,13 +42,13 @@ def render(board: service.Dashboard, title: str) -> Group:
         mem = f"{int(d['mem_used']) / 2**30:.1f}/{int(d['mem_total']) / 2**30:.0f} GiB" \
             if "mem_total" in d else "-"
         if row.foreign:
-            who = Text(row.foreign, style="bold red")
+            who = Text(v(row.foreign), style="bold red")
         elif row.holders:
-            who = Text(", ".join(f"job {j.id} {j.spec.command_line()[:40]}"
-                                 for j in row.holders), style="green")
+            who = Text(v(", ".join(f"job {j.id} {j.spec.command_line()[:40]}"
+                                   for j in row.holders)), style="green")
         else:
             who = Text("free", style="dim")
-        gpus.add_row(str(row.id), str(d.get("name", "-")),
+        gpus.add_row(str(row.id), Text(v(str(d.get("name", "-")))),
                      f"{d['util']}%" if "util" in d else "-", mem, who)
     running = Table(box=None, expand=True, header_style="bold")
     for col in ("ID", "STATE", "PRI", "GPUS", "ELAPSED", "COMMAND", "LAST LOG LINE"):
@@ -53,15 +58,15 @@ def render(board: service.Dashboard, title: str) -> Group:
         running.add_row(str(job.id), Text(job.state.value, style=STYLES[job.state.value]),
                         str(job.spec.priority),
                         ",".join(map(str, job.assigned_gpus or ())) or "cpu",
-                        output.since(job.started_at), Text(job.spec.command_line()),
-                        Text(line, style="dim"))
+                        output.since(job.started_at), Text(v(job.spec.command_line())),
+                        Text(v(line), style="dim"))
     queue = Table(box=None, expand=True, header_style="bold")
     for col in ("#", "ID", "PRI", "GPUS", "TAG", "COMMAND", "WAITING"):
         queue.add_column(col, overflow="ellipsis", no_wrap=True,
                          min_width=MIN_WIDTH.get(col), ratio=RATIO.get(col))
     for n, job in enumerate(board.queue, 1):
         queue.add_row(str(n), str(job.id), str(job.spec.priority), job.spec.gpus.describe(),
-                      Text(job.spec.tag or ""), Text(job.spec.command_line()),
+                      Text(v(job.spec.tag or "")), Text(v(job.spec.command_line())),
                       output.since(job.spec.submitted_at))
     done = Table(box=None, expand=True, header_style="bold")
     for col in ("ID", "STATE", "EXIT", "RAN", "ENDED", "COMMAND"):
@@ -73,7 +78,7 @@ def render(board: service.Dashboard, title: str) -> Group:
             code = f"sig {job.signal}"
         done.add_row(str(job.id), Text(job.state.value, style=STYLES[job.state.value]), code,
                      output.since(job.started_at, job.ended_at) if job.started_at else "-",
-                     (job.ended_at or "")[11:19], Text(job.spec.command_line()))
+                     Text(v((job.ended_at or "")[11:19])), Text(v(job.spec.command_line())))
     daemon = board.daemon
     head = Text(f"git tq top — {title} — ", style="bold")
     head.append(f"daemon pid {daemon['pid']}" if daemon else

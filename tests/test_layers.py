@@ -24,10 +24,11 @@ LAYERS: list[set[str]] = [
     {"output"},  # CLI-side rendering
     {"service"},
     {"daemon"},
-    {"scheduler", "supervisor", "client"},
+    {"scheduler", "supervisor", "client", "server", "jobtree"},
     {"store", "snapshot"},
+    {"localjobs"},  # the trust boundary: what this user submitted here
     {"lifecycle", "recordfmt", "home", "gpus", "gitrepo", "procs", "envs"},
-    {"model", "errors", "__init__"},
+    {"model", "errors", "safetext", "__init__"},
 ]
 UI_LIBRARIES = {"click", "rich", "prompt_toolkit"}
 UI_MODULES = {"cli", "__main__", "entry", "output", "top", "console"}

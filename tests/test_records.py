@@ -156,14 +156,14 @@ def test_environment_never_reaches_git_objects(repo: Path) -> None:
     files = list(Path(os.environ["TQ_HOME"]).glob("jobs/*/*.json"))
     assert len(files) == 1 and files[0].stat().st_mode & 0o777 == 0o600
     assert files[0].parent.stat().st_mode & 0o777 == 0o700
-    assert json.loads(files[0].read_text())["env"]["MY_API_TOKEN"] == secret
+    assert json.loads(files[0].read_text())["environ"]["MY_API_TOKEN"] == secret
 
 
 def test_captured_environment_drops_repository_variables(repo: Path) -> None:
     gitdir = str(repo / ".git")
     tq(repo, "run", "--cpu", "true", env={"GIT_DIR": gitdir, "GIT_WORK_TREE": str(repo)})
     saved = json.loads(next(Path(os.environ["TQ_HOME"]).glob("jobs/*/*.json")).read_text())
-    assert "GIT_DIR" not in saved["env"] and "GIT_WORK_TREE" not in saved["env"]
+    assert "GIT_DIR" not in saved["environ"] and "GIT_WORK_TREE" not in saved["environ"]
 
 
 def test_notes_interoperate_with_git_notes(repo: Path) -> None:
@@ -199,7 +199,9 @@ def test_foreign_record_is_skipped_with_a_warning(repo: Path) -> None:
     tq(repo, "run", "-q", "--cpu", "true")
     p = tq(repo, "ls", "--all", "--json")
     assert [j["id"] for j in json.loads(p.stdout)] == [6]
-    assert "refs/tq/jobs/5" in p.stderr
+    assert "1 job record is unreadable" in p.stderr
+    text = tq(repo, "ls", "--all").stdout
+    assert "5" in text and "(unreadable: not a valid tq job record (no Tq-Format))" in text
 
 
 def test_record_cache_is_only_a_cache(repo: Path) -> None:

@@ -111,19 +111,27 @@ def test_ignore_rules(repo: Path, tmp_path: Path) -> None:
         assert ignored not in files
 
 
-def test_submodule_is_a_gitlink_and_dirty_one_warns(repo: Path, make_repo) -> None:  # type: ignore[no-untyped-def]
+def test_submodule_is_captured_with_its_changes(repo: Path, make_repo) -> None:  # type: ignore[no-untyped-def]
     lib = make_repo("lib")
     git(repo, "submodule", "add", "-q", str(lib), "lib")
     git(repo, "commit", "-qm", "add lib")
     sub_head = git(repo / "lib", "rev-parse", "HEAD").strip()
     p = tq(repo, "run", "--cpu", "true")
     assert "warning" not in p.stderr
-    (repo / "lib" / "train.py").write_text("dirty\n")
-    p = tq(repo, "run", "--cpu", "true")
-    assert "submodule lib has uncommitted changes" in p.stderr
-    tree = git(repo, "rev-parse", "refs/tq/jobs/2^{tree}").strip()
+    tree = git(repo, "rev-parse", "refs/tq/jobs/1^{tree}").strip()
     assert git(repo, "ls-tree", tree, "lib").split()[:3] == ["160000", "commit", sub_head]
     assert tree == reference_tree(repo)
+    (repo / "lib" / "train.py").write_text("dirty\n")
+    p = tq(repo, "run", "--cpu", "true")
+    assert "warning" not in p.stderr
+    tree = git(repo, "rev-parse", "refs/tq/jobs/2^{tree}").strip()
+    mode, kind, inner = git(repo, "ls-tree", tree, "lib").split()[:3]
+    assert (mode, kind) == ("160000", "commit") and inner != sub_head
+    # The submodule's snapshot is a commit of its own repository, kept reachable there.
+    assert git(repo / "lib", "show", f"{inner}:train.py") == "dirty\n"
+    assert git(repo / "lib", "rev-parse", f"{inner}^").strip() == sub_head
+    assert git(repo / "lib", "rev-parse", f"refs/tq/snapshots/{inner}").strip() == inner
+    assert git(repo / "lib", "status", "--porcelain") == " M train.py\n"  # untouched
 
 
 def test_nested_repository(repo: Path, make_repo) -> None:  # type: ignore[no-untyped-def]

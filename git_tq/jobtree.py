@@ -1,0 +1,205 @@
+"""A job's worktree: everything the job must see beyond `git worktree add` of its commit.
+
+`git worktree add` gives the submission commit's files. This module adds what
+the user had on disk that a plain checkout would miss, so the job sees exactly
+the code on disk at submission:
+
+- submodules and nested repositories, at the commits their snapshots made
+  (uncommitted changes included), checked out as plain files;
+- in a sparse checkout, every file the user had on disk outside the cone (the
+  rest stays sparse);
+- symlinks whose relative target leaves the repository (`data -> ../data`):
+  the worktree lives elsewhere, so they get the absolute target the user's
+  link resolved to; the record keeps the link as written;
+- links to the source tree's ignored top-level entries and `tq.link` paths,
+  kept out of the job's `git status` by an excludes file of its own.
+
+Every git process here runs none of the repository's hooks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Optional
+
+from git_tq.errors import TqError
+from git_tq.gitrepo import run_git, without_repo_vars
+from git_tq.localjobs import LocalSpec
+
+NO_HOOKS = ("-c", "core.hooksPath=/dev/null")
+
+
+def _git(args: Sequence[str], cwd: str, env: Optional[Mapping[str, str]] = None,
+         input: Optional[bytes] = None, check: bool = True) -> bytes:
+    base = without_repo_vars(os.environ) if env is None else dict(env)
+    return run_git([*NO_HOOKS, *args], cwd, env=base, input=input, check=check).stdout
+
+
+def complete(common: str, path: str, spec: LocalSpec, config: Mapping[str, str]) -> None:
+    """Make the checked-out worktree at `path` what the job must see."""
+    checkout_nested(path, spec.nested)
+    if spec.present:
+        checkout_present(path, spec.present)
+    absolute_outside_links(path, spec.source_dir)
+    link_ignored(common, path, spec.source_dir, config)
+
+
+def checkout_nested(path: str, nested: Sequence[tuple[str, str, str]]) -> None:
+    """Write each nested repository's snapshot into its folder, outer ones first."""
+    for rel, git_dir, commit in nested:
+        target = os.path.join(path, rel)
+        real_root = os.path.realpath(path)
+        if os.path.commonpath([os.path.realpath(target), real_root]) != real_root:
+            raise TqError(f"the nested repository {rel} would land outside the worktree")
+        os.makedirs(target, exist_ok=True)
+        index = os.path.join(os.path.dirname(path), f".tq-nested.{os.getpid()}."
+                                                   f"{os.urandom(4).hex()}")
+        env = {**without_repo_vars(os.environ), "GIT_INDEX_FILE": index}
+        try:
+            p = run_git([*NO_HOOKS, "--git-dir", git_dir, "--work-tree", target, "read-tree",
+                         "--end-of-options", commit], target, env=env, check=False)
+            if p.returncode != 0:
+                raise TqError(f"the nested repository {rel} lacks its snapshot commit "
+                              f"{commit[:12]} (was {git_dir} moved or cleaned?)")
+            _git(["--git-dir", git_dir, "--work-tree", target, "checkout-index", "-a", "-f"],
+                 target, env=env)
+        finally:
+            for leftover in (index, index + ".lock"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+
+
+def checkout_present(path: str, present: Sequence[str]) -> None:
+    """Check out the files the user had on disk that the worktree's sparsity leaves out."""
+    listing = _git(["ls-files", "-t", "-z"], path).decode(errors="surrogateescape")
+    wanted = set(present)
+    missing = [e[2:] for e in listing.split("\0") if e.startswith("S ") and e[2:] in wanted]
+    if not missing:
+        return
+    data = "".join(f"{m}\0" for m in missing).encode(errors="surrogateescape")
+    _git(["update-index", "--no-skip-worktree", "-z", "--stdin"], path, input=data)
+    _git(["checkout-index", "-f", "-z", "--stdin"], path, input=data)
+
+
+def outside_links(git_dir_args: Sequence[str], cwd: str, commit: str) -> list[tuple[str, str]]:
+    """(path, target as written) of every symlink in `commit` whose relative target
+    leaves the repository."""
+    listing = run_git([*git_dir_args, "ls-tree", "-r", "-z", "--end-of-options", commit], cwd,
+                      env=without_repo_vars(os.environ)).stdout.decode(errors="surrogateescape")
+    links = []
+    for entry in listing.split("\0"):
+        if entry.startswith("120000 "):
+            meta, rel = entry.split("\t", 1)
+            links.append((rel, meta.split()[2]))
+    if not links:
+        return []
+    batch = run_git([*git_dir_args, "cat-file", "--batch"], cwd, env=without_repo_vars(
+        os.environ), input="".join(f"{blob}\n" for _, blob in links).encode()).stdout
+    found = []
+    pos = 0
+    for rel, _ in links:
+        header_end = batch.index(b"\n", pos)
+        size = int(batch[pos:header_end].split()[2])
+        target = batch[header_end + 1: header_end + 1 + size].decode(errors="surrogateescape")
+        pos = header_end + 1 + size + 1
+        if os.path.isabs(target):
+            continue
+        resolved = os.path.normpath(os.path.join(os.path.dirname(rel), target))
+        if resolved == ".." or resolved.startswith("../"):
+            found.append((rel, target))
+    return found
+
+
+def absolute_outside_links(path: str, source_dir: str) -> None:
+    """Point each link that leaves the repository where the user's link pointed."""
+    if not source_dir:
+        return
+    for rel, target in outside_links([], path, "HEAD"):
+        link = os.path.join(path, rel)
+        if not os.path.islink(link):
+            continue
+        os.unlink(link)
+        os.symlink(os.path.normpath(os.path.join(source_dir, os.path.dirname(rel), target)),
+                   link)
+        # The job's `git status` should not report the rewritten link as modified.
+        _git(["update-index", "--assume-unchanged", "--", rel], path, check=False)
+
+
+def link_ignored(common: str, path: str, source: str, config: Mapping[str, str]) -> list[str]:
+    """Symlink the source tree's top-level ignored entries (data, checkpoints, .env)
+    and every `tq.link` path into the job's worktree; the names linked."""
+    if not source or not os.path.isdir(source):
+        return []
+    names: list[str] = []
+    if config.get("tq.linkignored", "true").lower() not in ("false", "no", "0"):
+        out = _git(["ls-files", "--others", "--ignored", "--exclude-standard", "--directory",
+                    "--no-empty-directory"], source, check=False)
+        for line in out.decode(errors="replace").splitlines():
+            top = line.rstrip("/")
+            if top and "/" not in top:
+                names.append(top)
+    out = _git(["config", "--get-all", "tq.link"], source, check=False)
+    names += [n.strip().strip("/") for n in out.decode().splitlines() if n.strip()]
+    linked = []
+    for name in names:
+        src, dst = os.path.join(source, name), os.path.join(path, name)
+        if os.path.realpath(src).startswith(os.path.realpath(source) + os.sep) and \
+                os.path.lexists(src) and not os.path.lexists(dst):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.symlink(src, dst)
+            linked.append(name)
+    if linked:
+        write_excludes(path, source, linked)
+    return linked
+
+
+def excludes_file(path: str) -> Optional[str]:
+    """The job's own excludes file, in its worktree's admin folder (gone with it)."""
+    try:
+        with open(os.path.join(path, ".git"), encoding="utf-8") as fh:
+            first = fh.readline().strip()
+    except OSError:
+        return None
+    if not first.startswith("gitdir: "):
+        return None
+    admin = os.path.join(path, first[len("gitdir: "):])
+    return os.path.join(admin, "tq-exclude")
+
+
+def write_excludes(path: str, source: str, linked: Sequence[str]) -> None:
+    """An excludes file for the job's git: the user's own global excludes, plus the
+    links we placed (a `data/` pattern does not match a symlink named `data`).
+    Per-worktree excludes do not exist in git (info/exclude is shared), so the job
+    gets it through its environment (see `job_git_config`)."""
+    target = excludes_file(path)
+    if target is None:
+        return
+    own = _git(["config", "--path", "core.excludesFile"], source, check=False).decode().strip()
+    if not own:
+        xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+        own = os.path.join(xdg, "git", "ignore")
+    try:
+        with open(own, encoding="utf-8", errors="surrogateescape") as fh:
+            base = fh.read()
+    except OSError:
+        base = ""
+    text = base + ("\n" if base and not base.endswith("\n") else "") + \
+        "# git tq: links to the source tree's ignored paths\n" + \
+        "".join(f"/{name}\n" for name in linked)
+    with open(target, "w", encoding="utf-8", errors="surrogateescape") as fh:
+        fh.write(text)
+
+
+def job_git_config(path: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """Environment entries that make git in the job use its excludes file, appended to
+    any GIT_CONFIG_COUNT settings the job already has."""
+    target = excludes_file(path)
+    if target is None or not os.path.exists(target):
+        return {}
+    try:
+        count = int(environ.get("GIT_CONFIG_COUNT", "0"))
+    except ValueError:
+        count = 0
+    return {"GIT_CONFIG_COUNT": str(count + 1), f"GIT_CONFIG_KEY_{count}": "core.excludesFile",
+            f"GIT_CONFIG_VALUE_{count}": target}

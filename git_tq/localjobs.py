@@ -1,0 +1,236 @@
+"""What this user submitted on this machine: the private job store and the ledger of tips.
+
+This is the trust boundary. A job ref in a repository can come from anywhere
+(a fetch, a push, a hand edit), so nothing in a record decides whether a job
+is ours. Instead, per repository, the tq home holds (0700 folders, 0600 files)::
+
+    <home>/jobs/<repo key>/<submission oid>.json   what to run: command, cwd, -e, the
+                                                   environment (kept until the job ends)
+    <home>/jobs/<repo key>/ledger                  for each of our jobs: its submission
+                                                   commit and the tip we last wrote
+    <home>/jobs/<repo key>/ledger.lock             serialises our writers (flock)
+
+A private record is named by the submission commit that the submitting process
+created itself, never by a trailer. A job is *local* when the ledger knows its
+id and the ref's tip is the tip we last wrote (or the one we were about to
+write when we stopped); *tampered* when the ledger knows it but the tip is
+something else (moved by a fetch or by hand); *fetched* when the ledger does
+not know it. Only local jobs run, get written to, or fire hooks.
+
+The ledger is a journal, like git's reflogs: one line per write, appended
+under the lock (`<id> <submission> <tip> <next or ->`, or `<id> -` when a job
+is forgotten); the last line for an id wins, a torn last line is ignored, and
+the daemon compacts it (temp file + rename, under the lock) when mostly
+superseded. A writer first
+appends "tip T, about to write N", then moves the ref (compare-and-swap), then
+appends "tip N" (or restores the old line if the swap lost), so a crash at any
+point leaves the ref and the ledger agreeing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from git_tq.home import ensure_private_dir, repo_key, write_private_file
+
+_OID = r"[0-9a-f]{40}(?:[0-9a-f]{24})?"
+_LINE = re.compile(rf"([1-9][0-9]{{0,17}}) (?:({_OID}) ({_OID}|-) ({_OID}|-)|-)\Z")
+_OID_ONLY = re.compile(rf"{_OID}\Z")
+COMPACT_BYTES = 256 * 1024
+
+LOCAL, FETCHED, TAMPERED = "local", "fetched", "tampered"
+
+
+def is_oid(text: object) -> bool:
+    """Full lowercase hex of a SHA-1 or SHA-256 object id (never an option or a path)."""
+    return isinstance(text, str) and _OID_ONLY.match(text) is not None
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What we know of one of our jobs: its submission commit and the tips we wrote."""
+
+    submission: str
+    tip: Optional[str]  # the tip we last wrote (None: creation not finished)
+    next: Optional[str]  # a tip we were about to write (compare-and-swap in flight)
+
+    def trusts(self, tip: str) -> bool:
+        return tip in (self.tip, self.next)
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """The private record of a job: what the daemon runs (never read from git)."""
+
+    submission: str
+    command: tuple[str, ...]
+    shell: bool
+    cwd: str
+    env_name: Optional[str]
+    source_dir: str  # the work tree it was submitted from (for TQ_SOURCE_DIR and links)
+    environ: dict[str, str]
+    # Submodules and nested repositories: (path, their git dir, the commit to check out).
+    nested: tuple[tuple[str, str, str], ...] = ()
+    # In a sparse checkout: the files the user had on disk (the job gets them all).
+    present: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": 2, "submission": self.submission, "command": list(self.command),
+                "shell": self.shell, "cwd": self.cwd, "env_name": self.env_name,
+                "source_dir": self.source_dir, "environ": self.environ,
+                "nested": [list(n) for n in self.nested], "present": list(self.present)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LocalSpec:
+        command = data["command"]
+        environ = data["environ"]
+        if not (isinstance(command, list) and command
+                and all(isinstance(w, str) for w in command)):
+            raise ValueError("bad command")
+        if not (isinstance(environ, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in environ.items())):
+            raise ValueError("bad environment")
+        env_name = data.get("env_name")
+        nested = tuple((str(p), str(d), str(c)) for p, d, c in data.get("nested", []))
+        if not all(is_oid(c) for _, _, c in nested):
+            raise ValueError("bad nested commit")
+        return cls(str(data["submission"]), tuple(command), bool(data["shell"]),
+                   str(data["cwd"]), None if env_name is None else str(env_name),
+                   str(data["source_dir"]), dict(environ), nested,
+                   tuple(str(p) for p in data.get("present", [])))
+
+
+class LocalJobs:
+    """One repository's private store and ledger in a tq home."""
+
+    def __init__(self, home_path: str, common_dir: str) -> None:
+        self.folder = os.path.join(home_path, "jobs", repo_key(common_dir))
+        self.ledger_path = os.path.join(self.folder, "ledger")
+        self._cache: tuple[int, int, dict[int, LedgerEntry], int] = (-1, 0, {}, 0)
+
+    # --- the private records --------------------------------------------------
+
+    def spec_path(self, submission: str) -> str:
+        if not is_oid(submission):  # a path is built only from an object id we made
+            raise ValueError(f"not an object id: {submission!r}")
+        return os.path.join(self.folder, f"{submission}.json")
+
+    def save_spec(self, spec: LocalSpec) -> None:
+        ensure_private_dir(self.folder)
+        write_private_file(self.spec_path(spec.submission), json.dumps(spec.to_json()).encode())
+
+    def load_spec(self, submission: str) -> Optional[LocalSpec]:
+        try:
+            with open(self.spec_path(submission), encoding="utf-8") as fh:
+                return LocalSpec.from_json(json.load(fh))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def drop_spec(self, submission: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            os.unlink(self.spec_path(submission))
+
+    # --- the ledger -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the repository's writer lock (every ref write of ours happens inside)."""
+        ensure_private_dir(self.folder)
+        fd = os.open(os.path.join(self.folder, "ledger.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def entries(self) -> dict[int, LedgerEntry]:
+        """Every job of ours by id. Only bytes appended since the last call are read."""
+        try:
+            fd = os.open(self.ledger_path, os.O_RDONLY)
+        except FileNotFoundError:
+            self._cache = (-1, 0, {}, 0)
+            return {}
+        try:
+            st = os.fstat(fd)
+            inode, offset, known, lines = self._cache
+            if st.st_ino != inode or st.st_size < offset:
+                offset, known, lines = 0, {}, 0
+            else:
+                known = dict(known)
+            os.lseek(fd, offset, os.SEEK_SET)
+            chunks = []
+            while True:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
+        end = data.rfind(b"\n") + 1  # a torn last line waits (or is ignored for ever)
+        for raw in data[:end].split(b"\n")[:-1]:
+            lines += 1
+            m = _LINE.match(raw.decode("ascii", errors="replace"))
+            if not m:
+                continue
+            job_id = int(m.group(1))
+            if m.group(2) is None:
+                known.pop(job_id, None)
+            else:
+                tip, nxt = m.group(3), m.group(4)
+                known[job_id] = LedgerEntry(m.group(2), None if tip == "-" else tip,
+                                            None if nxt == "-" else nxt)
+        self._cache = (st.st_ino, offset + end, known, lines)
+        return dict(known)
+
+    def entry(self, job_id: int) -> Optional[LedgerEntry]:
+        return self.entries().get(job_id)
+
+    def trust(self, job_id: int, tip: str,
+              entries: Optional[Mapping[int, LedgerEntry]] = None) -> str:
+        """LOCAL, FETCHED or TAMPERED for the record at `tip` of job `job_id`."""
+        entry = (self.entries() if entries is None else entries).get(job_id)
+        if entry is None:
+            return FETCHED
+        return LOCAL if entry.trusts(tip) else TAMPERED
+
+    def record(self, job_id: int, entry: Optional[LedgerEntry]) -> None:
+        """Append the new state of one job's entry (None: forgotten). Hold `locked()`."""
+        if entry is None:
+            line = f"{job_id} -\n"
+        else:
+            for oid in (entry.submission, entry.tip, entry.next):
+                if oid is not None and not is_oid(oid):
+                    raise ValueError(f"not an object id: {oid!r}")
+            line = f"{job_id} {entry.submission} {entry.tip or '-'} {entry.next or '-'}\n"
+        ensure_private_dir(self.folder)
+        fd = os.open(self.ledger_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def compact_if_sparse(self) -> bool:
+        """Rewrite the journal with one line per job when most lines are superseded.
+
+        Called by the daemon after a cycle: its incremental read makes the check free,
+        where a short-lived command would have to parse the whole journal.
+        """
+        live = self.entries()
+        lines = self._cache[3]
+        if self._cache[1] < COMPACT_BYTES or lines < 4 * max(len(live), 1):
+            return False
+        with self.locked():
+            live = self.entries()  # what was appended meanwhile, too
+            text = "".join(f"{i} {e.submission} {e.tip or '-'} {e.next or '-'}\n"
+                           for i, e in sorted(live.items()))
+            write_private_file(self.ledger_path, text.encode())
+        self._cache = (-1, 0, {}, 0)
+        return True
