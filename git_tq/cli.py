@@ -683,12 +683,20 @@ def requeue(job: str, command: tuple[str, ...], quiet: bool) -> None:
 @cli.command(context_settings=CONTEXT)
 @click.option("--restore", is_flag=True,
               help="Move each tampered job ref back to the record git tq last wrote.")
+@click.option("--adopt", "adopt", metavar="JOB", multiple=True,
+              help="Vouch for a job an older git tq queued here (it shows as fetched).")
 @json_option
-def doctor(restore: bool, as_json: bool) -> None:
+def doctor(restore: bool, adopt: tuple[str, ...], as_json: bool) -> None:
     """Explain job records that are tampered, unreadable, or not yours."""
     from git_tq import output, service
 
-    found = service.doctor(open_context(), restore=restore)
+    ctx = open_context()
+    for token in adopt:
+        first = service.adopt(ctx, token)
+        say(f"job {first.id} adopted: it is yours again and runs {first.spec.command_line()}")
+    if adopt:
+        return
+    found = service.doctor(ctx, restore=restore)
     if as_json:
         output.print_json([{"job": f.job, "problem": f.problem, "explanation": f.explanation,
                             "fix": f.fix} for f in found])

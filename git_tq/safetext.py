@@ -81,6 +81,8 @@ def visible_stream(chunks: Iterable[bytes]) -> Iterator[bytes]:
 def json_safe(encoded: str) -> str:
     """JSON text (from json.dumps with ensure_ascii=False) with DEL, C1 controls,
     bidi controls and lone surrogates written as \\uNNNN escapes; still the same JSON."""
+    if encoded.isascii() and "\x7f" not in encoded:  # the common case, scanned in C
+        return encoded
     if _JSON_UNSAFE.search(encoded) is None:
         return encoded
     return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", encoded)

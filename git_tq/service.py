@@ -20,6 +20,7 @@ from git_tq.errors import (
     BadSpec,
     DirtyWorkTree,
     InvalidTransition,
+    NotOurs,
     TqError,
     UsageError,
 )
@@ -344,6 +345,55 @@ class Finding:
     fix: str
 
 
+def adopt(ctx: Context, token: str) -> Job:
+    """Vouch for a job that git tq queued here before it kept a ledger (it shows as
+    fetched): it becomes local again, with the command of its submission commit.
+
+    Only a job with this user's private record from then (named by its submission
+    commit) can be adopted, and what it will run is read from that submission commit
+    (content-addressed: exactly what was submitted), never from later records.
+    """
+    import json
+
+    from git_tq import recordfmt
+    from git_tq.home import repo_key
+    from git_tq.localjobs import LedgerEntry, is_oid
+
+    job = ctx.store.resolve(token)
+    trust = ctx.store.trust(job)
+    if trust != FETCHED:
+        raise TqError(f"job {job.id} is {trust}: nothing to adopt"
+                      + ("; git tq doctor --restore puts it back" if trust == TAMPERED else ""))
+    submission = ctx.store.submission(job)
+    legacy = os.path.join(ctx.home.path, "jobs", repo_key(ctx.repo.common_dir),
+                          f"{submission}.json")
+    if not is_oid(submission) or not os.path.isfile(legacy):
+        raise NotOurs(f"job {job.id} was not submitted here by you (no private record of it "
+                      "in the tq home): it cannot be adopted; requeue it with a command")
+    try:
+        with open(legacy, encoding="utf-8") as fh:
+            data = json.load(fh)
+        environ = {str(k): str(v) for k, v in dict(data.get("env") or {}).items()}
+        source_dir = str(data.get("worktree") or "")
+        message = ctx.repo.out("cat-file", "commit", submission).partition("\n\n")[2]
+        first = recordfmt.decode(message, submission)
+    except (OSError, ValueError, TypeError, AttributeError, recordfmt.RecordFormatError) as exc:
+        raise TqError(f"job {job.id}: its old private record is unreadable ({exc})") from None
+    spec = first.spec
+    with ctx.local.locked():
+        if ctx.repo.resolve_ref(job.ref) != job.tip:
+            raise TqError(f"job {job.id} changed meanwhile; try again")
+        # The old file has the new one's name: it goes first, the new one replaces it.
+        if job.state.active:
+            ctx.local.save_spec(LocalSpec(submission, spec.command, spec.shell, spec.cwd,
+                                          spec.env, source_dir, without_repo_vars(environ)))
+        else:
+            os.unlink(legacy)
+        ctx.local.record(job.id, LedgerEntry(submission, job.tip, None))
+    wake_daemon(ctx)
+    return first
+
+
 def doctor(ctx: Context, *, restore: bool = False) -> list[Finding]:
     """Records that are not what this user wrote, and why; with `restore`, move each
     tampered ref back to the record we last wrote (compare-and-swap)."""
@@ -377,6 +427,17 @@ def doctor(ctx: Context, *, restore: bool = False) -> list[Finding]:
                 f"git tq doctor --restore (or: git update-ref refs/tq/jobs/{job.id} {ours} "
                 f"{job.tip})"))
         elif trust == FETCHED and job.state.active:
+            from git_tq.home import repo_key
+
+            legacy = os.path.join(ctx.home.path, "jobs", repo_key(ctx.repo.common_dir),
+                                  f"{job.snapshot}.json")
+            if os.path.isfile(legacy):
+                found.append(Finding(
+                    str(job.id), "queued by an older git tq",
+                    f"job {job.id} ({job.state.value}) was queued here before git tq kept a "
+                    "ledger of its records, so it is treated as fetched and does not run",
+                    f"check it (git tq show {job.id}), then: git tq doctor --adopt {job.id}"))
+                continue
             found.append(Finding(
                 str(job.id), "fetched",
                 f"job {job.id} ({job.state.value}) was not submitted here by you "

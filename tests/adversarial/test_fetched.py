@@ -282,3 +282,35 @@ def test_unknown_records_are_warned_about_once(scene: Scene) -> None:
     log = (Path(os.environ["TQ_HOME"]) / "daemon.log").read_text()
     assert log.count("is unreadable") == 100
     assert scene.crafted_markers() == []
+
+
+def test_jobs_of_an_older_git_tq_are_adopted_with_their_submitted_command(
+        scene: Scene) -> None:
+    victim = scene.victim
+    own = int(tq(victim, "run", "-q", "--cpu", "python", "wait.py", str(scene.marker("old")),
+                 env={"GITHUB_TOKEN": SECRET}).stdout)
+    # What an older git tq left: a private file named by the submission, no ledger.
+    folder = next((Path(os.environ["TQ_HOME"]) / "jobs").iterdir())
+    spec_file = next(folder.glob("*.json"))
+    spec = json.loads(spec_file.read_text())
+    (folder / "ledger").unlink()
+    spec_file.write_text(json.dumps({"repo": "x", "snapshot": spec["submission"],
+                                     "worktree": spec["source_dir"], "env": spec["environ"]}))
+    # ... and a teammate appended a record with another command to that job's ref.
+    git(scene.teammate, "fetch", "-q", "origin", "refs/tq/*:refs/tq/*")
+    tip = git(scene.teammate, "rev-parse", f"refs/tq/jobs/{own}").strip()
+    scene.plant(f"refs/tq/jobs/{own}", craft(scene.teammate, record(
+        own, scene.marker("evil-adopt"), Snapshot=spec["submission"]), parent=tip))
+    scene.fetch()
+    assert tq_json(victim, "show", str(own))["trust"] == "fetched"  # type: ignore[index]
+    p = tq(victim, "doctor", check=False)
+    assert f"git tq doctor --adopt {own}" in p.stdout
+    p = tq(victim, "doctor", "--adopt", str(own))
+    assert "python wait.py" in p.stdout and "touch" not in p.stdout
+    assert tq_json(victim, "show", str(own))["trust"] == "local"  # type: ignore[index]
+    start_daemon(victim)
+    wait_until(lambda: scene.marker("old").exists(), timeout=30)
+    assert scene.marker("old").read_text() == SECRET
+    assert scene.crafted_markers() == []
+    assert "cannot be adopted" in tq(victim, "doctor", "--adopt", "1", check=False).stderr or \
+        "nothing to adopt" in tq(victim, "doctor", "--adopt", "1", check=False).stderr
