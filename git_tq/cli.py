@@ -120,7 +120,7 @@ def cli(ctx: click.Context) -> None:
 @click.option("-p", "--priority", type=int, default=None,
               help="Priority: a smaller number runs first and preempts larger ones [100].")
 @click.option("-g", "--grace", type=click.IntRange(min=0), default=None,
-              help="Seconds between SIGTERM and SIGKILL when preempted [180].")
+              help="Seconds between the stop signal and SIGKILL when preempted [180].")
 @click.option("-t", "--tag", help="A short label (also used in the log file name).")
 @click.option("-e", "--env", "env_name", help="Conda env name, or a virtualenv/conda prefix path.")
 @click.option("--gpu", "gpu_ids", metavar="IDS", help="Exactly these GPUs, e.g. 0 or 0,1.")
@@ -129,11 +129,15 @@ def cli(ctx: click.Context) -> None:
 @click.option("--cpu", is_flag=True, help="No GPU: run in a CPU slot.")
 @click.option("--sh", "shell", flag_value=True, default=None,
               help="Run the command through `sh -c` (automatic for one quoted string).")
+@click.option("--signal", "stop_signal", metavar="SIG",
+              help="The signal that stops the job (TERM, USR1, INT or a number) "
+                   "[tq.stopSignal, else TERM].")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the job id.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 def run(priority: Optional[int], grace: Optional[int], tag: Optional[str],
         env_name: Optional[str], gpu_ids: Optional[str], gpu_count: Optional[int], cpu: bool,
-        shell: Optional[bool], quiet: bool, command: tuple[str, ...]) -> None:
+        shell: Optional[bool], stop_signal: Optional[str], quiet: bool,
+        command: tuple[str, ...]) -> None:
     """Snapshot the work tree and queue COMMAND as a job.
 
     Options end at the first word that is not an option (or at `--`).
@@ -147,6 +151,7 @@ def run(priority: Optional[int], grace: Optional[int], tag: Optional[str],
         priority=DEFAULT_PRIORITY if priority is None else priority,
         grace=DEFAULT_GRACE if grace is None else grace,
         tag=tag, env=env_name, gpu_ids=gpu_ids, gpu_count=gpu_count, cpu=cpu, shell=shell,
+        stop_signal=stop_signal,
     )
     result = service.submit(ctx, req)
     for w in result.warnings:
@@ -202,21 +207,23 @@ def ls_cmd(show_all: bool, states: tuple[str, ...], tags: tuple[str, ...],
         else:
             when = output.since(j.spec.submitted_at) + " ago"
         state = j.state.value
-        if j.state.value == "failed":
-            state += f" ({j.exit_code})" if j.signal is None else f" (sig {j.signal})"
+        if j.state.value == "failed":  # (3), (sig 9), (not started), (lost)
+            state += f" ({j.exit_status})" if j.exit_status is not None else \
+                f" (sig {j.signal})" if j.signal is not None else f" ({j.outcome})"
         if v.trust != "local":
             state = f"{v.trust}: {state}"  # not ours: never run, never written
         gpus = ",".join(map(str, j.assigned_gpus)) if j.assigned_gpus else \
             j.spec.gpus.describe()
-        rows.append([str(j.id), state, str(j.spec.priority), gpus, j.spec.tag or "",
+        rows.append([str(j.id), state, "" if v.pid is None else str(v.pid),
+                     str(j.spec.priority), gpus, j.spec.tag or "",
                      output.shorten(j.spec.command_line(), 60), when,
                      output.shorten(v.note or "", 40)])
         styles.append(output.STATE_STYLES.get(j.state.value) if v.trust == "local" else "dim")
     if show_all:
         for u in listed.unreadable:
-            rows.append([u.name, f"(unreadable: {u.reason})", "", "", "", "", "", ""])
+            rows.append([u.name, f"(unreadable: {u.reason})", "", "", "", "", "", "", ""])
             styles.append("red")
-    output.print_table(["ID", "STATE", "PRI", "GPUS", "TAG", "COMMAND", "TIME", "NOTE"],
+    output.print_table(["ID", "STATE", "PID", "PRI", "GPUS", "TAG", "COMMAND", "TIME", "NOTE"],
                        rows, styles)
 
 
@@ -229,14 +236,20 @@ def show(job: str, as_json: bool) -> None:
 
     detail = service.show_job(open_context(), job)
     data = detail.view.to_json()
+    stops = service.stopped_attempts(detail.lifecycle)
     if as_json:
         data["lifecycle"] = [
             {"commit": c, "event": r.event, "state": r.state.value, "detail": r.detail,
              "at": (r.ended_at or r.started_at or r.spec.submitted_at)
-             if r.event != "submitted" else r.spec.submitted_at}
+             if r.event != "submitted" else r.spec.submitted_at,
+             "attempt": r.attempt, "exit_code": r.exit_code, "signal": r.signal,
+             "stop": r.stop, "stop_seconds": r.stop_seconds}
             for c, r in detail.lifecycle
         ]
+        data["stops"] = [st.to_json() for st in stops]
         data["outside_links"] = [{"path": p, "target": t} for p, t in detail.outside_links]
+        data["kept_worktree"] = detail.kept.path if detail.kept else None
+        data["kept_reason"] = detail.kept.reason if detail.kept else None
         output.print_json(data)
         return
     j, s = detail.view.job, detail.view.job.spec
@@ -244,11 +257,12 @@ def show(job: str, as_json: bool) -> None:
     lines = [
         f"{output.styled(f'job {j.id}', 'bold')}  "
         f"{output.styled(j.state.value, output.STATE_STYLES[j.state.value])}"
-        + (f"  (exit {j.exit_code})" if j.exit_code is not None else "")
-        + (f"  (signal {j.signal})" if j.signal is not None else ""),
+        + (f"  ({j.outcome})" if j.outcome else ""),  # exit N, signal N, not started, lost
         f"command    {e(s.command_line())}" + ("   [sh -c]" if s.shell else ""),
         f"priority   {s.priority}    grace {s.grace}s    gpus {s.gpus.describe()}"
-        + (f" (holding {','.join(map(str, j.assigned_gpus))})" if j.assigned_gpus else ""),
+        + (f" (holding {','.join(map(str, j.assigned_gpus))})" if j.assigned_gpus else "")
+        + (f"    stop {s.stop_signal}" + (" to the group" if s.stop_target == "group" else "")
+           if (s.stop_signal, s.stop_target) != ("SIGTERM", "main") else ""),
         f"tag        {e(s.tag or '-')}    env {e(s.env or '-')}    cwd {e(s.cwd or '.')}",
         f"submitted  {e(s.submitted_at)} by {e(s.user)}@{e(s.host)}"
         + {"local": "", "fetched": "   [fetched: read-only, never runs here]",
@@ -258,11 +272,17 @@ def show(job: str, as_json: bool) -> None:
         f"snapshot   {e(j.snapshot)}  ({j.changes.describe()} vs source)",
         f"attempts   {j.attempt}"
         + (f"    started {e(j.started_at)}" if j.started_at else "")
-        + (f"    ended {e(j.ended_at)}" if j.ended_at else ""),
+        + (f"    ended {e(j.ended_at)}" if j.ended_at else "")
+        + (f"    pid {detail.view.pid}" if detail.view.pid is not None else ""),
         f"log        {e(detail.view.log)}"
-        + (f"  [{e(detail.view.category)}]" if detail.view.category else ""),
+        + (f"  [{e(detail.view.category)}]" if detail.view.category else "")
+        + ("  (not on this machine: the job ran elsewhere)"
+           if detail.view.trust != "local" and not os.path.exists(detail.view.log) else ""),
         f"restore    git tq checkout {j.id}   (or -b BRANCH, --worktree PATH)",
     ]
+    if detail.kept:
+        lines.append(f"worktree   {e(detail.kept.path)}  ({e(detail.kept.reason)}; "
+                     f"git tq gc --kept {j.id} removes it)")
     for path, target in detail.outside_links:
         lines.append(f"link       {e(path)} -> {e(target)}  (leaves the repository: the job "
                      "sees what it pointed to at submission)")
@@ -279,6 +299,9 @@ def show(job: str, as_json: bool) -> None:
         extra = f"  {e(rec.detail)}" if rec.detail else ""
         lines.append(f"  {e(commit[:10])}  {e(rec.event):<12} -> {rec.state.value:<9} "
                      f"{e(at)}{extra}")
+    if stops:
+        lines.append("stops")
+        lines.extend(f"  {e(st.describe())}" for st in stops)
     output.print_markup("\n".join(lines))
 
 
@@ -317,10 +340,10 @@ def log_cmd(revisions: tuple[str, ...], as_json: bool) -> None:
         for v in sorted(en.jobs, key=lambda v: v.job.id):
             j = v.job
             status = j.state.value
-            if j.exit_code is not None:
-                status += f" exit {j.exit_code}"
-            elif j.signal is not None:
-                status += f" signal {j.signal}"
+            if j.state.active:  # a preempted attempt's exit is in `show`'s stops
+                pass
+            elif j.outcome:  # exit 3, signal 9, (not started), (lost)
+                status += f" {j.outcome}" if j.outcome[-1].isdigit() else f" ({j.outcome})"
             runtime = output.since(j.started_at, j.ended_at) if j.started_at else "-"
             bits = [f"  #{j.id:<5}", output.styled(f"{status:<14}",
                                                    output.STATE_STYLES[j.state.value]),
@@ -419,24 +442,30 @@ def rm(jobs: tuple[str, ...], forget: bool, logs: bool, yes: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
+@click.option("--gpu", "gpu_ids", metavar="IDS",
+              help="Only GPU queue IDS: the jobs that asked for exactly these GPUs (--gpu).")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
-def purge(yes: bool) -> None:
-    """Remove every pending job from the queue."""
+def purge(gpu_ids: Optional[str], yes: bool) -> None:
+    """Remove every pending job from the queue (or from one GPU queue)."""
     from git_tq import service
     from git_tq.errors import TqError
+    from git_tq.gpus import parse_gpu_ids
 
     ctx = open_context()
-    pending = service.pending_jobs(ctx)
+    gpus = None if gpu_ids is None else parse_gpu_ids(gpu_ids)
+    where = "the queue" if gpus is None else f"GPU queue {','.join(map(str, gpus))}"
+    pending = service.pending_jobs(ctx, gpus)
     if not pending:
-        click.echo("no pending jobs")
+        click.echo(f"no pending jobs in {where}")
         return
     if not yes:
         if not sys.stdin.isatty():
             raise TqError(f"refusing to purge {len(pending)} pending jobs without -y")
-        if not click.confirm(f"Remove {len(pending)} pending jobs from the queue?"):
+        if not click.confirm(f"Remove {len(pending)} pending jobs from {where}?"):
             click.echo("nothing removed")
             return
-    ids = service.purge(ctx)
+    # Only the jobs counted above: one queued since then stays.
+    ids = service.purge(ctx, gpus=gpus, only={j.id for j in pending})
     click.echo(f"{len(ids)} pending jobs removed: {', '.join(map(str, ids))}")
 
 
@@ -503,10 +532,7 @@ def view(job: str, follow: bool, tail: Optional[int], raw: bool) -> None:
     from git_tq.safetext import visible_stream
 
     ctx = open_context()
-    j, path = service.job_log(ctx, job)
-    if not os.path.exists(path) and not follow:
-        raise TqError(f"job {j.id} has no log yet ({j.state.value}); "
-                      f"`git tq view -f {j.id}` waits for it")
+    j, path = service.log_to_view(ctx, job, follow=follow)  # refused if not here to read
 
     def write(chunks: Iterable[bytes]) -> None:
         for chunk in chunks if raw else visible_stream(chunks):
@@ -570,12 +596,14 @@ def catg(job: str, folder: str) -> None:
 @cli.command(context_settings=CONTEXT)
 @click.option("--once", is_flag=True, help="Print one frame and exit (the default off a "
               "terminal).")
-def top(once: bool) -> None:
+@click.option("-a", "--all", "everywhere", is_flag=True,
+              help="The jobs of every repository of the tq home, not only this one's.")
+def top(once: bool, everywhere: bool) -> None:
     """Live dashboard: GPUs, running jobs, the queue, recent finishes (q quits)."""
     from git_tq import top as dashboard
 
     try:
-        dashboard.run(open_context(), once=once)
+        dashboard.run(open_context(), once=once, everywhere=everywhere)
     except KeyboardInterrupt:
         return
 
@@ -649,7 +677,7 @@ def daemon_status(as_json: bool) -> None:
 @click.argument("jobs", nargs=-1, required=True, shell_complete=complete_jobs)
 @click.option("--now", is_flag=True, help="SIGKILL at once, without the grace period.")
 def kill_cmd(jobs: tuple[str, ...], now: bool) -> None:
-    """Stop running jobs (SIGTERM, grace, SIGKILL) and mark them cancelled."""
+    """Stop running jobs (stop signal, grace, SIGKILL) and mark them cancelled."""
     from git_tq import service
 
     ids = service.kill_jobs(open_context(), jobs, now=now)
@@ -713,12 +741,21 @@ def doctor(restore: bool, adopt: tuple[str, ...], as_json: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-def gc() -> None:
-    """Remove worktrees left by finished jobs."""
+@click.option("--kept", is_flag=True,
+              help="Also remove worktrees kept because their jobs wrote files.")
+@click.argument("jobs", nargs=-1, shell_complete=complete_jobs)
+def gc(kept: bool, jobs: tuple[str, ...]) -> None:
+    """Remove worktrees left by finished jobs (only JOBS', if given)."""
     from git_tq import service
 
-    removed = service.gc(open_context())
-    click.echo(f"removed {len(removed)} worktree{'s' if len(removed) != 1 else ''}")
+    done = service.gc(open_context(), kept=kept, tokens=jobs)
+    n = len(done.removed)
+    click.echo(f"removed {n} worktree{'s' if n != 1 else ''}")
+    for job_id, record in done.kept:
+        say(f"job {job_id}: {record.path} {record.reason}")
+    if done.kept:
+        say(f"(git tq gc --kept{' ' + ' '.join(jobs) if jobs else ''} removes "
+            f"{'them' if len(done.kept) > 1 else 'it'})")
 
 
 # --- entry point -------------------------------------------------------------------

@@ -12,24 +12,28 @@ import shlex
 from collections.abc import Iterable, Sequence
 from typing import Callable, Optional
 
-from prompt_toolkit import PromptSession
+from prompt_toolkit import PromptSession, print_formatted_text
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
+from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.history import FileHistory, InMemoryHistory
 
 from git_tq import service
 from git_tq.errors import TqError
 from git_tq.home import ensure_private_dir, open_private
+from git_tq.output import STATE_STYLES
 from git_tq.safetext import visible
 
 RUN_OPTIONS_WITH_VALUE = {"-p", "--priority", "-g", "--grace", "-t", "--tag", "-e", "--env",
                           "--gpu", "--gpus"}
 RUN_FLAGS = {"--cpu", "--sh", "-q", "--quiet"}
 TRAILING = {"-p", "-g", "-t", "-e"}
+GPU_CHOICES = {"--gpu", "--gpus", "--cpu"}  # a job's own choice: the selected queue yields
 
 HELP: dict[str, dict[str, str]] = {
     "home": {
-        "use IDS": "select the GPU queue new jobs go to (use 0, use 0,1; `use any` clears it)",
+        "use IDS": "select the GPU queue new jobs go to (use 0, use 0,1; `use any` clears it;"
+                   " --gpu/--gpus/--cpu on a line override it)",
         "start / stop": "start or stop the daemon",
         "st": "every queue: running and waiting jobs (git tq st)",
         "q": "Queue mode: the waiting jobs of the selected queue",
@@ -43,7 +47,7 @@ HELP: dict[str, dict[str, str]] = {
     "queue": {
         "ls": "list the waiting jobs again",
         "rm N...": "remove waiting jobs by their number here (rm 1 3, rm 1,3)",
-        "purge": "remove every waiting job (asks first)",
+        "purge": "remove every waiting job of the selected queue (asks first)",
         "back": "back to Home",
     },
     "logs": {
@@ -69,9 +73,28 @@ def run_cli(args: Sequence[str]) -> int:
     return 0
 
 
+def pt_style(style: Optional[str]) -> str:
+    """A rich style (output.STATE_STYLES: "bold green") as prompt_toolkit writes it."""
+    words = []
+    for word in (style or "").split():
+        if word in ("bold", "italic", "underline", "reverse"):
+            words.append(word)
+        elif word == "dim":
+            words.append("ansibrightblack")
+        else:
+            words.append(f"ansi{word}")
+    return " ".join(words)
+
+
 def split_submission(words: list[str]) -> list[str]:
     """`git tq run` arguments for a console line: leading run options stay in front,
     trailing `-p N -g S -t TAG -e ENV` pairs move there too (unless after `--`)."""
+    options, command = split_options(words)
+    return [*options, "--", *command]
+
+
+def split_options(words: list[str]) -> tuple[list[str], list[str]]:
+    """A console line's run options (leading ones, then trailing pairs) and its command."""
     head: list[str] = []
     i = 0
     while i < len(words) and words[i].startswith("-") and words[i] != "--":
@@ -82,12 +105,22 @@ def split_submission(words: list[str]) -> list[str]:
         i += 1
     rest = words[i:]
     if rest[:1] == ["--"]:
-        return head + rest
+        return head, rest[1:]
     tail: list[str] = []
     while len(rest) >= 3 and rest[-2] in TRAILING:
         tail = rest[-2:] + tail
         rest = rest[:-2]
-    return head + tail + ["--", *rest]
+    return head + tail, rest
+
+
+def option_names(options: list[str]) -> list[str]:
+    """The names among run options (`--gpus=2` gives --gpus), values skipped."""
+    names, i = [], 0
+    while i < len(options):
+        name = options[i].split("=", 1)[0]
+        names.append(name)
+        i += 2 if options[i] in RUN_OPTIONS_WITH_VALUE else 1
+    return names
 
 
 class Console:
@@ -99,13 +132,30 @@ class Console:
         # Everything shown goes through safetext: job fields and log names may hold
         # escape sequences (records can come from a teammate's fetched refs).
         self.out: Callable[[str], None] = lambda text: out(visible(text, newlines=True))
+        self.plain = out
+        # Colour as the CLI has it (rich styles, as prompt_toolkit's), unless NO_COLOR.
+        self.color = not os.environ.get("NO_COLOR")
         self.numbers: dict[int, int] = {}  # number shown in Queue/Logs mode -> job id
         self.ask: Callable[[str], str] = input
 
+    def styled(self, parts: Sequence[tuple[str, str]]) -> FormattedText:
+        """(rich style, text) fragments as prompt_toolkit's, every text made safe; the
+        styles dropped under NO_COLOR."""
+        return FormattedText([(pt_style(style) if self.color else "", visible(text))
+                              for style, text in parts])
+
+    def show(self, *parts: tuple[str, str]) -> None:
+        """Print one line of (rich style, text) fragments."""
+        if self.color:
+            print_formatted_text(self.styled(parts))
+        else:
+            self.plain("".join(visible(text) for _, text in parts))
+
     # --- the prompt -----------------------------------------------------------
 
-    def prompt(self) -> str:
-        env = self.env or os.environ.get("CONDA_DEFAULT_ENV") or \
+    def prompt(self) -> FormattedText:
+        env = (os.path.basename(self.env) if self.env and "/" in self.env else self.env) or \
+            os.environ.get("CONDA_DEFAULT_ENV") or \
             os.path.basename(os.environ.get("VIRTUAL_ENV", "")) or ""
         cwd = os.getcwd()
         home = os.path.expanduser("~")
@@ -115,13 +165,14 @@ class Console:
             on = service.daemon_status(service.home_for()) is not None
         except (TqError, OSError):
             on = False
-        text = f"({env}) " if env else ""
-        text += f"{cwd} (tq:{self.gpus or 'any'}|{'ON' if on else 'OFF'})"
+        parts = [("cyan", f"({env}) ")] if env else []
+        parts += [("bold", cwd), ("", " (tq:"), ("yellow", self.gpus or "any"), ("", "|"),
+                  ("bold green", "ON") if on else ("bold red", "OFF"), ("", ")")]
         if self.mode == "queue":
-            text += " [QUEUE]"
+            parts.append(("bold magenta", " [QUEUE]"))
         elif self.mode == "logs":
-            text += f" [LOGS:{self.folder or '/'}]"
-        return visible(text) + " > "
+            parts.append(("bold magenta", f" [LOGS:{self.folder or '/'}]"))
+        return self.styled([*parts, ("", " > ")])
 
     # --- dispatch -----------------------------------------------------------------
 
@@ -169,13 +220,21 @@ class Console:
     # --- Home ------------------------------------------------------------------
 
     def submit(self, words: list[str]) -> None:
-        args = split_submission(words)
+        """Submit a line as a job: to the selected queue and environment, unless the line
+        chooses its own with run options (the command's own words never count: in
+        `python a.py --gpus 2`, --gpus is a.py's)."""
+        options, command = split_options(words)
+        names = option_names(options)
         extra: list[str] = []
-        if self.gpus and not any(a in ("--gpu", "--gpus", "--cpu") for a in args):
+        chosen = [n for n in names if n in GPU_CHOICES]
+        if self.gpus and chosen:
+            self.out(f"note: {' '.join(chosen)} given: this job does not go to the selected "
+                     f"queue {self.gpus}")
+        elif self.gpus:
             extra += ["--gpu", self.gpus]
-        if self.env and "-e" not in args and "--env" not in args:
+        if self.env and "-e" not in names and "--env" not in names:
             extra += ["-e", self.env]
-        run_cli(["run", *extra, *args])
+        run_cli(["run", *extra, *options, "--", *command])
 
     def home_use(self, args: list[str]) -> None:
         if not args:
@@ -184,10 +243,8 @@ class Console:
         choice = ",".join(args)
         if choice in ("any", "-", "none"):
             self.gpus = None
-        else:
-            from git_tq.gpus import parse_gpu_ids
-
-            self.gpus = ",".join(map(str, parse_gpu_ids(choice)))
+        else:  # refused as `run --gpu` refuses it (a GPU this machine lacks): nothing changes
+            self.gpus = ",".join(map(str, service.gpu_queue(service.Context.open(), choice)))
         self.out(f"new jobs go to GPU queue {self.gpus or 'any'}")
 
     def home_start(self, args: list[str]) -> None:
@@ -203,7 +260,12 @@ class Console:
         run_cli(["ls", *args])
 
     def home_env(self, args: list[str]) -> None:
-        self.env = None if not args or args[0] == "-" else args[0]
+        if not args or args[0] == "-":
+            self.env = None
+        else:  # a path is checked as `run -e` checks it; an unknown conda name warned about
+            self.env, warning = service.check_env(args[0], os.getcwd())
+            if warning:
+                self.out(f"git tq: warning: {warning}")
         self.out(f"jobs from here run in {self.env or 'the submitting environment'}")
 
     def home_cd(self, args: list[str]) -> None:
@@ -221,9 +283,10 @@ class Console:
         self.queue_ls(args)
 
     def home_hist(self, args: list[str]) -> None:
-        self.mode = "logs"
-        self.folder = ""
-        self.logs_lcd(args or ["."])
+        new = self.folder_after("", args[0] if args else ".")
+        tree = service.log_tree(service.Context.open(), new or None)  # refused: no change
+        self.mode, self.folder = "logs", tree.folder
+        self.show_tree(tree)
 
     def home_rm(self, args: list[str]) -> None:
         self.out("git tq: rm works in Queue mode (q) or Logs mode (hist)")
@@ -234,18 +297,21 @@ class Console:
     # --- Queue ----------------------------------------------------------------------
 
     def queue_ls(self, args: list[str]) -> None:
+        """The selected queue's waiting jobs (service.in_gpu_queue: those asking for
+        exactly its GPUs), numbered afresh: every change here lists them again."""
         ctx = service.Context.open()
-        pending = service.pending_jobs(ctx)
-        if self.gpus:
-            wanted = tuple(int(g) for g in self.gpus.split(","))
-            pending = [j for j in pending if j.spec.gpus.ids == wanted]
+        wanted = tuple(int(g) for g in self.gpus.split(",")) if self.gpus else None
+        pending = service.pending_jobs(ctx, wanted)
         self.numbers = {n: j.id for n, j in enumerate(pending, 1)}
-        self.out(f"waiting in queue {self.gpus or 'any'}: {len(pending)}")
+        self.show(("bold", f"waiting in queue {self.gpus or 'any'}: {len(pending)}"))
         if pending:
-            self.out(f"{'N':>3}  {'ID':>5}  {'PRI':>4}  {'GRACE':>5}  {'TAG':<12} COMMAND")
+            self.show(("bold", f"{'N':>3}  {'ID':>5}  {'PRI':>4}  {'GRACE':>5}  "
+                               f"{'TAG':<12} COMMAND"))
         for n, j in enumerate(pending, 1):
-            self.out(f"{n:>3}  {j.id:>5}  {j.spec.priority:>4}  {j.spec.grace:>5}  "
-                     f"{(j.spec.tag or '')[:12]:<12} {j.spec.command_line()}")
+            self.show(("yellow", f"{n:>3}"), ("", f"  {j.id:>5}  {j.spec.priority:>4}  "
+                                                  f"{j.spec.grace:>5}  "),
+                      ("blue", f"{(j.spec.tag or '')[:12]:<12}"),
+                      ("", f" {j.spec.command_line()}"))
 
     def _ids(self, args: list[str]) -> Optional[list[str]]:
         ids = []
@@ -263,7 +329,9 @@ class Console:
             self.queue_ls([])
 
     def queue_purge(self, args: list[str]) -> None:
-        run_cli(["purge"])
+        """Purge the selected queue only (all of them when none is selected)."""
+        run_cli(["purge", *(["--gpu", self.gpus] if self.gpus else [])])
+        self.queue_ls([])
 
     def queue_back(self, args: list[str]) -> None:
         self.mode = "home"
@@ -271,32 +339,39 @@ class Console:
     # --- Logs ----------------------------------------------------------------------------
 
     def logs_ls(self, args: list[str]) -> None:
-        ctx = service.Context.open()
-        tree = service.log_tree(ctx, self.folder or None)
+        self.show_tree(service.log_tree(service.Context.open(), self.folder or None))
+
+    def show_tree(self, tree: service.LogFolder) -> None:
+        """A folder of the log tree, numbered afresh (as `git tq hist` shows it)."""
         self.numbers = {e.number: e.view.job.id for e in tree.entries}
-        self.out(f"logs/{self.folder}   <- you are here")
+        self.show(("bold", f"logs/{tree.folder}"), ("dim", "   <- you are here"))
         for name in tree.folders:
-            self.out(f"  {name}/")
+            self.show(("blue", f"  {name}/"))
         for e in tree.entries:
             j = e.view.job
-            note = f"  — {e.view.note}" if e.view.note else ""
-            tag = f" [{j.spec.tag}]" if j.spec.tag else ""
-            self.out(f"  {e.number:>3}. #{j.id:<5} {j.state.value:<9} "
-                     f"{j.spec.submitted_at[:16]}{tag} {os.path.basename(e.path)}{note}")
+            self.show(("", f"  {e.number:>3}. #{j.id:<5} "),
+                      (STATE_STYLES[j.state.value], f"{j.state.value:<9}"),
+                      ("", f" {j.spec.submitted_at[:16]}"),
+                      ("blue", f" [{j.spec.tag}]" if j.spec.tag else ""),
+                      ("", f" {os.path.basename(e.path)}"),
+                      ("bold cyan", f"  — {e.view.note}" if e.view.note else ""))
+
+    def folder_after(self, folder: str, target: str) -> str:
+        """The log folder `lcd target` leads to from `folder` (relative to the log root)."""
+        if target == "..":
+            return "/".join(folder.split("/")[:-1]) if folder else ""
+        if target in (".", "/"):
+            return folder if target == "." else ""
+        return f"{folder}/{target}".strip("/") if not target.startswith("/") \
+            else target.strip("/")
 
     def logs_lcd(self, args: list[str]) -> None:
-        target = args[0] if args else "."
-        if target == "..":
-            new = "/".join(self.folder.split("/")[:-1]) if self.folder else ""
-        elif target in (".", "/"):
-            new = self.folder if target == "." else ""
-        else:
-            new = f"{self.folder}/{target}".strip("/") if not target.startswith("/") \
-                else target.strip("/")
-        ctx = service.Context.open()
-        service.log_folder(ctx, new or None)  # refuses a folder outside the log root
-        self.folder = new
-        self.logs_ls([])
+        new = self.folder_after(self.folder, args[0] if args else ".")
+        # Refuses a folder outside the log root, or one that does not exist: before
+        # anything changes, so a refused lcd leaves the console where it was.
+        tree = service.log_tree(service.Context.open(), new or None)
+        self.folder = tree.folder
+        self.show_tree(tree)
 
     def logs_view(self, args: list[str]) -> None:
         follow = "-f" in args

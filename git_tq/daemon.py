@@ -3,7 +3,8 @@
 It owns the machine's GPUs. Each cycle it reads every repository's job refs,
 records what ended (from the supervisors' exit files), enforces stop
 deadlines, asks the pure `scheduler.plan` what to do, and does it: preempt
-(SIGTERM to the victim's process tree, SIGKILL after the victim's grace) and
+(its stop signal, once, to the victim's main process; SIGKILL to its whole
+tree when that has ended or after the victim's grace) and
 start (worktree, environment, supervisor). A cycle runs at once on a nudge
 (submit, job exit, kill), on a GPU change, and every few seconds as a safety
 net. Killing the daemon loses nothing: supervisors keep running jobs and write
@@ -34,8 +35,8 @@ from git_tq.gitrepo import Repo, run_git, without_repo_vars
 from git_tq.home import Home, RunFiles, ensure_private_dir, repo_key, write_private_file
 from git_tq.lifecycle import apply_event, now_iso
 from git_tq.localjobs import LedgerEntry, LocalJobs, LocalSpec
-from git_tq.model import Job, State
-from git_tq.procs import ProcessId, kill, terminate
+from git_tq.model import STOP_SIGNALS, Job, State, stop_signal_number
+from git_tq.procs import ProcessId, kill, plan_stop, shell_argv
 from git_tq.server import BadRequest, RequestServer, check_request
 from git_tq.store import JobStore, identity_env
 
@@ -129,6 +130,8 @@ class Daemon:
         self.counts: dict[str, int] = {}
         self.cleanup: list[tuple[RepoState, int]] = []
         self.preparing: dict[str, Checkout] = {}  # worktree path -> checkout under way
+        self.abandoned: set[str] = set()  # checkouts under way for jobs that left the queue
+        self.left_alone: set[str] = set()  # worktrees not ours to remove (warned once)
         self.supervisors: set[int] = set()  # pids of the supervisors we forked
 
     # --- lifecycle of the daemon itself ---------------------------------------
@@ -235,7 +238,10 @@ class Daemon:
                 self.dirty = True
         self.hooks = [h for h in self.hooks if h.poll() is None]
         for path, checkout in self.preparing.items():
-            if checkout.proc.poll() == 0:  # reaped; the status stays for ensure_worktree
+            if path in self.abandoned:
+                if checkout.proc.poll() is not None:
+                    self.dirty = True  # its job was cancelled: the next cycle removes it
+            elif checkout.proc.poll() == 0:  # reaped; the status stays for ensure_worktree
                 self.finish_checkout(path, checkout)
 
     def finish_checkout(self, path: str, checkout: Checkout) -> None:
@@ -378,6 +384,8 @@ class Daemon:
         for rs, job_id in cleanup:
             self.remove_worktree(rs, job_id)
         for rs in repos:
+            self.sweep_worktrees(rs)
+        for rs in repos:
             with contextlib.suppress(OSError):
                 rs.local.compact_if_sparse()
         started = {s.key for s in plan.starts}
@@ -491,9 +499,11 @@ class Daemon:
         if outcome is None:
             launch_age = time.time() - os.stat(rf.launch).st_mtime \
                 if os.path.exists(rf.launch) else None
-            if launch_age is not None and launch_age < LAUNCH_PATIENCE:
-                return job  # the supervisor is still starting
             ident = rf.read(rf.ident)
+            # A supervisor writes .ident after taking its lock: with .ident there and the
+            # lock free, it is not starting any more (it died), so no patience is due.
+            if ident is None and launch_age is not None and launch_age < LAUNCH_PATIENCE:
+                return job  # the supervisor is still starting
             if ident and ProcessId(*ident["job"]).alive():
                 if stop:  # orphaned job, supervisor gone: still ours to stop
                     self.enforce_stop(rf, job, stop, ident)
@@ -509,19 +519,23 @@ class Daemon:
     def finish(self, rs: RepoState, job: Job, rf: RunFiles, outcome: Mapping[str, Any],
                stop: Optional[Mapping[str, Any]]) -> Job:
         code, sig = outcome.get("exit_code"), outcome.get("signal")
+        # Neither a command that could not be started nor one whose supervisor died has an
+        # exit status: none is recorded (the event and the detail say which it was).
         if outcome.get("start_error"):
-            return self.record(rs, job, "start-failed", rf, detail=outcome["start_error"],
-                               exit_code=code)
+            return self.record(rs, job, "start-failed", rf, detail=outcome["start_error"])
         if outcome.get("lost"):
-            return self.record(rs, job, "finished", rf, detail=outcome["lost"], exit_code=-1)
-        # A job that was sent SIGTERM to make room goes back to the queue whatever its
-        # exit code (a checkpointing job exits 0 after saving); a killed one is cancelled.
-        if stop and stop.get("signalled") and stop.get("kind") == "preempt":
-            return self.record(rs, job, "preempted", rf, detail=stop.get("reason"))
-        if stop and stop.get("signalled") and stop.get("kind") == "kill":
+            return self.record(rs, job, "finished", rf, detail=outcome["lost"])
+        # A job that was sent its stop signal to make room goes back to the queue whatever
+        # its exit code (a checkpointing job exits 0 after saving); a killed one is
+        # cancelled. Both record how the attempt ended, and how the stop went.
+        stopped = stop_outcome(stop, outcome)
+        if stopped and stop and stop.get("kind") == "preempt":
+            return self.record(rs, job, "preempted", rf, detail=stop.get("reason"),
+                               exit_code=code, signal=sig, **stopped)
+        if stopped and stop and stop.get("kind") == "kill":
             return self.record(rs, job, "cancelled", rf, detail=stop.get("reason"),
-                               exit_code=code, signal=sig)
-        return self.record(rs, job, "finished", rf, exit_code=code, signal=sig)
+                               exit_code=code, signal=sig, **stopped)
+        return self.record(rs, job, "finished", rf, exit_code=code, signal=sig, **stopped)
 
     def record(self, rs: RepoState, job: Job, event: str, rf: RunFiles, **fields: Any) -> Job:
         when = now_iso()
@@ -549,11 +563,27 @@ class Daemon:
 
     def enforce_stop(self, rf: RunFiles, job: Job, stop: Mapping[str, Any],
                      ident: Mapping[str, Any]) -> None:
+        """Send the stop signal once (to the main process, or as the job's private record
+        says), then SIGKILL to the group and every descendant at the deadline."""
         target, pgid = ProcessId(*ident["job"]), int(ident["pgid"])
         reaper = ProcessId(*ident["supervisor"])
         if not stop.get("signalled"):
-            terminate(target, pgid, reaper)
-            rf.write(rf.stop, {**stop, "signalled": True})
+            # How to stop it comes from the launch file, written from the private record.
+            launch = rf.read(rf.launch) or {}
+            name = launch.get("stop_signal")
+            sig = stop_signal_number(name) if name in STOP_SIGNALS else int(signal.SIGTERM)
+            plan = plan_stop(target, pgid, whole_group=launch.get("stop_target") == "group")
+            # Recorded before it is sent: a stop is signalled once, even across a crash
+            # (the deadline's SIGKILL is the safety net), and the supervisor learns whom
+            # it went to if the main process ends at once.
+            stop = {**stop, "signalled": True, "signalled_at": time.time(), "signal": sig,
+                    "target": plan.target}
+            rf.write(rf.stop, stop)
+            plan.send(sig)
+            log.info("job %d: %s sent to %s", job.id, signal.Signals(sig).name,
+                     {"main": "its main process", "children": "the children of its shell",
+                      "group": "its process group", "none": "nobody (it had ended)"}
+                     [plan.target])
         if time.time() >= float(stop["deadline"]):
             kill(target, pgid, reaper)
 
@@ -570,7 +600,7 @@ class Daemon:
 
     def request_stop(self, rs: RepoState, job: Job, kind: str, reason: str,
                      now: bool) -> None:
-        """Begin stopping a running job: SIGTERM now, SIGKILL after its grace."""
+        """Begin stopping a running job: its stop signal now, SIGKILL after its grace."""
         rf = RunFiles(self.home, rs.key, job.id)
         if rf.read(rf.stop):
             return
@@ -641,14 +671,15 @@ class Daemon:
                               "older git tq, or deleted); requeue it")
             worktree = self.ensure_worktree(rs, job, entry.submission, spec)
             env = self.job_env(job, spec, assigned, logfile, worktree)
-            argv = ["/bin/sh", "-c", spec.command[0]] if spec.shell else list(spec.command)
+            argv = shell_argv(spec.command[0]) if spec.shell else list(spec.command)
             cwd = safe_join(worktree, spec.cwd)
             rf.clear()
             launch = {
                 "gpus": list(assigned),
                 "job_id": job.id, "attempt": job.attempt, "argv": argv, "cwd": cwd, "env": env,
                 "log": logfile, "banner": banner(job, rs, worktree, assigned),
-                "lock": rf.lock, "ident": rf.ident, "exit": rf.exit,
+                "lock": rf.lock, "ident": rf.ident, "exit": rf.exit, "stop": rf.stop,
+                "stop_signal": spec.stop_signal, "stop_target": spec.stop_target,
                 "socket": self.home.socket_path(),
             }
             rf.write(rf.launch, launch)
@@ -670,7 +701,8 @@ class Daemon:
         add` process the loop does not wait for), so the daemon stays responsive."""
         path = self.home.worktree_dir(rs.key, job.id)
         entry = rs.ours(job)
-        if entry is None or path in self.preparing or (os.path.isdir(path) and os.listdir(path)):
+        if entry is None or path in self.preparing or (os.path.isdir(path) and os.listdir(path)) \
+                or os.path.exists(jobtree.kept_record(self.home.path, rs.key, job.id)):
             return
         spec = rs.local.load_spec(entry.submission)
         if spec is None:
@@ -687,6 +719,10 @@ class Daemon:
                         spec: LocalSpec) -> str:
         """The job's worktree: a checkout of our own submission commit."""
         path = self.home.worktree_dir(rs.key, job.id)
+        if os.path.exists(jobtree.kept_record(self.home.path, rs.key, job.id)):
+            # Only a finished job's worktree is kept: this id was a forgotten job's.
+            raise TqError(f"{path} holds the kept worktree of an earlier job {job.id}, with "
+                          f"files it wrote; `git tq gc --kept {job.id}` removes it")
         early = self.preparing.pop(path, None)
         if early is not None:
             if early.proc.wait() == 0:
@@ -708,10 +744,21 @@ class Daemon:
         jobtree.complete(rs.common, path, spec, rs.config)
         return path
 
-    def remove_worktree(self, rs: RepoState, job_id: int) -> None:
-        from git_tq.gitrepo import remove_worktree
+    def remove_worktree(self, rs: RepoState, job_id: int, ran: bool = True) -> None:
+        """Remove a finished job's worktree, unless the job wrote files there that are not
+        ignored (nothing records them yet): that worktree is kept, and the reason recorded
+        in the tq home for `git tq show` and `git tq gc`. `ran`: False for a job that never
+        started (a prepared worktree), which has nothing of its own to keep."""
+        from git_tq.gitrepo import registered_worktree, remove_worktree
 
         path = self.home.worktree_dir(rs.key, job_id)
+        if ran and registered_worktree(rs.common, path) is not None:
+            entry = rs.entries.get(job_id) or rs.local.entry(job_id)
+            kept = jobtree.check_kept(path, entry.submission if entry else "")
+            if kept is not None:
+                jobtree.keep(self.home.path, rs.key, job_id, kept)
+                log.info("job %d in %s: worktree %s %s", job_id, rs.common, path, kept.reason)
+                return
         if os.path.lexists(path):
             # Never `git worktree remove` a path the job may have replaced by a symlink:
             # only the registered real directory goes; a link is only unlinked.
@@ -720,6 +767,51 @@ class Daemon:
                 log.warning("job %d's worktree %s was not a registered worktree; %s", job_id,
                             path, "only the link was removed" if outcome == "unlinked"
                             else "it was left alone")
+
+    def sweep_worktrees(self, rs: RepoState) -> None:
+        """Remove the worktrees of our jobs that ended without the daemon recording it:
+        waiting jobs cancelled by `rm`, `purge` or `kill` (their prepared worktrees, or
+        checkouts still under way), and jobs that ended while no daemon ran. A kept
+        worktree, and a failed job's under tq.keepWorktrees, stay."""
+        root = os.path.join(self.home.path, "worktrees", rs.key)
+        try:
+            names = set(os.listdir(root))
+        except OSError:
+            names = set()
+        prepared = {p for p, c in self.preparing.items() if c.rs.key == rs.key}
+        if not names and not prepared:
+            return
+        by_id = {j.id: j for j in rs.jobs}
+        keep_failed = rs.config.get("tq.keepworktrees", "false").lower() in ("true", "yes", "1")
+        for path in prepared:
+            job = by_id.get(int(os.path.basename(path)))
+            if job is not None and not job.state.finished:
+                continue
+            if job is not None and rs.ours(job) is None:
+                continue  # not ours to judge: its record may say anything
+            checkout = self.preparing[path]
+            if checkout.proc.poll() is None:
+                if path not in self.abandoned:
+                    log.debug("%s: its job left the queue; removed once checked out", path)
+                self.abandoned.add(path)  # removed once `git worktree add` is done
+                continue
+            del self.preparing[path]
+            self.abandoned.discard(path)
+            names.discard(os.path.basename(path))
+            self.remove_worktree(rs, int(os.path.basename(path)), ran=False)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)  # a failed checkout git never knew
+        for name in names:
+            job = by_id.get(int(name)) if name.isdigit() else None
+            path = os.path.join(root, name)
+            if job is None or not job.state.finished or rs.ours(job) is None or \
+                    (keep_failed and job.state is State.FAILED) or path in self.left_alone or \
+                    os.path.exists(jobtree.kept_record(self.home.path, rs.key, job.id)):
+                continue
+            self.remove_worktree(rs, job.id, ran=job.attempt > 0)
+            if os.path.lexists(path) and not os.path.exists(
+                    jobtree.kept_record(self.home.path, rs.key, job.id)):
+                self.left_alone.add(path)  # not a registered worktree: `git tq gc` decides
 
     def job_env(self, job: Job, spec: LocalSpec, assigned: tuple[int, ...], logfile: str,
                 worktree: str) -> dict[str, str]:
@@ -759,6 +851,21 @@ class Daemon:
                                                start_new_session=True, cwd=rs.common))
         except OSError as exc:
             log.warning("hook %s failed to start: %s", path, exc)
+
+
+def stop_outcome(stop: Optional[Mapping[str, Any]],
+                 outcome: Mapping[str, Any]) -> dict[str, Any]:
+    """How a signalled stop went, for the record: stop (clean: the job ended by itself
+    before its deadline; forced: SIGKILL) and stop_seconds (from the signal to the end).
+    Empty when no stop signal was sent."""
+    if not stop or not stop.get("signalled"):
+        return {}
+    forced = bool(outcome.get("forced")) or outcome.get("signal") == signal.SIGKILL
+    fields: dict[str, Any] = {"stop": "forced" if forced else "clean"}
+    sent, ended = stop.get("signalled_at"), outcome.get("ended")
+    if isinstance(sent, (int, float)) and isinstance(ended, (int, float)):
+        fields["stop_seconds"] = round(min(max(0.0, ended - sent), 10.0**8), 1)
+    return fields
 
 
 def safe_join(worktree: str, cwd: str) -> str:

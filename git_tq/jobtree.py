@@ -11,8 +11,12 @@ the code on disk at submission:
 - symlinks whose relative target leaves the repository (`data -> ../data`):
   the worktree lives elsewhere, so they get the absolute target the user's
   link resolved to; the record keeps the link as written;
-- links to the source tree's ignored top-level entries and `tq.link` paths,
-  kept out of the job's `git status` by an excludes file of its own.
+- links to the source tree's ignored top-level entries (empty folders too) and
+  `tq.link` paths, kept out of the job's `git status` by an excludes file of its own.
+
+When the job has finished, `unsaved` tells whether it wrote files there that are
+not ignored (or committed on its detached HEAD); such a worktree is kept, with a
+record of why (`Kept`).
 
 Every git process here runs none of the repository's hooks.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 from git_tq.errors import TqError
@@ -42,6 +47,8 @@ def complete(common: str, path: str, spec: LocalSpec, config: Mapping[str, str])
     if spec.present:
         checkout_present(path, spec.present)
     absolute_outside_links(path, spec.source_dir)
+    for rel, git_dir, commit in spec.nested:  # and the links of nested repositories
+        absolute_outside_links(path, spec.source_dir, rel, git_dir, commit)
     link_ignored(common, path, spec.source_dir, config)
 
 
@@ -82,7 +89,8 @@ def checkout_present(path: str, present: Sequence[str]) -> None:
     _git(["checkout-index", "-f", "-z", "--stdin"], path, input=data)
 
 
-def outside_links(git_dir_args: Sequence[str], cwd: str, commit: str) -> list[tuple[str, str]]:
+def outside_links(git_dir_args: Sequence[str], cwd: str, commit: str,
+                  prefix: str = "") -> list[tuple[str, str]]:
     """(path, target as written) of every symlink in `commit` whose relative target
     leaves the repository."""
     listing = run_git([*git_dir_args, "ls-tree", "-r", "-z", "--end-of-options", commit], cwd,
@@ -105,17 +113,22 @@ def outside_links(git_dir_args: Sequence[str], cwd: str, commit: str) -> list[tu
         pos = header_end + 1 + size + 1
         if os.path.isabs(target):
             continue
-        resolved = os.path.normpath(os.path.join(os.path.dirname(rel), target))
+        resolved = os.path.normpath(os.path.join(prefix, os.path.dirname(rel), target))
         if resolved == ".." or resolved.startswith("../"):
             found.append((rel, target))
     return found
 
 
-def absolute_outside_links(path: str, source_dir: str) -> None:
-    """Point each link that leaves the repository where the user's link pointed."""
+def absolute_outside_links(path: str, source_dir: str, prefix: str = "",
+                           git_dir: str = "", commit: str = "HEAD") -> None:
+    """Point each link that leaves the repository where the user's link pointed (with
+    `prefix`: those of the nested repository there, leaving the outer one)."""
     if not source_dir:
         return
-    for rel, target in outside_links([], path, "HEAD"):
+    args = ["--git-dir", git_dir] if git_dir else []
+    found = outside_links(args, path, commit, os.path.normpath(prefix) if prefix else "")
+    for rel, target in found:
+        rel = os.path.join(prefix, rel) if prefix else rel
         link = os.path.join(path, rel)
         if not os.path.islink(link):
             continue
@@ -123,7 +136,8 @@ def absolute_outside_links(path: str, source_dir: str) -> None:
         os.symlink(os.path.normpath(os.path.join(source_dir, os.path.dirname(rel), target)),
                    link)
         # The job's `git status` should not report the rewritten link as modified.
-        _git(["update-index", "--assume-unchanged", "--", rel], path, check=False)
+        if not prefix:  # nested files are not in the outer index
+            _git(["update-index", "--assume-unchanged", "--", rel], path, check=False)
 
 
 def link_ignored(common: str, path: str, source: str, config: Mapping[str, str]) -> list[str]:
@@ -133,8 +147,10 @@ def link_ignored(common: str, path: str, source: str, config: Mapping[str, str])
         return []
     names: list[str] = []
     if config.get("tq.linkignored", "true").lower() not in ("false", "no", "0"):
-        out = _git(["ls-files", "--others", "--ignored", "--exclude-standard", "--directory",
-                    "--no-empty-directory"], source, check=False)
+        # Empty ignored folders too (a `results/` the job is to fill): git lists an
+        # ignored folder as `name/` whether or not it holds anything.
+        out = _git(["ls-files", "--others", "--ignored", "--exclude-standard", "--directory"],
+                   source, check=False)
         for line in out.decode(errors="replace").splitlines():
             top = line.rstrip("/")
             if top and "/" not in top:
@@ -203,3 +219,145 @@ def job_git_config(path: str, environ: Mapping[str, str]) -> dict[str, str]:
         count = 0
     return {"GIT_CONFIG_COUNT": str(count + 1), f"GIT_CONFIG_KEY_{count}": "core.excludesFile",
             f"GIT_CONFIG_VALUE_{count}": target}
+
+
+# --- what a finished job leaves in its worktree ------------------------------------------
+
+KEPT_LISTED = 20  # files named in a kept worktree's record (the count is exact)
+
+
+@dataclass(frozen=True)
+class Unsaved:
+    """What removing a finished job's worktree would lose."""
+
+    files: list[str]  # changed or created, not ignored
+    head: Optional[str] = None  # a detached HEAD the job moved (its commits)
+    error: Optional[str] = None  # git status failed: what it holds cannot be told
+
+
+def unsaved(path: str, submission: str = "") -> Unsaved:
+    """The files a job changed or created in its worktree that are not ignored (by the
+    repository's rules, the user's excludes, or as links git tq placed), from `git
+    status`; and its detached HEAD if the job moved it off `submission` (commits made
+    there are held by nothing else).
+
+    A file the job only deleted is not listed: keeping the worktree would save nothing.
+    Files inside nested repositories' folders are not seen (git does not look there).
+    """
+    args = [*NO_HOOKS, "-c", "core.fsmonitor=false"]
+    excludes = excludes_file(path)
+    if excludes is not None and os.path.exists(excludes):
+        args += ["-c", f"core.excludesFile={excludes}"]
+    p = run_git([*args, "--no-optional-locks", "status", "--porcelain=v2", "--branch", "-z",
+                 "--untracked-files=all"], path, env=without_repo_vars(os.environ), check=False)
+    if p.returncode != 0:
+        lines = p.stderr.decode(errors="replace").strip().splitlines()
+        return Unsaved([], error="git status failed: "
+                       + (lines[-1] if lines else f"exit {p.returncode}"))
+    entries = p.stdout.decode(errors="surrogateescape").split("\0")
+    files: list[str] = []
+    oid = detached = None
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        i += 1
+        kind = entry[:2]
+        if entry.startswith("# branch.oid "):
+            oid = entry[len("# branch.oid "):]
+        elif entry == "# branch.head (detached)":
+            detached = True
+        elif kind == "? ":
+            files.append(entry[2:])
+        elif kind in ("1 ", "2 ", "u "):
+            fields = entry.split(" ", {"1 ": 8, "2 ": 9, "u ": 10}[kind])
+            if kind == "2 ":
+                i += 1  # a staged rename or copy: its source path follows
+            if len(fields) > 2 and fields[1].replace("D", ".") != "..":
+                files.append(fields[-1])
+    moved = oid if detached and submission and oid and oid != submission else None
+    # Python's bytecode caches are rebuilt from the code: never worth keeping a worktree.
+    files = [f for f in files
+             if "__pycache__" not in f.split("/") and not f.endswith((".pyc", ".pyo"))]
+    return Unsaved(files, moved)
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A finished job's worktree kept because removing it would lose what the job wrote."""
+
+    path: str
+    submission: str  # the job's submission commit: which job (ids can be reused)
+    count: int
+    files: tuple[str, ...]  # the first KEPT_LISTED of them
+    error: Optional[str] = None  # what the job wrote could not be told
+    head: Optional[str] = None  # the detached HEAD the job committed on
+
+    @property
+    def reason(self) -> str:
+        if self.error:
+            return f"kept: what the job wrote could not be checked ({self.error})"
+        n = self.count
+        names = ", ".join(self.files[:3]) + (", ..." if n > 3 else "")
+        parts = [f"the job wrote {n} file{'s' if n != 1 else ''} that "
+                 f"{'are' if n != 1 else 'is'} not ignored: {names}"] if n else []
+        if self.head:
+            parts.append(f"it moved the worktree's detached HEAD to {self.head[:12]} "
+                         "(commits nothing else holds)")
+        return "kept: " + "; ".join(parts)
+
+    def to_json(self) -> dict[str, object]:
+        return {"path": self.path, "submission": self.submission, "count": self.count,
+                "files": list(self.files), "error": self.error, "head": self.head}
+
+
+def kept_record(home: str, key: str, job_id: int) -> str:
+    """`<tq home>/kept/<repo key>/<id>.json`: why a job's worktree was kept."""
+    return os.path.join(home, "kept", key, f"{job_id}.json")
+
+
+def keep(home: str, key: str, job_id: int, kept: Kept) -> None:
+    """Record (atomically, privately) that a job's worktree is kept and why."""
+    import json
+
+    from git_tq.home import ensure_private_dir, write_private_file
+
+    record = kept_record(home, key, job_id)
+    ensure_private_dir(os.path.dirname(record))
+    write_private_file(record, json.dumps(kept.to_json()).encode())
+
+
+def read_kept(home: str, key: str, job_id: int) -> Optional[Kept]:
+    """The kept-worktree record of a job, or None (none, or unreadable)."""
+    import json
+
+    try:
+        with open(kept_record(home, key, job_id), encoding="utf-8") as fh:
+            data = json.load(fh)
+        files = data["files"]
+        error, head = data.get("error"), data.get("head")
+        kept = Kept(data["path"], data["submission"], data["count"], tuple(files), error,
+                    head)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (isinstance(kept.path, str) and isinstance(kept.submission, str)
+            and isinstance(kept.count, int) and all(isinstance(f, str) for f in files)
+            and all(v is None or isinstance(v, str) for v in (error, head))):
+        return None
+    return kept
+
+
+def unkeep(home: str, key: str, job_id: int) -> None:
+    import contextlib
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(kept_record(home, key, job_id))
+
+
+def check_kept(path: str, submission: str) -> Optional[Kept]:
+    """A Kept for the worktree at `path` if removing it would lose what its job wrote
+    (or if that cannot be told); None when removing it loses nothing."""
+    found = unsaved(path, submission)
+    if not found.files and found.head is None and found.error is None:
+        return None
+    return Kept(path, submission, len(found.files), tuple(found.files[:KEPT_LISTED]),
+                found.error, found.head)

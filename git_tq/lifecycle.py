@@ -32,7 +32,7 @@ EVENTS: dict[str, Event] = {
     for e in (
         Event("started", frozenset({P}), R),  # attempt 1
         Event("resumed", frozenset({P}), R),  # attempt 2, 3, ... after a preemption
-        Event("stopping", frozenset({R}), S),  # SIGTERM sent; grace running
+        Event("stopping", frozenset({R}), S),  # stop signal sent; grace running
         Event("preempted", frozenset({R, S}), P),  # back to the queue, same worktree
         Event("finished", frozenset({R, S}), None),  # done (exit 0) or failed
         Event("start-failed", frozenset({P, R}), State.FAILED),  # never got going
@@ -55,7 +55,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 def apply_event(job: Job, event: str, now: str, **fields: Any) -> Job:
     """The job after `event` at time `now`; raises InvalidTransition if not allowed.
 
-    `fields` may set exit_code, signal, assigned_gpus and detail.
+    `fields` may set exit_code, signal, assigned_gpus, detail, stop and stop_seconds.
     """
     spec = EVENTS.get(event)
     if spec is None:
@@ -65,7 +65,7 @@ def apply_event(job: Job, event: str, now: str, **fields: Any) -> Job:
     changes: dict[str, Any] = {"event": event, "detail": fields.pop("detail", None)}
     if event in ("started", "resumed"):
         changes.update(attempt=job.attempt + 1, started_at=now, ended_at=None,
-                       exit_code=None, signal=None)
+                       exit_code=None, signal=None, stop=None, stop_seconds=None)
     if event == "preempted":
         changes.update(assigned_gpus=None)
     target = spec.target

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from git_tq.home import ensure_private_dir, repo_key, write_private_file
+from git_tq.model import DEFAULT_STOP_SIGNAL, STOP_SIGNALS, STOP_TARGETS
 
 _OID = r"[0-9a-f]{40}(?:[0-9a-f]{24})?"
 _LINES = re.compile(rf"^([1-9][0-9]{{0,17}}) (?:({_OID}) ({_OID}|-) ({_OID}|-)|-)$".encode(),
@@ -81,12 +82,17 @@ class LocalSpec:
     nested: tuple[tuple[str, str, str], ...] = ()
     # In a sparse checkout: the files the user had on disk (the job gets them all).
     present: tuple[str, ...] = ()
+    # How the daemon stops it (preemption, kill): this signal (a model.STOP_SIGNALS
+    # name) to the main process, or to the whole process group.
+    stop_signal: str = DEFAULT_STOP_SIGNAL
+    stop_target: str = "main"
 
     def to_json(self) -> dict[str, Any]:
         return {"format": 2, "submission": self.submission, "command": list(self.command),
                 "shell": self.shell, "cwd": self.cwd, "env_name": self.env_name,
                 "source_dir": self.source_dir, "environ": self.environ,
-                "nested": [list(n) for n in self.nested], "present": list(self.present)}
+                "nested": [list(n) for n in self.nested], "present": list(self.present),
+                "stop_signal": self.stop_signal, "stop_target": self.stop_target}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LocalSpec:
@@ -102,10 +108,15 @@ class LocalSpec:
         nested = tuple((str(p), str(d), str(c)) for p, d, c in data.get("nested", []))
         if not all(is_oid(c) for _, _, c in nested):
             raise ValueError("bad nested commit")
+        stop_signal = data.get("stop_signal", DEFAULT_STOP_SIGNAL)
+        stop_target = data.get("stop_target", "main")
+        if stop_signal not in STOP_SIGNALS or stop_target not in STOP_TARGETS:
+            raise ValueError("bad stop signal")
         return cls(str(data["submission"]), tuple(command), bool(data["shell"]),
                    str(data["cwd"]), None if env_name is None else str(env_name),
                    str(data["source_dir"]), dict(environ), nested,
-                   tuple(str(p) for p in data.get("present", [])))
+                   tuple(str(p) for p in data.get("present", [])), str(stop_signal),
+                   str(stop_target))
 
 
 class LocalJobs:

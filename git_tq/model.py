@@ -13,6 +13,14 @@ from typing import Any, Optional
 DEFAULT_PRIORITY = 100
 DEFAULT_GRACE = 180
 
+# How a job is asked to stop (preemption, `kill`): one signal to its main process.
+DEFAULT_STOP_SIGNAL = "SIGTERM"
+STOP_TARGETS = ("main", "group")  # the main process (default), or the whole process group
+# Signals a job may choose to be stopped with: catchable ones whose default action ends
+# the process (so a job without a handler still stops). Names are portable; numbers are not.
+STOP_SIGNALS = ("SIGHUP", "SIGINT", "SIGQUIT", "SIGABRT", "SIGUSR1", "SIGUSR2", "SIGALRM",
+                "SIGTERM", "SIGXCPU", "SIGXFSZ", "SIGVTALRM", "SIGPROF")
+
 # Every lifecycle event a record can name (lifecycle.EVENTS, plus the submission).
 EVENT_NAMES = frozenset({"submitted", "started", "resumed", "stopping", "preempted",
                          "finished", "start-failed", "cancelled"})
@@ -123,6 +131,8 @@ class JobSpec:
     submitted_at: str  # ISO 8601 with offset
     user: str
     host: str
+    stop_signal: str = DEFAULT_STOP_SIGNAL  # for display: the daemon reads the private record
+    stop_target: str = "main"  # "main" or "group" (STOP_TARGETS)
 
     def command_line(self) -> str:
         return self.command[0] if self.shell else shlex.join(self.command)
@@ -147,10 +157,37 @@ class Job:
     signal: Optional[int] = None
     assigned_gpus: Optional[tuple[int, ...]] = None
     detail: Optional[str] = None  # why this event happened ("preempted by job 9")
+    # How a stop (preemption, kill) ended this attempt: "clean" (it exited by itself
+    # within the grace) or "forced" (SIGKILL), and seconds from the stop signal to the end.
+    stop: Optional[str] = None
+    stop_seconds: Optional[float] = None
 
     @property
     def ref(self) -> str:
         return job_ref(self.id)
+
+    @property
+    def exit_status(self) -> Optional[int]:
+        """The exit code the job's process returned; None when it has none: never
+        started, killed by a signal, or lost (older records wrote -1 for lost)."""
+        if self.event == "start-failed" or self.exit_code == -1:
+            return None
+        return self.exit_code
+
+    @property
+    def outcome(self) -> Optional[str]:
+        """How a finished job ended, in a word or two: "exit 3", "signal 9", "not
+        started", "lost" (its supervisor died, so its exit status is unknown); None
+        for an active job and a cancelled one that never ran."""
+        if not self.state.finished:
+            return None
+        if self.event == "start-failed":
+            return "not started"
+        if self.signal is not None:
+            return f"signal {self.signal}"
+        if self.exit_status is not None:
+            return f"exit {self.exit_status}"
+        return "lost" if self.state is State.FAILED else None
 
     def evolve(self, **changes: Any) -> Job:
         return replace(self, **changes)
@@ -158,3 +195,29 @@ class Job:
 
 def job_ref(job_id: int) -> str:
     return f"refs/tq/jobs/{job_id}"
+
+
+def stop_signal_name(text: str) -> str:
+    """The canonical name (SIGUSR1) of a stop signal given as TERM, USR1, SIGUSR1, sigint
+    or a number of this machine; ValueError for anything else (KILL and STOP included:
+    a stop signal must be one the job can catch)."""
+    import signal
+
+    word = text.strip().upper()
+    if word.isdigit() and len(word) <= 3:
+        try:
+            word = signal.Signals(int(word)).name
+        except ValueError:
+            raise ValueError(f"{text.strip()!r} is not a signal number") from None
+    name = word if word.startswith("SIG") else f"SIG{word}"
+    if name not in STOP_SIGNALS:
+        raise ValueError(f"{text.strip()[:20]!r} cannot be a stop signal: use one of "
+                         + ", ".join(n[3:] for n in STOP_SIGNALS) + " (or its number)")
+    return name
+
+
+def stop_signal_number(name: str) -> int:
+    """This machine's number of a canonical stop-signal name (SIGTERM if unknown here)."""
+    import signal
+
+    return int(getattr(signal, name, signal.SIGTERM))

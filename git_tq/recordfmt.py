@@ -27,7 +27,17 @@ import json
 import re
 from typing import Optional
 
-from git_tq.model import EVENT_NAMES, ChangeSummary, GpuRequest, Job, JobSpec, State
+from git_tq.model import (
+    DEFAULT_STOP_SIGNAL,
+    EVENT_NAMES,
+    STOP_SIGNALS,
+    STOP_TARGETS,
+    ChangeSummary,
+    GpuRequest,
+    Job,
+    JobSpec,
+    State,
+)
 
 FORMAT_VERSION = 1
 SUBJECT_WIDTH = 72
@@ -56,6 +66,8 @@ def encode(job: Job) -> str:
         ("Shell", "yes" if s.shell else None),
         ("Priority", str(s.priority)),
         ("Grace", str(s.grace)),
+        ("Stop-Signal", None if s.stop_signal == DEFAULT_STOP_SIGNAL else s.stop_signal),
+        ("Stop-Target", None if s.stop_target == "main" else s.stop_target),
         ("Gpus", s.gpus.encode()),
         ("Tag", s.tag),
         ("Env", s.env),
@@ -71,6 +83,8 @@ def encode(job: Job) -> str:
         ("Ended-At", job.ended_at),
         ("Exit-Code", None if job.exit_code is None else str(job.exit_code)),
         ("Signal", None if job.signal is None else str(job.signal)),
+        ("Stop", job.stop),
+        ("Stop-Seconds", None if job.stop_seconds is None else f"{job.stop_seconds:.1f}"),
         ("Assigned-Gpus",
          None if job.assigned_gpus is None else ",".join(map(str, job.assigned_gpus))),
     ]
@@ -79,11 +93,13 @@ def encode(job: Job) -> str:
 
 
 def _exit_text(job: Job) -> str:
-    if job.state is State.FAILED and job.signal is not None:
+    if job.state is not State.FAILED:
+        return str(job.state.value)
+    if job.signal is not None:
         return f"failed (signal {job.signal})"
-    if job.state is State.FAILED and job.exit_code is not None:
+    if job.exit_code is not None:
         return f"failed (exit {job.exit_code})"
-    return job.state.value
+    return "failed (lost)"  # finished with no exit status: its supervisor died
 
 
 _FIELD = re.compile(r"^Tq-([A-Za-z-]+): (.*)$", re.MULTILINE)
@@ -106,6 +122,8 @@ _BAD_TAG = re.compile(r"[\x00-\x20/\\\x7f-\x9f]")
 _CHANGES = re.compile(r"M=([0-9]{1,9}) A=([0-9]{1,9}) D=([0-9]{1,9})\Z")
 _GPUS = re.compile(r"(?:cpu|any:[0-9]{1,3}|[0-9]{1,3}(?:,[0-9]{1,3}){0,63})\Z")
 _GPU_IDS = re.compile(r"[0-9]{1,3}(?:,[0-9]{1,3}){0,63}\Z")
+_SECONDS = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,3})?\Z")
+_STOPS = ("clean", "forced")
 _STATES = {s.value: s for s in State}
 MAX_FIELD = 64 * 1024
 
@@ -206,6 +224,23 @@ def _env_name(text: Optional[str]) -> Optional[str]:
     return text
 
 
+def _choice(text: Optional[str], name: str, allowed: tuple[str, ...],
+            default: Optional[str]) -> Optional[str]:
+    if text is None:
+        return default
+    if text not in allowed:
+        raise RecordFormatError(f"Tq-{name} {text[:20]!r} is not one of {', '.join(allowed)}")
+    return text
+
+
+def _seconds(text: Optional[str]) -> Optional[float]:
+    if text is None:
+        return None
+    if not _SECONDS.match(text):
+        raise RecordFormatError(f"Tq-Stop-Seconds {text[:20]!r} is not a number of seconds")
+    return float(text)
+
+
 def decode(message: str, tip: str) -> Job:
     """The job recorded in commit `tip` (an object id from git) whose message is `message`.
 
@@ -252,6 +287,9 @@ def _decode(message: str, tip: str) -> Job:
         submitted_at=_stamp(f["Submitted-At"], "Submitted-At"),
         user=_text(get("User", ""), "User", 256),
         host=_text(get("Host", ""), "Host", 256),
+        stop_signal=_choice(get("Stop-Signal"), "Stop-Signal", STOP_SIGNALS,
+                            DEFAULT_STOP_SIGNAL) or DEFAULT_STOP_SIGNAL,
+        stop_target=_choice(get("Stop-Target"), "Stop-Target", STOP_TARGETS, "main") or "main",
     )
     state = _STATES.get(f["State"])
     if state is None:
@@ -280,4 +318,6 @@ def _decode(message: str, tip: str) -> Job:
         signal=None if sig is None else _int(sig, "Signal", 1, 128),
         assigned_gpus=None if not assigned else _gpu_ids(assigned),
         detail=None if detail is None else _text(detail, "Detail"),
+        stop=_choice(get("Stop"), "Stop", _STOPS, None),
+        stop_seconds=_seconds(get("Stop-Seconds")),
     )

@@ -6,14 +6,15 @@ and return plain values; they never print.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from git_tq import gpus as gpu_inventory
 from git_tq.errors import (
@@ -31,6 +32,7 @@ from git_tq.localjobs import FETCHED, LOCAL, TAMPERED, LocalJobs, LocalSpec
 from git_tq.model import (
     DEFAULT_GRACE,
     DEFAULT_PRIORITY,
+    DEFAULT_STOP_SIGNAL,
     GpuRequest,
     Job,
     JobSpec,
@@ -38,6 +40,9 @@ from git_tq.model import (
 )
 from git_tq.snapshot import Snapshot, nested_in_tree, take_snapshot
 from git_tq.store import JobStore, Unreadable, identity_env, pending_in_queue_order
+
+if TYPE_CHECKING:
+    from git_tq.jobtree import Kept
 
 _SHELL_CHARS = re.compile(r"[\s|&;<>()$`\\\"'*?~#=]")
 _BAD_TAG = re.compile(r"[\x00-\x20/\\\x7f]")
@@ -73,6 +78,17 @@ class Context:
                          LocalJobs(home.path, repo.common_dir))
         return cls(repo, config, store, home)
 
+    @classmethod
+    def at_common_dir(cls, common: str, home: Home) -> Context:
+        """Another repository registered in `home`, by its common git dir (no work tree:
+        for reading its jobs, as the daemon does)."""
+        repo = Repo(toplevel=None, git_dir=common, common_dir=common, prefix="",
+                    index_path=os.path.join(common, "index"))
+        config = repo.config(r"^(tq|user)\.")
+        store = JobStore(repo, identity_env(config, without_repo_vars(os.environ)),
+                         LocalJobs(home.path, common))
+        return cls(repo, config, store, home)
+
     @property
     def local(self) -> LocalJobs:
         assert self.store.local is not None
@@ -93,6 +109,7 @@ class SubmitRequest:
     gpu_count: Optional[int] = None  # --gpus N
     cpu: bool = False  # --cpu
     shell: Optional[bool] = None  # None: decide from the command's shape
+    stop_signal: Optional[str] = None  # --signal; None: tq.stopSignal, else SIGTERM
 
 
 @dataclass(frozen=True)
@@ -128,6 +145,36 @@ def gpu_request(req: SubmitRequest, config: Mapping[str, str]) -> GpuRequest:
         ) from None
 
 
+def stop_settings(config: Mapping[str, str], given: Optional[str] = None) -> tuple[str, str]:
+    """How a new job is stopped: (signal name, "main" or "group"), from --signal or
+    tq.stopSignal, and tq.stopTarget."""
+    from git_tq.model import STOP_TARGETS, stop_signal_name
+
+    if given is not None:
+        try:
+            name = stop_signal_name(given)
+        except ValueError as exc:
+            raise UsageError(f"--signal: {exc}") from None
+    else:
+        configured = config.get("tq.stopsignal", "").strip()
+        try:
+            name = stop_signal_name(configured) if configured else DEFAULT_STOP_SIGNAL
+        except ValueError as exc:
+            raise BadSpec(f"git config tq.stopSignal: {exc}") from None
+    target = config.get("tq.stoptarget", "").strip().lower() or "main"
+    if target not in STOP_TARGETS:
+        raise BadSpec(f"git config tq.stopTarget is {target[:20]!r}: use main or group")
+    return name, target
+
+
+def gpu_queue(ctx: Context, text: str) -> tuple[int, ...]:
+    """The GPU ids of a queue (`use 0,1` in the console), refused as `run --gpu` refuses
+    them: malformed, or naming a GPU this machine does not have."""
+    ids = gpu_inventory.parse_gpu_ids(text)
+    gpu_inventory.check_request(GpuRequest.exact(ids), gpu_inventory.machine_gpus(ctx.config))
+    return ids
+
+
 def validate_tag(tag: Optional[str]) -> Optional[str]:
     if tag is None:
         return None
@@ -153,6 +200,26 @@ def resolve_env_option(env: Optional[str], cwd: str) -> Optional[str]:
     return env
 
 
+def check_env(env: str, cwd: str) -> tuple[str, Optional[str]]:
+    """An environment chosen once for many jobs (the console's `env NAME`): a path is
+    checked and made absolute as `run -e` does (refused if it is not a directory); a conda
+    env name is looked up, and a warning comes back when no conda, mamba or micromamba
+    knows it (jobs given it would fail to start)."""
+    resolved = resolve_env_option(env, cwd)
+    assert resolved is not None
+    if "/" in resolved:
+        return resolved, None
+    from git_tq import envs
+
+    try:
+        envs.conda_prefix(resolved, os.environ)
+    except TqError as exc:
+        return resolved, f"{exc}: jobs run with it will not start"
+    except (OSError, subprocess.SubprocessError) as exc:
+        return resolved, f"could not ask conda about {resolved!r}: {exc}"
+    return resolved, None
+
+
 def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, str]] = None,
            now: Optional[str] = None) -> Submitted:
     """Snapshot the work tree and record a pending job."""
@@ -160,6 +227,7 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
         raise UsageError("no command given: git tq run [options] [--] COMMAND...")
     if req.grace < 0:
         raise BadSpec("grace period (-g) must be 0 seconds or more")
+    stop_signal, stop_target = stop_settings(ctx.config, req.stop_signal)
     toplevel = ctx.repo.require_worktree("git tq run")
     if "\n" in ctx.repo.prefix:
         raise BadSpec("the current directory's name contains a newline; run from elsewhere")
@@ -184,6 +252,8 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
         submitted_at=now or now_iso(),
         user=_user_name(),
         host=os.uname().nodename,
+        stop_signal=stop_signal,
+        stop_target=stop_target,
     )
     snap = take_snapshot(ctx.repo)
     if spec.cwd and ctx.repo.resolve_object(f"{snap.tree}:{spec.cwd}") is None:
@@ -200,7 +270,8 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
 
     def save_local(commit: str) -> None:
         ctx.local.save_spec(LocalSpec(commit, spec.command, spec.shell, spec.cwd, spec.env,
-                                      toplevel, captured, nested, snap.outside_cone))
+                                      toplevel, captured, nested, snap.outside_cone,
+                                      spec.stop_signal, spec.stop_target))
 
     job = ctx.store.create(draft, snap.tree, before_publish=save_local,
                            after_lost_race=ctx.local.drop_spec)
@@ -260,7 +331,7 @@ def run_daemon(home: Home) -> None:
 
 
 def kill_jobs(ctx: Context, tokens: Sequence[str], *, now: bool = False) -> list[int]:
-    """Stop running jobs (SIGTERM, grace, SIGKILL; `now` skips the grace): cancelled.
+    """Stop running jobs (stop signal, grace, SIGKILL; `now` skips the grace): cancelled.
 
     Pending jobs among them are cancelled directly.
     """
@@ -307,8 +378,10 @@ def requeue(ctx: Context, token: str, *, command: Sequence[str] = (),
         spec = dataclasses.replace(spec, command=tuple(command), shell=shell,
                                    cwd=ctx.repo.prefix if trust != LOCAL else spec.cwd)
     if trust != LOCAL:  # nothing of theirs steers it: our defaults, not their priority
+        stop_signal, stop_target = stop_settings(ctx.config)
         spec = dataclasses.replace(spec, env=None, priority=DEFAULT_PRIORITY,
-                                   grace=DEFAULT_GRACE)
+                                   grace=DEFAULT_GRACE, stop_signal=stop_signal,
+                                   stop_target=stop_target)
         if not spec.gpus.cpu_only:
             gpu_inventory.check_request(spec.gpus, gpu_inventory.machine_gpus(ctx.config))
     detail = f"requeued from job {old.id}" if trust == LOCAL else \
@@ -324,7 +397,8 @@ def requeue(ctx: Context, token: str, *, command: Sequence[str] = (),
 
     def save_local(commit: str) -> None:
         ctx.local.save_spec(LocalSpec(commit, spec.command, spec.shell, spec.cwd, spec.env,
-                                      toplevel, captured, nested))
+                                      toplevel, captured, nested, (), spec.stop_signal,
+                                      spec.stop_target))
 
     job = ctx.store.create(draft, tree, before_publish=save_local,
                            after_lost_race=ctx.local.drop_spec)
@@ -455,12 +529,24 @@ def doctor(ctx: Context, *, restore: bool = False) -> list[Finding]:
     return found
 
 
-def gc(ctx: Context) -> list[str]:
-    """Remove worktrees and run files of jobs that have finished; what was removed."""
+@dataclass(frozen=True)
+class Collected:
+    """What `gc` did: the worktrees removed, and those kept because their jobs wrote
+    files that are not ignored (removed only when asked)."""
+
+    removed: list[str]
+    kept: list[tuple[int, Kept]]
+
+
+def gc(ctx: Context, *, kept: bool = False, tokens: Sequence[str] = ()) -> Collected:
+    """Remove worktrees and run files of jobs that have finished (only those of the jobs
+    in `tokens`, when given). A worktree whose job wrote files that are not ignored is
+    kept (and recorded as kept) unless `kept` is set."""
     import shutil
     import stat
 
-    from git_tq.gitrepo import remove_worktree, run_git
+    from git_tq import jobtree
+    from git_tq.gitrepo import registered_worktree, remove_worktree, run_git
     from git_tq.home import RunFiles, repo_key
 
     def real_dir(path: str) -> bool:  # lstat: a symlink to a directory is not one
@@ -469,29 +555,62 @@ def gc(ctx: Context) -> list[str]:
         except OSError:
             return False
 
+    only: Optional[set[int]] = None
+    if tokens:
+        only = set()
+        for token in parse_job_tokens(tokens):
+            if not token.strip().isdigit():
+                raise UsageError(f"not a job id: {token!r}")
+            only.add(int(token))
     common = ctx.repo.common_dir
     key = repo_key(common)
     removed = []
+    left: list[tuple[int, Kept]] = []
     jobs = {j.id: j for j in ctx.store.list_jobs()}
+    entries = ctx.local.entries()
     top = os.path.join(ctx.home.path, "worktrees")
     root = os.path.join(top, key)
     # Never list (or delete in) a folder reached through a symlink a job may have planted.
     names = sorted(os.listdir(root)) if real_dir(top) and real_dir(root) else []
     for name in names:
-        job = jobs.get(int(name)) if name.isdigit() else None
-        if job is None or job.state.finished:
-            path = os.path.join(root, name)
-            remove_worktree(common, path)  # the registered worktree, or only a link
-            if real_dir(path):
-                # A leftover git does not know (a failed checkout): ours, inside our
-                # folder. rmtree refuses symlinks and never follows one inside.
-                shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-            if job is not None:
-                RunFiles(ctx.home, key, job.id).clear()
+        job_id = int(name) if name.isdigit() else None
+        if only is not None and job_id not in only:
+            continue
+        job = jobs.get(job_id) if job_id is not None else None
+        # A record someone else moved may say anything ("done" while it runs): skipped.
+        if job is not None and (job.state.active or ctx.store.trust(job, entries) != LOCAL):
+            continue
+        path = os.path.join(root, name)
+        if job_id is not None:
+            record = jobtree.read_kept(ctx.home.path, key, job_id)
+            if record is None and registered_worktree(common, path) is not None:
+                entry = entries.get(job_id)
+                record = jobtree.check_kept(path, entry.submission if entry else "")
+                if record is not None:  # a job that ended while no daemon removed it
+                    jobtree.keep(ctx.home.path, key, job_id, record)
+            if record is not None and not kept:
+                left.append((job_id, record))
+                continue
+        remove_worktree(common, path)  # the registered worktree, or only a link
+        if real_dir(path):
+            # A leftover git does not know (a failed checkout): ours, inside our
+            # folder. rmtree refuses symlinks and never follows one inside.
+            shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+        if job_id is not None:
+            jobtree.unkeep(ctx.home.path, key, job_id)
+        if job is not None:
+            RunFiles(ctx.home, key, job.id).clear()
+    # Records of kept worktrees that are gone (removed by hand) go too.
+    kept_root = os.path.dirname(jobtree.kept_record(ctx.home.path, key, 0))
+    for name in os.listdir(kept_root) if real_dir(kept_root) else []:
+        stem = name[:-len(".json")]
+        if name.endswith(".json") and stem.isdigit() and \
+                not os.path.lexists(os.path.join(root, stem)):
+            jobtree.unkeep(ctx.home.path, key, int(stem))
     run_git(["--git-dir", common, "worktree", "prune"], common,
             env=without_repo_vars(os.environ), check=False)
-    return removed
+    return Collected(removed, left)
 
 
 # --- reading -----------------------------------------------------------------
@@ -506,6 +625,7 @@ class JobView:
     log: str
     category: Optional[str]
     trust: str = LOCAL  # localjobs.LOCAL, FETCHED or TAMPERED
+    pid: Optional[int] = None  # the job's process, while a local job runs
 
     def to_json(self) -> dict[str, Any]:
         j, s = self.job, self.job.spec
@@ -528,8 +648,10 @@ class JobView:
             "submitted_at": s.submitted_at,
             "started_at": j.started_at,
             "ended_at": j.ended_at,
-            "exit_code": j.exit_code,
+            "exit_code": j.exit_status,
             "signal": j.signal,
+            "outcome": j.outcome,
+            "pid": self.pid,
             "attempt": j.attempt,
             "log": self.log,
             "note": self.note,
@@ -540,7 +662,57 @@ class JobView:
                         "deleted": j.changes.deleted},
             "user": s.user,
             "host": s.host,
+            "stop_signal": s.stop_signal,
+            "stop_target": s.stop_target,
+            "stop": j.stop,
+            "stop_seconds": j.stop_seconds,
         }
+
+
+@dataclass(frozen=True)
+class StoppedAttempt:
+    """How one attempt that git tq stopped (preempted, cancelled) ended."""
+
+    attempt: int
+    event: str  # preempted or cancelled
+    stop: str  # clean: it exited within the grace; forced: SIGKILL
+    seconds: Optional[float]  # from the stop signal to the end
+    exit_code: Optional[int]
+    signal: Optional[int]
+    stop_signal: str  # the signal it was sent (SIGTERM...)
+
+    def describe(self) -> str:
+        secs = "?" if self.seconds is None else f"{self.seconds:g}"
+        if self.stop == "forced":
+            what = f"killed after {secs} s grace"
+        elif self.signal is not None:
+            what = f"ended by {_signal_name(self.signal)} after {self.stop_signal} ({secs} s)"
+        elif self.exit_code is not None:
+            what = f"exited {self.exit_code} after {self.stop_signal} ({secs} s)"
+        else:
+            what = f"ended after {self.stop_signal} ({secs} s)"
+        return f"attempt {self.attempt} {self.event}: {what}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "event": self.event, "stop": self.stop,
+                "seconds": self.seconds, "exit_code": self.exit_code, "signal": self.signal,
+                "stop_signal": self.stop_signal, "text": self.describe()}
+
+
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def stopped_attempts(lifecycle: Iterable[tuple[str, Job]]) -> list[StoppedAttempt]:
+    """Each attempt a stop ended, from the records of a job's lifecycle (oldest first)."""
+    return [StoppedAttempt(r.attempt, r.event, r.stop, r.stop_seconds, r.exit_code, r.signal,
+                           r.spec.stop_signal)
+            for _, r in lifecycle if r.stop is not None]
 
 
 def _views(ctx: Context, jobs: Iterable[Job]) -> list[JobView]:
@@ -553,8 +725,25 @@ def _views(ctx: Context, jobs: Iterable[Job]) -> list[JobView]:
         category = ctx.store.category(log) if job.id in logs else None
         trust = ctx.store.trust(job, entries)
         note_key = entries[job.id].submission if trust == LOCAL else job.snapshot
-        views.append(JobView(job, notes.get(note_key), log, category, trust))
+        views.append(JobView(job, notes.get(note_key), log, category, trust,
+                             job_pid(ctx, job, trust)))
     return views
+
+
+def job_pid(ctx: Context, job: Job, trust: str) -> Optional[int]:
+    """The pid of a running job of ours, from its run files (the supervisor writes it
+    when the job starts; they go when its ending is recorded); None otherwise. A
+    record that is not ours says nothing about this machine's processes."""
+    if trust != LOCAL or job.state not in (State.RUNNING, State.STOPPING):
+        return None
+    from git_tq.home import RunFiles, repo_key
+
+    rf = RunFiles(ctx.home, repo_key(ctx.repo.common_dir), job.id)
+    try:
+        pid = (rf.read(rf.ident) or {})["job"][0]
+    except (OSError, KeyError, IndexError, TypeError):
+        return None
+    return pid if isinstance(pid, int) and pid > 0 else None
 
 
 def _parse_states(states: Sequence[str]) -> set[State]:
@@ -610,18 +799,38 @@ class JobDetail:
     # Symlinks whose relative target leaves the repository (path, target as written):
     # the job's worktree points them where the user's links pointed at submission.
     outside_links: list[tuple[str, str]] = field(default_factory=list)
+    # The job's worktree, kept after it finished because the job wrote files that are
+    # not ignored (jobtree.Kept: where, and why); None when there is none.
+    kept: Optional[Kept] = None
+
+
+def kept_worktree(ctx: Context, job: Job) -> Optional[Kept]:
+    """Where this job's kept worktree is and why, if it was kept and is still there."""
+    from git_tq import jobtree
+    from git_tq.home import repo_key
+
+    if not job.state.finished:
+        return None
+    kept = jobtree.read_kept(ctx.home.path, repo_key(ctx.repo.common_dir), job.id)
+    # The record names the job by its submission: a reused id is another job.
+    if kept is None or ctx.store.trust(job) != LOCAL or \
+            kept.submission != ctx.store.submission(job) or not os.path.isdir(kept.path):
+        return None
+    return kept
 
 
 def show_job(ctx: Context, token: str) -> JobDetail:
     job = ctx.store.resolve(token)
     logs = ctx.store.find_logs()
     log = ctx.store.log_path(job, logs)
+    trust = ctx.store.trust(job)
     view = JobView(job, ctx.store.note(job), log,
-                   ctx.store.category(log) if job.id in logs else None, ctx.store.trust(job))
+                   ctx.store.category(log) if job.id in logs else None, trust,
+                   job_pid(ctx, job, trust))
     from git_tq import jobtree
 
     links = jobtree.outside_links([], ctx.repo.cwd, job.tip)
-    return JobDetail(view, ctx.store.lifecycle(job), links)
+    return JobDetail(view, ctx.store.lifecycle(job), links, kept_worktree(ctx, job))
 
 
 @dataclass(frozen=True)
@@ -723,6 +932,7 @@ def checkout(ctx: Context, token: str, *, branch: Optional[str] = None,
         hook = _git_or_hook_failure(repo, [*args, "--", path, commit],
                                     lambda: os.path.exists(os.path.join(path, ".git")))
         jobtree.checkout_nested(path, nested)
+        jobtree.checkout_present(path, _changed_paths(repo, job.source, tree))
         where = f"branch {branch} in {path}" if branch else f"{path} (detached)"
         return f"job {job.id}'s code is checked out at {where}{_nested_note(nested)}{hook}"
     dirty = _uncommitted(repo)
@@ -739,6 +949,11 @@ def checkout(ctx: Context, token: str, *, branch: Optional[str] = None,
         return (f"switched to new branch {branch} at job {job.id}'s snapshot ({commit[:10]})"
                 f"{_nested_note(nested)}{hook}")
     repo.git("read-tree", "-u", "--reset", "--end-of-options", commit)
+    changed = _changed_paths(repo, job.source, tree)
+    if changed:  # outside a sparse cone, read-tree neither writes nor replaces them
+        data = "".join(f"{p}\0" for p in changed).encode(errors="surrogateescape")
+        repo.git("update-index", "--no-skip-worktree", "-z", "--stdin", input=data)
+        repo.git("checkout-index", "-f", "-z", "--stdin", input=data)
     _restore_nested(toplevel, nested)
     head = repo.head_commit()
     msg = f"work tree and index of {toplevel} now hold job {job.id}'s code"
@@ -746,6 +961,17 @@ def checkout(ctx: Context, token: str, *, branch: Optional[str] = None,
         src = job.source[:10] if job.source else "an unborn branch"
         msg += f" (HEAD stays at {head[:10] if head else 'nothing'}; the job ran on {src})"
     return msg + _nested_note(nested)
+
+
+def _changed_paths(repo: Repo, source: Optional[str], tree: str) -> list[str]:
+    """The files a snapshot changed or added against its source: the user had them on
+    disk, so a sparse checkout of it must have them too."""
+    from git_tq.snapshot import empty_tree
+
+    base = f"{source}^{{tree}}" if source else empty_tree(tree)
+    out = repo.git("diff-tree", "-r", "-z", "--no-renames", "--name-only",
+                   "--diff-filter=AMT", base, tree).stdout.decode(errors="surrogateescape")
+    return [p for p in out.split("\0") if p]
 
 
 def _git_or_hook_failure(repo: Repo, args: Sequence[str], done: Callable[[], bool]) -> str:
@@ -834,6 +1060,10 @@ def remove(ctx: Context, tokens: Sequence[str], *, forget: bool = False,
             hint = ("stop it with `git tq kill`" if job.state.active
                     else "it has finished; `git tq rm --forget` deletes its record")
             raise InvalidTransition(f"job {job.id} is {job.state.value}, not pending: {hint}")
+        kept = kept_worktree(ctx, job) if forget else None
+        if kept is not None:  # its id may be given again: the worktree must go first
+            raise TqError(f"job {job.id}'s worktree {kept.path} is {kept.reason}; take what "
+                          f"you need, run `git tq gc --kept {job.id}`, then forget it")
     when = now or now_iso()
     done = []
     for job in jobs.values():
@@ -850,24 +1080,45 @@ def remove(ctx: Context, tokens: Sequence[str], *, forget: bool = False,
                                                            detail="removed from the queue"),
                              f"tq: cancel job {job.id}")
             done.append(Removal(job.id, "cancelled"))
+    if not forget:
+        _nudge(ctx)  # the daemon removes their prepared worktrees
     return done
 
 
-def pending_jobs(ctx: Context) -> list[Job]:
-    """Our own pending jobs, in queue order."""
+def _nudge(ctx: Context) -> None:
+    """Wake the daemon if it runs (never start one): the queue changed."""
+    from git_tq import client
+
+    with contextlib.suppress(TqError, OSError):
+        client.request(ctx.home, "nudge", timeout=2.0)
+
+
+def in_gpu_queue(job: Job, gpus: Optional[Sequence[int]]) -> bool:
+    """Whether `job` waits in the GPU queue `gpus`: it asks for exactly those GPUs by id
+    (`run --gpu`, the console's `use`, or tq.gpu), in any order. A job asking for any N
+    GPUs (--gpus N) or for none (--cpu) is in no GPU queue. `gpus` None: every queue."""
+    if gpus is None:
+        return True
+    return job.spec.gpus.ids is not None and sorted(job.spec.gpus.ids) == sorted(gpus)
+
+
+def pending_jobs(ctx: Context, gpus: Optional[Sequence[int]] = None) -> list[Job]:
+    """Our own pending jobs, in queue order: every one, or GPU queue `gpus`'s."""
     entries = ctx.local.entries()
     return [j for j in pending_in_queue_order(ctx.store.list_jobs())
-            if ctx.store.trust(j, entries) == LOCAL]
+            if in_gpu_queue(j, gpus) and ctx.store.trust(j, entries) == LOCAL]
 
 
-def purge(ctx: Context, *, now: Optional[str] = None) -> list[int]:
-    """Cancel every pending job; returns their ids."""
+def purge(ctx: Context, *, gpus: Optional[Sequence[int]] = None,
+          only: Optional[Collection[int]] = None, now: Optional[str] = None) -> list[int]:
+    """Cancel every pending job, or GPU queue `gpus`'s; with `only`, none but those (the
+    ones the user was asked about: a job queued meanwhile stays). Returns their ids."""
     when = now or now_iso()
     cancelled = []
     entries = ctx.local.entries()
-    for job in pending_jobs(ctx):
-        if ctx.store.trust(job, entries) != LOCAL:
-            continue  # not ours: never touched
+    for job in pending_jobs(ctx, gpus):
+        if ctx.store.trust(job, entries) != LOCAL or (only is not None and job.id not in only):
+            continue  # not ours (never touched), or not among those confirmed
         try:
             ctx.store.update(job.id, lambda j: apply_event(j, "cancelled", when,
                                                            detail="purged from the queue"),
@@ -875,6 +1126,8 @@ def purge(ctx: Context, *, now: Optional[str] = None) -> list[int]:
             cancelled.append(job.id)
         except InvalidTransition:
             continue  # it started meanwhile
+    if cancelled:
+        _nudge(ctx)  # the daemon removes their prepared worktrees
     return cancelled
 
 
@@ -906,6 +1159,24 @@ def job_log(ctx: Context, token: str) -> tuple[Job, str]:
     """A job and the path of its log (which may not exist yet)."""
     job = ctx.store.resolve(token)
     return job, ctx.store.log_path(job)
+
+
+def log_to_view(ctx: Context, token: str, *, follow: bool = False) -> tuple[Job, str]:
+    """A job and its log, for `view`: refused when the log is not here to read. A job
+    that is not ours (fetched, tampered) ran elsewhere, if at all: its log is not on this
+    machine, and never will be (following it would wait for ever)."""
+    job, path = job_log(ctx, token)
+    if os.path.exists(path):
+        return job, path
+    trust = ctx.store.trust(job)
+    if trust != LOCAL:
+        raise TqError(f"job {job.id}'s log is not on this machine: the job is {trust} "
+                      f"(submitted by {job.spec.user}@{job.spec.host}), and a log stays "
+                      "where its job ran")
+    if not follow:
+        raise TqError(f"job {job.id} has no log yet ({job.state.value}); "
+                      f"`git tq view -f {job.id}` waits for it")
+    return job, path
 
 
 def follow_log(ctx: Context, token: str, *, from_start: bool = True,
@@ -1032,20 +1303,31 @@ def remove_log(ctx: Context, token: str) -> str:
 
 
 @dataclass(frozen=True)
+class BoardJob:
+    """A job on the dashboard, with the repository it belongs to."""
+
+    repo: str  # the repository's name
+    here: bool  # in the repository `top` runs in
+    job: Job
+    last_line: str = ""  # a running job's last log line (of the repositories shown)
+
+
+@dataclass(frozen=True)
 class GpuRow:
     id: int
     details: dict[str, Any]  # name, util, mem_used, mem_total when NVML knows them
-    holders: list[Job]
+    holders: list[BoardJob]  # our jobs on it, from every repository of the tq home
     foreign: Optional[str]
 
 
 @dataclass(frozen=True)
 class Dashboard:
     gpus: list[GpuRow]
-    running: list[tuple[Job, str]]  # with the last line of its log
-    queue: list[Job]
-    finished: list[Job]  # most recent first
+    running: list[BoardJob]
+    queue: list[BoardJob]
+    finished: list[BoardJob]  # most recent first
     daemon: Optional[dict[str, Any]]
+    everywhere: bool = False  # the jobs of every repository of the tq home (top --all)
 
 
 def last_line(path: str, limit: int = 4096) -> str:
@@ -1058,11 +1340,19 @@ def last_line(path: str, limit: int = 4096) -> str:
     return lines[-1] if lines else ""
 
 
-def dashboard(ctx: Context, recent: int = 5) -> Dashboard:
-    """What `git tq top` shows: GPUs and their holders, running jobs, the queue, finishes."""
-    entries = ctx.local.entries()  # the dashboard shows what this machine runs: our jobs
-    jobs = [j for j in ctx.store.list_jobs() if ctx.store.trust(j, entries) == LOCAL]
-    logs = ctx.store.find_logs()
+def repo_name(common_dir: str) -> str:
+    """A repository's short name: its work tree's folder (`proj` for proj/.git)."""
+    path = os.path.realpath(common_dir)
+    name = os.path.basename(path)
+    return os.path.basename(os.path.dirname(path)) if name == ".git" else name
+
+
+def dashboard(ctx: Context, recent: int = 5, *, everywhere: bool = False) -> Dashboard:
+    """What `git tq top` shows: GPUs and what holds them, running jobs, the queue and
+    recent finishes. The GPUs are shared by every repository of the tq home (one daemon
+    schedules them all), so their holders come from all of them; the job panels show this
+    repository's jobs, or every repository's with `everywhere`. Only our own jobs count:
+    a record that is not ours says nothing about this machine."""
     status = daemon_status(ctx.home)
     foreign = {int(k): v for k, v in (status or {}).get("foreign", {}).items()}
     details = gpu_inventory.gpu_details()
@@ -1070,14 +1360,39 @@ def dashboard(ctx: Context, recent: int = 5) -> Dashboard:
         ids = gpu_inventory.machine_gpus(ctx.config)
     except TqError:
         ids = ()
-    running = [j for j in jobs if j.state in (State.RUNNING, State.STOPPING)]
+    here = os.path.realpath(ctx.repo.common_dir)
+    sources = [ctx] + [Context.at_common_dir(common, ctx.home)
+                       for common in ctx.home.registered_repos()
+                       if os.path.realpath(common) != here and os.path.isdir(common)]
+    running: list[BoardJob] = []
+    shown: list[BoardJob] = []
+    for c in sources:
+        is_here = c is ctx
+        try:
+            entries = c.local.entries()
+            jobs = [j for j in c.store.list_jobs() if c.store.trust(j, entries) == LOCAL]
+            logs = c.store.find_logs() if is_here or everywhere else {}
+        except (TqError, OSError):
+            continue  # a repository that went away or broke: nothing of it to show
+        name = repo_name(c.repo.common_dir)
+        for j in jobs:
+            active = j.state in (State.RUNNING, State.STOPPING)
+            if not (is_here or everywhere):
+                if active:
+                    running.append(BoardJob(name, False, j))
+                continue
+            board_job = BoardJob(name, is_here, j,
+                                 last_line(c.store.log_path(j, logs)) if active else "")
+            (running if active else shown).append(board_job)
     rows = [GpuRow(g, dict(details.get(g, {})),
-                   [j for j in running if g in (j.assigned_gpus or ())], foreign.get(g))
+                   [b for b in running if g in (b.job.assigned_gpus or ())], foreign.get(g))
             for g in ids]
-    finished = sorted((j for j in jobs if j.state.finished and j.ended_at),
-                      key=lambda j: j.ended_at or "", reverse=True)[:recent]
-    return Dashboard(rows, [(j, last_line(ctx.store.log_path(j, logs))) for j in running],
-                     pending_in_queue_order(jobs), finished, status)
+    finished = sorted((b for b in shown if b.job.state.finished and b.job.ended_at),
+                      key=lambda b: b.job.ended_at or "", reverse=True)[:recent]
+    queue = sorted((b for b in shown if b.job.state is State.PENDING),
+                   key=lambda b: (b.job.spec.priority, b.job.spec.submitted_at, b.job.id))
+    return Dashboard(rows, [b for b in running if b.here or everywhere], queue, finished,
+                     status, everywhere)
 
 
 def refs_signature(ctx: Context) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -183,8 +184,12 @@ def _compute(repo: Repo, depth: int = 0) -> Snapshot:
         if p.returncode != 0:
             raise TqError("snapshot failed: git add: " + _first_problem(p.stderr))
         warnings += _git_warnings(p.stderr)
-        warnings += [f"{path} has unresolved merge conflicts: the job gets it with its "
-                     "conflict markers" for path in unmerged]
+        if unmerged:
+            shown = ", ".join(unmerged[:3]) + (f" and {len(unmerged) - 3} more"
+                                               if len(unmerged) > 3 else "")
+            warnings.append(f"{len(unmerged)} file{'s have' if len(unmerged) > 1 else ' has'} "
+                            f"unresolved merge conflicts ({shown}): the job gets "
+                            f"{'them' if len(unmerged) > 1 else 'it'} with the conflict markers")
         gitlinks = _gitlinks(repo, env)
         for path, recorded in gitlinks:
             captured = _capture_nested(repo, toplevel, path, recorded, depth, warnings)
@@ -198,7 +203,7 @@ def _compute(repo: Repo, depth: int = 0) -> Snapshot:
                 repo.git(*PLUMBING, "update-index", "--cacheinfo",
                          f"160000,{inner_commit},{path}", env=env)
         outside = _outside_cone(repo, env)
-        tree = repo.out("write-tree", env=env)
+        tree = repo.out(*PLUMBING, "write-tree", env=env)
     finally:
         for path in (tmp_index, tmp_index + ".lock"):
             if os.path.exists(path):
@@ -224,24 +229,39 @@ def _copy_index(index: str, copy: str) -> None:
 
 
 def _first_problem(stderr: bytes) -> str:
-    """git's own reason (its first error or fatal line), not its last hint."""
+    """git's own reason (its first error line, which names the path, else its fatal
+    line), not its last hint."""
     lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
-    for prefix in ("fatal:", "error:"):
+    for prefix in ("error:", "fatal:"):
         for ln in lines:
             if ln.startswith(prefix):
                 return ln
     return lines[0] if lines else "failed"
 
 
+_PER_FILE = re.compile(r"in the working copy of '(.*)', (.*)")
+
+
 def _git_warnings(stderr: bytes) -> list[str]:
-    """git's warnings (a failed clean filter, CRLF conversion, ...), one line each."""
+    """git's warnings (a failed clean filter, CRLF conversion, ...): one line each, and
+    one line for a warning that git repeats for many files."""
     seen: list[str] = []
+    per_file: dict[str, list[str]] = {}
     for ln in stderr.decode(errors="replace").splitlines():
         ln = ln.strip()
-        if ln.startswith(("warning:", "error:")) and "embedded git repository" not in ln:
-            text = "git: " + ln
-            if text not in seen:
-                seen.append(text)
+        if not ln.startswith(("warning:", "error:")) or "embedded git repository" in ln:
+            continue
+        kind, _, text = ln.partition(": ")
+        m = _PER_FILE.match(text)
+        if m:
+            per_file.setdefault(m.group(2), []).append(m.group(1))
+            continue
+        text = f"git: {text}" if kind == "warning" else f"git: {ln}"
+        if text not in seen:
+            seen.append(text)
+    for what, files in per_file.items():
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        seen.append(f"git: {what} ({len(files)} file{'s' if len(files) > 1 else ''}: {shown})")
     return seen
 
 
@@ -297,7 +317,8 @@ def _capture_nested(repo: Repo, toplevel: str, path: str, recorded: str, depth: 
     else:
         args = ["commit-tree", snap.tree] + (["-p", inner.head] if inner.head else [])
         commit = inner.git(*args, env=_identity(os.environ), input=(
-            f"tq snapshot of {path}: its work tree when a job was submitted\n").encode()) \
+            f"tq snapshot of {path}: its work tree when a job was submitted\n").encode(
+            errors="surrogateescape")) \
             .stdout.decode().strip()
     # Keep the commit reachable in its own repository (gc must not take it from the job).
     inner.git("update-ref", f"{SNAPSHOT_REFS}{commit}", commit)

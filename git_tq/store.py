@@ -473,10 +473,11 @@ class RecordCache:
 
     Entries are keyed by commit, whose content never changes, so any version
     of the file is correct; it is replaced atomically and rebuilt if unreadable.
-    (Version 2: records are fully validated; version 1 entries are not trusted.)
+    (Version 2: records are fully validated; version 1 entries are not trusted.
+    Version 3: rows carry the stop fields.)
     """
 
-    VERSION = 2
+    VERSION = 3
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
@@ -507,7 +508,8 @@ def _job_to_row(j: Job) -> tuple[Any, ...]:
             (j.changes.modified, j.changes.added, j.changes.deleted), j.started_at,
             j.ended_at, j.exit_code, j.signal, j.assigned_gpus, j.detail,
             s.command, s.shell, s.priority, s.grace, s.tag, s.env, s.gpus.encode(), s.cwd,
-            s.submitted_at, s.user, s.host)
+            s.submitted_at, s.user, s.host, s.stop_signal, s.stop_target, j.stop,
+            j.stop_seconds)
 
 
 _STATES = {s.value: s for s in State}
@@ -515,9 +517,9 @@ _STATES = {s.value: s for s in State}
 
 def _job_from_row(r: tuple[Any, ...]) -> Job:
     spec = JobSpec(r[14], r[15], r[16], r[17], r[18], r[19], _gpu_request(r[20]), r[21],
-                   r[22], r[23], r[24])
+                   r[22], r[23], r[24], r[25], r[26])
     return Job(r[1], spec, _STATES[r[2]], r[3], r[4], r[5], r[6], _change_summary(r[7]),
-               r[0], r[8], r[9], r[10], r[11], r[12], r[13])
+               r[0], r[8], r[9], r[10], r[11], r[12], r[13], r[27], r[28])
 
 
 @functools.lru_cache(maxsize=256)

@@ -6,6 +6,12 @@ restarted daemon knows it is alive), starts the command in a new process group
 with the log as stdout and stderr, records both processes' identities, waits,
 and writes the exit status where any later daemon can read it. It survives
 the daemon's death; it ignores SIGTERM/SIGINT/SIGHUP (signals go to the job).
+
+When the job's main process ends, whatever it left behind is SIGKILLed at
+once; except during a stop whose signal went to others than the main process
+(a shell's children, the whole group: see procs.plan_stop), whose grace is not
+cut short because a wrapper shell exited first: then the supervisor waits for
+the group to empty, or the stop's deadline (the daemon's `.stop` run file).
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Any
+import time
+from typing import Any, Optional
 
 from git_tq.errors import TqError
 from git_tq.home import connect_private, ensure_log_folder, open_private, write_private_file
 from git_tq.lifecycle import now_iso
-from git_tq.procs import ProcessId, become_subreaper, kill
+from git_tq.procs import ProcessId, become_subreaper, group_alive, kill
 
 EXIT_LOCKED = 75
 
@@ -77,21 +84,69 @@ def run(launch: dict[str, Any]) -> int:
                                  "job": [job.pid, job.started], "pgid": child.pid})
     nudge(launch["socket"])
     status = _wait_for(child.pid)
-    # Whatever the job left behind (background children) goes with it.
-    kill(job, child.pid, me)
-    _reap_all()
     code = os.waitstatus_to_exitcode(status)
     signum = -code if code < 0 else None
+    stop = _read_stop(launch.get("stop"))
+    left_at_deadline = False
+    if stop is not None and stop.get("target") in ("children", "group"):
+        # The signal went to others than the main process: they get their grace too.
+        left_at_deadline = _wait_for_group(child.pid, launch["stop"])
+    ended = time.time()
+    # Whatever the job left behind (workers, background children) goes with it.
+    kill(job, child.pid, me)
+    _reap_all()
     text = f"killed by signal {signum}" if signum else f"exited with code {code}"
+    forced = signum == signal.SIGKILL or left_at_deadline
+    if stop is not None and isinstance(stop.get("signalled_at"), (int, float)):
+        text += (f" ({'forced: SIGKILL' if forced else 'clean stop'} "
+                 f"{max(0.0, ended - float(stop['signalled_at'])):.1f} s after "
+                 f"{_signal_text(stop.get('signal'))})")
     log.write(f"\n[git tq] job {launch['job_id']} attempt {launch['attempt']} {text} at "
               f"{now_iso()}\n".encode())
     write_json(launch["exit"], {"exit_code": None if signum else code, "signal": signum,
-                                "ended_at": now_iso()})
+                                "ended_at": now_iso(), "ended": ended, "forced": forced})
     # Release the lock before the nudge: the daemon reads "lock free + exit file" as
     # "ended", and must see both when it wakes.
     os.close(lock_fd)
     nudge(launch["socket"])
     return 0
+
+
+def _read_stop(path: Optional[str]) -> Optional[dict[str, Any]]:
+    """The pending stop the daemon wrote (`.stop`), if any."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _signal_text(number: object) -> str:
+    try:
+        return signal.Signals(number).name if isinstance(number, int) else "the stop signal"
+    except ValueError:
+        return f"signal {number}"
+
+
+def _wait_for_group(pgid: int, stop_path: str) -> bool:
+    """Wait, reaping, until the job's process group is empty or the stop's deadline (read
+    again each time: `kill --now` moves it) has passed; True if something was left."""
+    while group_alive(pgid):
+        _reap_all()
+        if not group_alive(pgid):
+            return False
+        stop = _read_stop(stop_path) or {}
+        try:
+            deadline = float(stop["deadline"])
+        except (KeyError, TypeError, ValueError):
+            return True  # no deadline any more: the stop is over, the rest goes
+        if time.time() >= deadline:
+            return True
+        time.sleep(0.02)  # group members are not all our children: no wait() covers them
+    return False
 
 
 def _default_signals() -> None:

@@ -24,8 +24,8 @@ from git_tq import output, service
 from git_tq.safetext import visible
 
 STYLES = output.STATE_STYLES
-MIN_WIDTH = {"ID": 4, "STATE": 9, "PRI": 4, "GPUS": 5, "ELAPSED": 8, "EXIT": 6, "RAN": 7,
-             "ENDED": 8, "#": 3, "TAG": 8, "WAITING": 8}
+MIN_WIDTH = {"ID": 4, "STATE": 9, "PRI": 4, "GPUS": 5, "ELAPSED": 8, "EXIT": 11, "RAN": 7,
+             "ENDED": 8, "#": 3, "TAG": 8, "WAITING": 8, "REPO": 6}
 RATIO = {"COMMAND": 2, "LAST LOG LINE": 2}
 
 
@@ -43,44 +43,56 @@ def render(board: service.Dashboard, title: str) -> Group:
             if "mem_total" in d else "-"
         if row.foreign:
             who = Text(v(row.foreign), style="bold red")
-        elif row.holders:
-            who = Text(v(", ".join(f"job {j.id} {j.spec.command_line()[:40]}"
-                                   for j in row.holders)), style="green")
+        elif row.holders:  # from whichever repository of the tq home holds it
+            who = Text(v(", ".join(f"job {b.job.id}{'' if b.here else ' of ' + b.repo} "
+                                   f"{b.job.spec.command_line()[:40]}"
+                                   for b in row.holders)), style="green")
         else:
             who = Text("free", style="dim")
         gpus.add_row(str(row.id), Text(v(str(d.get("name", "-")))),
                      f"{d['util']}%" if "util" in d else "-", mem, who)
+    # With --all, each job panel starts with the job's repository.
+    repo_col = ("REPO",) if board.everywhere else ()
+
+    def where(b: service.BoardJob) -> tuple[Text, ...]:
+        return (Text(v(b.repo), style="blue"),) if board.everywhere else ()
+
     running = Table(box=None, expand=True, header_style="bold")
-    for col in ("ID", "STATE", "PRI", "GPUS", "ELAPSED", "COMMAND", "LAST LOG LINE"):
+    for col in (*repo_col, "ID", "STATE", "PRI", "GPUS", "ELAPSED", "COMMAND",
+                "LAST LOG LINE"):
         running.add_column(col, overflow="ellipsis", no_wrap=True,
                            min_width=MIN_WIDTH.get(col), ratio=RATIO.get(col))
-    for job, line in board.running:
-        running.add_row(str(job.id), Text(job.state.value, style=STYLES[job.state.value]),
+    for b in board.running:
+        job = b.job
+        running.add_row(*where(b), str(job.id),
+                        Text(job.state.value, style=STYLES[job.state.value]),
                         str(job.spec.priority),
                         ",".join(map(str, job.assigned_gpus or ())) or "cpu",
                         output.since(job.started_at), Text(v(job.spec.command_line())),
-                        Text(v(line), style="dim"))
+                        Text(v(b.last_line), style="dim"))
     queue = Table(box=None, expand=True, header_style="bold")
-    for col in ("#", "ID", "PRI", "GPUS", "TAG", "COMMAND", "WAITING"):
+    for col in ("#", *repo_col, "ID", "PRI", "GPUS", "TAG", "COMMAND", "WAITING"):
         queue.add_column(col, overflow="ellipsis", no_wrap=True,
                          min_width=MIN_WIDTH.get(col), ratio=RATIO.get(col))
-    for n, job in enumerate(board.queue, 1):
-        queue.add_row(str(n), str(job.id), str(job.spec.priority), job.spec.gpus.describe(),
-                      Text(v(job.spec.tag or "")), Text(v(job.spec.command_line())),
-                      output.since(job.spec.submitted_at))
+    for n, b in enumerate(board.queue, 1):
+        job = b.job
+        queue.add_row(str(n), *where(b), str(job.id), str(job.spec.priority),
+                      job.spec.gpus.describe(), Text(v(job.spec.tag or "")),
+                      Text(v(job.spec.command_line())), output.since(job.spec.submitted_at))
     done = Table(box=None, expand=True, header_style="bold")
-    for col in ("ID", "STATE", "EXIT", "RAN", "ENDED", "COMMAND"):
+    for col in (*repo_col, "ID", "STATE", "EXIT", "RAN", "ENDED", "COMMAND"):
         done.add_column(col, overflow="ellipsis", no_wrap=True,
                         min_width=MIN_WIDTH.get(col), ratio=RATIO.get(col))
-    for job in board.finished:
-        code = "" if job.exit_code is None else str(job.exit_code)
-        if job.signal is not None:
-            code = f"sig {job.signal}"
-        done.add_row(str(job.id), Text(job.state.value, style=STYLES[job.state.value]), code,
+    for b in board.finished:
+        job = b.job
+        code = (job.outcome or "").replace("exit ", "").replace("signal ", "sig ")
+        done.add_row(*where(b), str(job.id), Text(job.state.value, style=STYLES[job.state.value]),
+                     code,
                      output.since(job.started_at, job.ended_at) if job.started_at else "-",
                      Text(v((job.ended_at or "")[11:19])), Text(v(job.spec.command_line())))
     daemon = board.daemon
-    head = Text(f"git tq top — {title} — ", style="bold")
+    head = Text(f"git tq top — {title}{' and every repository' if board.everywhere else ''}"
+                " — ", style="bold")
     head.append(f"daemon pid {daemon['pid']}" if daemon else
                 "daemon NOT running (git tq start)", style="green" if daemon else "bold red")
     head.append("   q: quit", style="dim")
@@ -108,12 +120,17 @@ def keys() -> Iterator[Any]:
         termios.tcsetattr(fd, termios.TCSADRAIN, old)
 
 
-def run(ctx: service.Context, once: bool = False, interval: float = 1.0) -> None:
+def run(ctx: service.Context, once: bool = False, interval: float = 1.0,
+        everywhere: bool = False) -> None:
     title = os.path.basename(ctx.repo.toplevel or ctx.repo.common_dir)
+
+    def board() -> service.Dashboard:
+        return service.dashboard(ctx, everywhere=everywhere)
+
     if once or not sys.stdout.isatty():
-        output_console().print(render(service.dashboard(ctx), title))
+        output_console().print(render(board(), title))
         return
-    with keys() as fd, Live(render(service.dashboard(ctx), title), screen=True,
+    with keys() as fd, Live(render(board(), title), screen=True,
                             auto_refresh=False, console=output_console()) as live:
         signature = service.refs_signature(ctx)
         last_draw = time.monotonic()
@@ -128,7 +145,7 @@ def run(ctx: service.Context, once: bool = False, interval: float = 1.0) -> None
             if now_sig != signature or time.monotonic() - last_draw >= interval:
                 signature = now_sig
                 last_draw = time.monotonic()
-                live.update(render(service.dashboard(ctx), title), refresh=True)
+                live.update(render(board(), title), refresh=True)
 
 
 def output_console() -> Any:

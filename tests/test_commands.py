@@ -148,7 +148,8 @@ def test_ls_shows_the_active_queue_in_order(repo: Path) -> None:
     assert [j["id"] for j in jobs_json(repo, "-s", "pending,running")] == [a, b, c, d]
     assert [j["id"] for j in jobs_json(repo, "--tag", "fast")] == [b]
     out = tq(repo, "st").stdout.splitlines()
-    assert out[0].split() == ["ID", "STATE", "PRI", "GPUS", "TAG", "COMMAND", "TIME", "NOTE"]
+    assert out[0].split() == ["ID", "STATE", "PID", "PRI", "GPUS", "TAG", "COMMAND", "TIME",
+                              "NOTE"]
     assert out[1].split()[:4] == [str(d), "running", "100", "0"]
     assert "python b.py" in out[2]
 
@@ -357,6 +358,24 @@ def test_purge(repo: Path) -> None:
     assert {j["id"]: j["state"] for j in jobs_json(repo, "--all")} == {
         1: "cancelled", 2: "running", 3: "cancelled"}
     assert "no pending jobs" in tq(repo, "purge", "-y").stdout
+
+
+def test_purge_gpu_clears_one_queue(repo: Path) -> None:
+    """A GPU queue is the jobs that asked for exactly those GPUs, in any order."""
+    a = submit(repo, "--gpu", "0", "true")
+    b = submit(repo, "--gpu", "1", "true")
+    c = submit(repo, "--gpu", "1,0", "true")
+    d = submit(repo, "--gpus", "1", "true")
+    e = submit(repo, "--cpu", "true")
+    f = submit(repo, "--gpu", "0,1", "true")
+    assert "no pending jobs in GPU queue 0,1,2" in tq(repo, "purge", "--gpu", "0,1,2").stdout
+    assert "2 pending jobs removed: 3, 6" in tq(repo, "purge", "--gpu", "0,1", "-y").stdout
+    assert "1 pending jobs removed: 1" in tq(repo, "purge", "--gpu", "0", "-y").stdout
+    states = {j["id"]: j["state"] for j in jobs_json(repo, "--all")}
+    assert states == {a: "cancelled", b: "pending", c: "cancelled", d: "pending",
+                      e: "pending", f: "cancelled"}
+    assert "bad GPU list" in tq(repo, "purge", "--gpu", "x", "-y", check=False).stderr
+    assert "3 pending jobs removed" in tq(repo, "purge", "-y").stdout  # no option: all
 
 
 # --- general behaviour -----------------------------------------------------------------------

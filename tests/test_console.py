@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pexpect
@@ -25,9 +26,11 @@ def test_console_lines_become_run_arguments() -> None:
 class Screen:
     """A console in a pseudo-terminal: type a line, read what it printed up to the prompt."""
 
-    def __init__(self, cwd: Path, tmp_path: Path) -> None:
+    def __init__(self, cwd: Path, tmp_path: Path, color: bool = False) -> None:
         env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm", "NO_COLOR": "1",
                "PAGER": "cat"}
+        if color:
+            del env["NO_COLOR"]
         self.log = open(tmp_path / "screen.log", "w")  # noqa: SIM115 - closed in close()
         self.child = pexpect.spawn("git", ["tq"], cwd=str(cwd), env=env, encoding="utf-8",
                                    timeout=20, dimensions=(50, 160))
@@ -181,3 +184,79 @@ def test_top_is_live_and_quits_on_q(repo: Path, tmp_path: Path) -> None:
     finally:
         if child.isalive():
             child.terminate(force=True)
+
+
+def test_queue_mode_purges_the_selected_queue_only_and_renumbers(screen: Screen,
+                                                                 repo: Path) -> None:
+    git(repo, "config", "tq.autostart", "false")
+    for gpu in ("0", "1", "0"):
+        tq(repo, "run", "-q", "--gpu", gpu, "true")
+    tq(repo, "run", "-q", "--cpu", "true")
+    screen.run("use 0", r"work \(tq:0\|OFF\) >")
+    out = screen.run("q", r"\[QUEUE\] >")
+    assert "waiting in queue 0: 2" in out
+    screen.ask("purge", r"Remove 2 pending jobs from GPU queue 0\?")
+    out = screen.run("y")
+    assert "2 pending jobs removed: 1, 3" in out
+    assert "waiting in queue 0: 0" in out  # listed again: the numbers follow the change
+    assert "no number 1 here" in screen.run("rm 1")
+    states = {j["id"]: j["state"] for j in tq_json(repo, "ls", "--all")}  # type: ignore[union-attr]
+    assert states == {1: "cancelled", 2: "pending", 3: "cancelled", 4: "pending"}
+    screen.leave("exit")
+
+
+def test_use_is_checked_and_run_options_override_it(screen: Screen, repo: Path) -> None:
+    git(repo, "config", "tq.autostart", "false")
+    out = screen.run("use 5")  # the machine has GPUs 0 and 1 (tq.gpus): refused as run is
+    assert "no GPU 5 on this machine (GPUs: 0,1)" in out
+    screen.run("use 0", r"work \(tq:0\|OFF\) >")
+    # --gpus after the command is the command's own: the job goes to the queue
+    assert "gpus 0" in screen.run("python a.py --gpus 2")
+    # before it, a run option: it wins, and the console says so
+    out = screen.run("--gpus 2 python a.py")
+    assert "note: --gpus given: this job does not go to the selected queue 0" in out
+    out = screen.run("--cpu python a.py")
+    assert "note: --cpu given: this job does not go to the selected queue 0" in out
+    jobs = {j["id"]: j for j in tq_json(repo, "ls")}  # type: ignore[union-attr]
+    assert jobs[1]["gpus"] == [0] and jobs[1]["command"] == ["python", "a.py", "--gpus", "2"]
+    assert jobs[2]["gpus"] is None and jobs[2]["gpu_count"] == 2
+    assert jobs[3]["gpu_count"] == 0
+    screen.leave("exit")
+
+
+def test_refused_lcd_hist_and_env_change_nothing(screen: Screen, repo: Path) -> None:
+    any_logs = r"\[LOGS:[^\]]*\] >"
+    out = screen.run("hist nowhere", r"\(tq:any\|(ON|OFF)\)( \[LOGS:[^\]]*\])? >")
+    assert "no log folder 'nowhere'" in out and "[LOGS" not in str(screen.child.after)
+    screen.run("hist", any_logs)
+    for bad in ("/etc", "nowhere", "../../.."):
+        out = screen.run(f"lcd {bad}", any_logs)
+        assert "git tq:" in out and str(screen.child.after) == "[LOGS:/] >", bad
+    screen.run("back", r"work \(tq:any\|(ON|OFF)\) >")
+    out = screen.run("env ./no-such-venv")
+    assert "is not a directory" in out
+    assert "jobs from here run in" not in out
+    out = screen.run("env no-such-conda-env", r"\(no-such-conda-env\) [^\n]*work \(tq:")
+    assert "warning: conda environment 'no-such-conda-env' not found" in out
+    (repo / "venv").mkdir()
+    out = screen.run("env ./venv", r"\(venv\) [^\n]*work \(tq:")
+    assert f"jobs from here run in {repo / 'venv'}" in out
+    screen.leave("exit")
+
+
+def test_console_colours_like_the_cli_unless_no_color(repo: Path, tmp_path: Path) -> None:
+    tq(repo, "run", "-q", "--cpu", "-t", "t1", "true")
+    tq(repo, "note", "1", "a fine run")
+    tq(repo, "catg", "1", "kept")  # a log (empty) for Logs mode to list
+    s = Screen(repo, tmp_path, color=True)
+    try:
+        def sgr(colour: int) -> str:  # a "select graphic rendition" that sets `colour`
+            return rf"\x1b\[(?:[0-9]+;)*{colour}(?:;[0-9]+)*m"
+
+        s.wait(sgr(31) + "OFF")  # the daemon's state in the prompt: red OFF
+        s.run("hist kept", sgr(35) + r" \[LOGS:kept\][^>]*>")
+        out = s.run("ls", r"\[LOGS:kept\][^>]*>")
+        assert re.search(sgr(36) + " *— a fine run", out), out  # the note, highlighted
+        assert re.search(sgr(33) + "pending", out), out  # the state in its colour
+    finally:
+        s.close()

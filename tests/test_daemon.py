@@ -424,3 +424,50 @@ def test_a_deleted_repository_is_dropped(repo: Path, make_repo: Any) -> None:
     home = Path(os.environ["TQ_HOME"])
     wait_until(lambda: "is gone; dropped" in (home / "daemon.log").read_text())
     assert len(list((home / "repos").iterdir())) == 1
+
+
+def run_files(job_id: int, suffix: str) -> list[Path]:
+    return list(Path(os.environ["TQ_HOME"]).glob(f"run/*/{job_id}.{suffix}"))
+
+
+def test_ls_and_show_give_a_running_jobs_pid(repo: Path, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    j = submit(repo, "--cpu", "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    wait_until(lambda: job(repo, j)["pid"] is not None)
+    pid = job(repo, j)["pid"]
+    assert psutil.Process(pid).cmdline()[:2] == ["sh", "-c"]  # the job itself
+    assert [v["pid"] for v in tq_json(repo, "ls")] == [pid]  # type: ignore[union-attr]
+    assert tq(repo, "ls").stdout.splitlines()[1].split()[:3] == [str(j), "running", str(pid)]
+    assert f"pid {pid}" in tq(repo, "show", str(j)).stdout
+    gate.touch()
+    assert wait_state(repo, j, "done")["pid"] is None
+    assert "pid " not in tq(repo, "show", str(j)).stdout
+
+
+def test_a_failure_says_why_without_a_made_up_exit_code(repo: Path, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    git(repo, "config", "tq.cpuSlots", "3")  # all three at once
+    lost = submit(repo, "--cpu", "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    no_env = submit(repo, "--cpu", "-e", "no-such-conda-env", "true")  # the daemon refuses
+    no_cmd = submit(repo, "--cpu", "no-such-command-xyz")  # the supervisor cannot exec it
+    wait_until(lambda: bool(run_files(lost, "ident")))
+    ident = json.loads(run_files(lost, "ident")[0].read_text())
+    os.kill(ident["supervisor"][0], signal.SIGKILL)  # the job's supervisor dies,
+    gate.touch()  # then the job ends: nobody saw how
+    for j in (no_env, no_cmd):
+        data = wait_state(repo, j, "failed")
+        assert (data["exit_code"], data["outcome"], data["event"]) == \
+            (None, "not started", "start-failed")
+    data = wait_state(repo, lost, "failed")
+    assert (data["exit_code"], data["signal"], data["outcome"]) == (None, None, "lost")
+    assert "supervisor died" in data["detail"]
+    rows = {ln.split()[0]: ln for ln in tq(repo, "ls", "--all").stdout.splitlines()[1:]}
+    assert "failed (lost)" in rows[str(lost)]
+    assert "failed (not started)" in rows[str(no_env)] and "None" not in rows[str(no_env)]
+    assert "failed (not started)" in rows[str(no_cmd)] and "127" not in rows[str(no_cmd)]
+    assert tq(repo, "show", str(lost)).stdout.splitlines()[0].endswith("failed  (lost)")
+    assert "failed  (not started)" in tq(repo, "show", str(no_cmd)).stdout
+    assert "failed (lost)" in tq(repo, "log").stdout
+    assert git(repo, "log", "-1", "--format=%s", f"refs/tq/jobs/{lost}").startswith(
+        f"tq job {lost} failed (lost):")
+    assert "Tq-Exit-Code" not in git(repo, "log", "-1", "--format=%B", f"refs/tq/jobs/{no_cmd}")

@@ -34,6 +34,11 @@ def test_setup_installs_runs_and_uninstalls(tmp_path: Path) -> None:
     p = setup_sh(home)
     assert p.returncode == 0, p.stderr
     assert "is not on your PATH" in p.stdout and 'export PATH="' in p.stdout
+    # Only the tool's own lines: no build warnings (setuptools once printed 40 lines
+    # about git_tq.completion on every install).
+    noise = [ln for ln in (p.stdout + p.stderr).splitlines()
+             if "warning" in ln.lower() or "Package" in ln]
+    assert not noise, "\n".join(noise)
     link = home / ".local" / "bin" / "git-tq"
     page = home / ".local" / "share" / "man" / "man1" / "git-tq.1"
     assert link.is_symlink() and page.exists()

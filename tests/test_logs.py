@@ -192,3 +192,36 @@ def test_fish_completion(repo: Path) -> None:
                           "complete -C 'git-tq show '"], cwd=repo, capture_output=True,
                          text=True, check=True).stdout.splitlines()
     assert out[0].startswith("purge") and out[1].startswith("1\t")
+
+
+def test_view_of_a_fetched_job_says_its_log_is_elsewhere(repo: Path, tmp_path: Path) -> None:
+    j = submit(repo, "--cpu", "echo", "hi")
+    wait_state(repo, j, "done")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(repo), str(clone))
+    git(clone, "fetch", "-q", "origin", "refs/tq/*:refs/tq/*")
+    for args in (["view"], ["view", "-f"], ["view", "-n", "5"]):
+        p = tq(clone, *args, str(j), check=False)
+        assert p.returncode == 1 and "log is not on this machine: the job is fetched" in \
+            p.stderr, (args, p.stderr)
+    assert "(not on this machine" in tq(clone, "show", str(j)).stdout
+    assert "(not on this machine" not in tq(repo, "show", str(j)).stdout
+
+
+def test_top_shows_what_holds_each_gpu_whichever_repository(make_repo: Any,
+                                                            tmp_path: Path) -> None:
+    here, there = make_repo("here"), make_repo("there")  # one tq home, one daemon
+    gate = tmp_path / "gate"
+    j = submit(there, "--gpu", "1", "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    wait_state(there, j, "running")
+    wide = {"COLUMNS": "200"}
+    try:
+        out = tq(here, "top", env=wide).stdout
+        assert f"job {j} of there" in out and out.count("free") == 1  # GPU 0 only
+        assert "running (0)" in out  # this repository's jobs: none
+        out = tq(here, "top", "--all", env=wide).stdout
+        assert "running (1)" in out and "REPO" in out
+        assert any(line.split()[1:4] == ["there", str(j), "running"]
+                   for line in out.splitlines() if len(line.split()) > 4), out
+    finally:
+        gate.touch()
