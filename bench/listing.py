@@ -94,7 +94,7 @@ def main() -> None:
             "git tq log": ["git", "tq", "log"],
         }
         cold = [
-            "sh", "-c", "rm -f .git/tq/cache/records-v2.marshal && git tq ls --all --json",
+            "sh", "-c", "rm -f .git/tq/cache/records-v*.marshal && git tq ls --all --json",
         ]
         for label in ("loose refs", "packed refs"):
             if label == "packed refs":

@@ -103,17 +103,26 @@ def start(home: Home, wait: float = 10.0) -> bool:
 
 
 def nudge(home: Home, autostart: bool) -> Optional[str]:
-    """Wake the daemon (starting it if allowed); a hint for the user if it is not running."""
+    """Wake the daemon (starting it if allowed); a hint for the user if it is not running.
+
+    The nudge is sent without waiting for the answer: the kernel queues it even while
+    the daemon is busy (checking out a big worktree, say), so a submission never
+    waits for the daemon's work. A connection that succeeds, to a socket this user
+    serves, is proof enough that the daemon lives.
+    """
     try:
-        request(home, "nudge", timeout=2.0)
+        with connect(home, 2.0) as s:
+            s.sendall(json.dumps({"v": PROTOCOL, "cmd": "nudge"}).encode() + b"\n")
         return None
-    except DaemonNotRunning:
+    except (FileNotFoundError, ConnectionRefusedError):
         if autostart:
             spawn(home)
             return None
         return "the daemon is not running (tq.autostart is false): start it with `git tq start`"
     except TqError as exc:
         return str(exc)
+    except OSError as exc:
+        return f"cannot reach the git tq daemon: {exc}"
 
 
 def stop(home: Home, wait: float = 10.0) -> bool:

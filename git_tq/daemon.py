@@ -133,6 +133,7 @@ class Daemon:
         self.abandoned: set[str] = set()  # checkouts under way for jobs that left the queue
         self.left_alone: set[str] = set()  # worktrees not ours to remove (warned once)
         self.supervisors: set[int] = set()  # pids of the supervisors we forked
+        self.removals: dict[int, str] = {}  # forked worktree removals: pid -> path
 
     # --- lifecycle of the daemon itself ---------------------------------------
 
@@ -228,13 +229,14 @@ class Daemon:
     def reap(self) -> None:
         """Collect exited supervisors we forked (not other children: a Popen must keep
         its own exit status), and finished hooks."""
-        for pid in list(self.supervisors):
+        for pid in list(self.supervisors) + list(self.removals):
             try:
                 done, _ = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 done = pid
             if done:
                 self.supervisors.discard(pid)
+                self.removals.pop(pid, None)
                 self.dirty = True
         self.hooks = [h for h in self.hooks if h.poll() is None]
         for path, checkout in self.preparing.items():
@@ -382,7 +384,7 @@ class Daemon:
         # and check out the next waiting jobs' worktrees so that starting them is a fork.
         cleanup, self.cleanup = self.cleanup, []
         for rs, job_id in cleanup:
-            self.remove_worktree(rs, job_id)
+            self.remove_in_background(rs, job_id)
         for rs in repos:
             self.sweep_worktrees(rs)
         for rs in repos:
@@ -744,6 +746,30 @@ class Daemon:
         jobtree.complete(rs.common, path, spec, rs.config)
         return path
 
+    def remove_in_background(self, rs: RepoState, job_id: int, ran: bool = True) -> None:
+        """`remove_worktree` in a forked child: checking what a job wrote (`git status`)
+        and deleting a big worktree take long, and the loop must keep serving the socket
+        and starting jobs meanwhile. The child's exit wakes the loop (SIGCHLD)."""
+        path = self.home.worktree_dir(rs.key, job_id)
+        if path in self.removals.values():
+            return
+        pid = os.fork()
+        if pid:
+            self.removals[pid] = path
+            return
+        code = 70
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # above all, not the daemon's lock
+            self.remove_worktree(rs, job_id, ran)
+            code = 0
+        except BaseException:  # noqa: BLE001 - a child must never return into the loop
+            log.exception("removing %s failed", path)
+        finally:
+            os._exit(code)
+
     def remove_worktree(self, rs: RepoState, job_id: int, ran: bool = True) -> None:
         """Remove a finished job's worktree, unless the job wrote files there that are not
         ignored (nothing records them yet): that worktree is kept, and the reason recorded
@@ -798,12 +824,15 @@ class Daemon:
             del self.preparing[path]
             self.abandoned.discard(path)
             names.discard(os.path.basename(path))
-            self.remove_worktree(rs, int(os.path.basename(path)), ran=False)
+            self.remove_worktree(rs, int(os.path.basename(path)), ran=False)  # never ran: quick
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path, ignore_errors=True)  # a failed checkout git never knew
+        busy = set(self.removals.values())
         for name in names:
             job = by_id.get(int(name)) if name.isdigit() else None
             path = os.path.join(root, name)
+            if path in busy:
+                continue  # being removed right now
             if job is None or not job.state.finished or rs.ours(job) is None or \
                     (keep_failed and job.state is State.FAILED) or path in self.left_alone or \
                     os.path.exists(jobtree.kept_record(self.home.path, rs.key, job.id)):
