@@ -32,7 +32,14 @@ from typing import Any, Optional
 from git_tq import __version__, client, gpus, jobtree, scheduler, supervisor
 from git_tq.errors import InvalidTransition, NotOurs, RefRace, TqError
 from git_tq.gitrepo import Repo, run_git, without_repo_vars
-from git_tq.home import Home, RunFiles, ensure_private_dir, repo_key, write_private_file
+from git_tq.home import (
+    Home,
+    RunFiles,
+    ensure_private_dir,
+    repo_key,
+    tighten_home,
+    write_private_file,
+)
 from git_tq.lifecycle import apply_event, now_iso
 from git_tq.localjobs import LedgerEntry, LocalJobs, LocalSpec
 from git_tq.model import STOP_SIGNALS, Job, State, stop_signal_number
@@ -139,6 +146,7 @@ class Daemon:
 
     def acquire(self) -> None:
         ensure_private_dir(self.home.path)
+        tighten_home(self.home.path)
         fd = os.open(self.home.daemon_lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

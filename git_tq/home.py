@@ -48,20 +48,28 @@ def repo_key(common_dir: str) -> str:
 
 
 def ensure_private_dir(path: str) -> str:
-    """Create `path` and any missing parents, each 0700 (makedirs gives parents 0777);
-    an existing `path` of ours that others may read is tightened to 0700."""
+    """Create `path` and any missing parents, each 0700 (makedirs gives parents 0777).
+
+    Folders that already exist are left as they are: a parent may be /tmp or the
+    user's home, and tightening it would break the machine. (A looser tq home
+    itself is tightened by `tighten_home`.)"""
     if not os.path.isdir(path):
         parent = os.path.dirname(path)
-        if parent and parent != path:
+        if parent and parent != path and not os.path.isdir(parent):
             ensure_private_dir(parent)
         with contextlib.suppress(FileExistsError):
             os.mkdir(path, 0o700)
-    else:
-        with contextlib.suppress(OSError):
-            st = os.lstat(path)
-            if st.st_uid == os.getuid() and st.st_mode & 0o077 and not os.path.islink(path):
-                os.chmod(path, 0o700)
     return path
+
+
+def tighten_home(path: str) -> None:
+    """Make an existing tq home 0700 if it is ours and others may read it; never a
+    shared folder (sticky, like /tmp) or one that is not ours."""
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o077 \
+                and not st.st_mode & stat.S_ISVTX:
+            os.chmod(path, 0o700)
 
 
 def write_private_file(path: str, data: bytes) -> None:
@@ -124,9 +132,10 @@ def ensure_private_tree(top: str, path: str) -> str:
             folder = os.path.join(folder, part)
         with contextlib.suppress(FileExistsError):
             os.mkdir(folder, 0o700)
-        st = os.stat(folder)
-        if st.st_mode & 0o077 and st.st_uid == os.getuid():
-            os.chmod(folder, st.st_mode & 0o7700)
+        st = os.lstat(folder)  # never chmod through a symlink (it may point at /tmp)
+        if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o077 and st.st_uid == os.getuid() \
+                and not st.st_mode & stat.S_ISVTX:
+            os.chmod(folder, st.st_mode & 0o700)
     return path
 
 

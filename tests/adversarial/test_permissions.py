@@ -17,7 +17,7 @@ from typing import Any
 
 import pexpect
 import pytest
-from conftest import git, tq_json, wait_until
+from conftest import git, tq, tq_json, wait_until
 
 UMASKS = ["002", "022"]
 
@@ -175,3 +175,18 @@ def test_console_history_is_private(repo: Path, umask: str) -> None:
     os.chmod(history, 0o644)  # as an older git tq left it
     session("use any")
     assert mode(history) == 0o600 and "use any" in history.read_text()
+
+
+def test_the_folders_above_the_tq_home_are_never_tightened(repo: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"  # like /tmp: sticky, everyone's
+    shared.mkdir()
+    shared.chmod(0o1777)
+    mine = tmp_path / "loose-home"
+    mine.mkdir()
+    mine.chmod(0o755)
+    for home in (shared / "a" / "b", mine):
+        tq(repo, "start", env={"TQ_HOME": str(home)})
+        tq(repo, "stop", env={"TQ_HOME": str(home)})
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert stat.S_IMODE((shared / "a").stat().st_mode) == 0o700  # created by us
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o700  # a tq home of ours: tightened
