@@ -316,7 +316,7 @@ class Console:
     def _ids(self, args: list[str]) -> Optional[list[str]]:
         ids = []
         for token in service.parse_job_tokens(args):
-            if not token.isdigit() or int(token) not in self.numbers:
+            if not (token.isascii() and token.isdigit()) or int(token) not in self.numbers:
                 self.out(f"git tq: no number {token} here (ls shows them)")
                 return None
             ids.append(str(self.numbers[int(token)]))

@@ -837,7 +837,7 @@ class Daemon:
                 shutil.rmtree(path, ignore_errors=True)  # a failed checkout git never knew
         busy = set(self.removals.values())
         for name in names:
-            job = by_id.get(int(name)) if name.isdigit() else None
+            job = by_id.get(int(name)) if name.isascii() and name.isdigit() else None
             path = os.path.join(root, name)
             if path in busy:
                 continue  # being removed right now

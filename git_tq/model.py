@@ -204,7 +204,7 @@ def stop_signal_name(text: str) -> str:
     import signal
 
     word = text.strip().upper()
-    if word.isdigit() and len(word) <= 3:
+    if word.isascii() and word.isdigit() and len(word) <= 3:
         try:
             word = signal.Signals(int(word)).name
         except ValueError:

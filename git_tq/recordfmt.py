@@ -113,6 +113,7 @@ def parse_fields(message: str) -> dict[str, str]:
 # Every field is parsed into a typed value before use: a record can come from
 # anyone (a fetch), so nothing in it is trusted to be well-formed.
 _ID = re.compile(r"[1-9][0-9]{0,17}\Z")
+MAX_ID = 10**18 - 1  # the longest canonical id has 18 digits
 _INT = re.compile(r"-?[0-9]{1,18}\Z")
 _HEX = re.compile(r"[0-9a-f]+\Z")
 _STAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?"

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import shlex
 import subprocess
 import time
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
@@ -28,7 +29,7 @@ from git_tq.errors import (
 from git_tq.gitrepo import Repo, discover, run_git, without_repo_vars
 from git_tq.home import Home, default_home
 from git_tq.lifecycle import apply_event, now_iso
-from git_tq.localjobs import FETCHED, LOCAL, TAMPERED, LocalJobs, LocalSpec
+from git_tq.localjobs import FETCHED, LOCAL, TAMPERED, LedgerEntry, LocalJobs, LocalSpec
 from git_tq.model import (
     DEFAULT_GRACE,
     DEFAULT_PRIORITY,
@@ -377,9 +378,11 @@ def requeue(ctx: Context, token: str, *, command: Sequence[str] = (),
         shell = len(command) == 1 and bool(_SHELL_CHARS.search(command[0]))
         spec = dataclasses.replace(spec, command=tuple(command), shell=shell,
                                    cwd=ctx.repo.prefix if trust != LOCAL else spec.cwd)
-    if trust != LOCAL:  # nothing of theirs steers it: our defaults, not their priority
+    if trust != LOCAL:
+        # Nothing of theirs steers it: our defaults for priority, grace, stop and
+        # tag; only the GPU request is kept, checked against this machine's GPUs.
         stop_signal, stop_target = stop_settings(ctx.config)
-        spec = dataclasses.replace(spec, env=None, priority=DEFAULT_PRIORITY,
+        spec = dataclasses.replace(spec, env=None, tag=None, priority=DEFAULT_PRIORITY,
                                    grace=DEFAULT_GRACE, stop_signal=stop_signal,
                                    stop_target=stop_target)
         if not spec.gpus.cpu_only:
@@ -419,34 +422,64 @@ class Finding:
     fix: str
 
 
-def adopt(ctx: Context, token: str) -> Job:
-    """Vouch for a job that git tq queued here before it kept a ledger (it shows as
-    fetched): it becomes local again, with the command of its submission commit.
+def _legacy_record(ctx: Context, job: Job,
+                   entries: Mapping[int, LedgerEntry]) -> Optional[tuple[str, str, dict[str, Any]]]:
+    """The private record an older git tq wrote for this job, as (submission, path,
+    data), or None.
 
-    Only a job with this user's private record from then (named by its submission
-    commit) can be adopted, and what it will run is read from that submission commit
-    (content-addressed: exactly what was submitted), never from later records.
+    Only a record in the old format (no "format" key: every record written since
+    has one) counts, only for a submission commit that names this job itself and
+    that no ledger entry claims: a fetched record that points at another job's
+    submission (ours) must not reach that job's private record.
     """
     import json
 
     from git_tq import recordfmt
     from git_tq.home import repo_key
-    from git_tq.localjobs import LedgerEntry, is_oid
+    from git_tq.localjobs import is_oid
+
+    submission = ctx.store.submission(job)
+    if not is_oid(submission) or any(e.submission == submission for e in entries.values()):
+        return None
+    path = os.path.join(ctx.home.path, "jobs", repo_key(ctx.repo.common_dir),
+                        f"{submission}.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        message = ctx.repo.out("cat-file", "commit", submission).partition("\n\n")[2]
+        first = recordfmt.decode(message, submission)
+    except (OSError, ValueError, TqError, recordfmt.RecordFormatError):
+        return None
+    if not isinstance(data, dict) or "format" in data or first.id != job.id:
+        return None
+    return submission, path, data
+
+
+def adopt(ctx: Context, token: str) -> Job:
+    """Vouch for a job that git tq queued here before it kept a ledger (it shows as
+    fetched): it becomes local again, with the command of its submission commit.
+
+    Only a job with this user's private record from then (old format, named by its
+    submission commit, which names the job) can be adopted. What it will run and
+    how it is scheduled are read from that submission commit (content-addressed:
+    exactly what was submitted), never from later records: adopting writes a new
+    record of ours with the submission's spec on top of the current tip.
+    """
+    from git_tq import recordfmt
 
     job = ctx.store.resolve(token)
-    trust = ctx.store.trust(job)
+    entries = ctx.local.entries()
+    trust = ctx.store.trust(job, entries)
     if trust != FETCHED:
         raise TqError(f"job {job.id} is {trust}: nothing to adopt"
                       + ("; git tq doctor --restore puts it back" if trust == TAMPERED else ""))
-    submission = ctx.store.submission(job)
-    legacy = os.path.join(ctx.home.path, "jobs", repo_key(ctx.repo.common_dir),
-                          f"{submission}.json")
-    if not is_oid(submission) or not os.path.isfile(legacy):
+    legacy = _legacy_record(ctx, job, entries)
+    if legacy is None:
         raise NotOurs(f"job {job.id} was not submitted here by you (no private record of it "
-                      "in the tq home): it cannot be adopted; requeue it with a command")
+                      "from an older git tq in the tq home): it cannot be adopted; requeue it "
+                      "with a command")
+    submission, path, data = legacy
     try:
-        with open(legacy, encoding="utf-8") as fh:
-            data = json.load(fh)
         environ = {str(k): str(v) for k, v in dict(data.get("env") or {}).items()}
         source_dir = str(data.get("worktree") or "")
         message = ctx.repo.out("cat-file", "commit", submission).partition("\n\n")[2]
@@ -454,6 +487,8 @@ def adopt(ctx: Context, token: str) -> Job:
     except (OSError, ValueError, TypeError, AttributeError, recordfmt.RecordFormatError) as exc:
         raise TqError(f"job {job.id}: its old private record is unreadable ({exc})") from None
     spec = first.spec
+    adopted = job.evolve(spec=spec, snapshot=submission)
+    commit = ctx.store.commit_record(f"{submission}^{{tree}}", job.tip, adopted)
     with ctx.local.locked():
         if ctx.repo.resolve_ref(job.ref) != job.tip:
             raise TqError(f"job {job.id} changed meanwhile; try again")
@@ -462,8 +497,12 @@ def adopt(ctx: Context, token: str) -> Job:
             ctx.local.save_spec(LocalSpec(submission, spec.command, spec.shell, spec.cwd,
                                           spec.env, source_dir, without_repo_vars(environ)))
         else:
-            os.unlink(legacy)
-        ctx.local.record(job.id, LedgerEntry(submission, job.tip, None))
+            os.unlink(path)
+        ctx.local.record(job.id, LedgerEntry(submission, None, commit))
+        moved = ctx.repo.update_ref(job.ref, commit, job.tip, f"tq: adopt job {job.id}")
+        ctx.local.record(job.id, LedgerEntry(submission, commit, None) if moved else None)
+    if not moved:
+        raise TqError(f"job {job.id} changed meanwhile; try again")
     wake_daemon(ctx)
     return first
 
@@ -478,8 +517,9 @@ def doctor(ctx: Context, *, restore: bool = False) -> list[Finding]:
         found.append(Finding(bad.name, "unreadable",
                              f"refs/tq/jobs/{bad.name} holds no valid job record: {bad.reason}; "
                              "it is listed, never used",
-                             f"look: git log refs/tq/jobs/{bad.name}; delete: git update-ref -d "
-                             f"refs/tq/jobs/{bad.name} {bad.tip}"))
+                             f"look: git log {shlex.quote('refs/tq/jobs/' + bad.name)}; "
+                             f"delete: git update-ref -d "
+                             f"{shlex.quote('refs/tq/jobs/' + bad.name)} {shlex.quote(bad.tip)}"))
     for job in listing.jobs:
         trust = ctx.store.trust(job, entries)
         entry = entries.get(job.id)
@@ -498,14 +538,10 @@ def doctor(ctx: Context, *, restore: bool = False) -> list[Finding]:
                 f"job {job.id} is yours, but its ref was moved from the record git tq last "
                 f"wrote ({ours[:12]}) to {job.tip[:12]} by something else (a fetch, a push or "
                 "a hand edit): it is neither run nor written, and no hook fires for it",
-                f"git tq doctor --restore (or: git update-ref refs/tq/jobs/{job.id} {ours} "
-                f"{job.tip})"))
+                f"git tq doctor --restore (or: git update-ref refs/tq/jobs/{job.id} "
+                f"{shlex.quote(ours)} {shlex.quote(job.tip)})"))
         elif trust == FETCHED and job.state.active:
-            from git_tq.home import repo_key
-
-            legacy = os.path.join(ctx.home.path, "jobs", repo_key(ctx.repo.common_dir),
-                                  f"{job.snapshot}.json")
-            if os.path.isfile(legacy):
+            if _legacy_record(ctx, job, entries) is not None:
                 found.append(Finding(
                     str(job.id), "queued by an older git tq",
                     f"job {job.id} ({job.state.value}) was queued here before git tq kept a "
@@ -559,7 +595,7 @@ def gc(ctx: Context, *, kept: bool = False, tokens: Sequence[str] = ()) -> Colle
     if tokens:
         only = set()
         for token in parse_job_tokens(tokens):
-            if not token.strip().isdigit():
+            if not (token.strip().isascii() and token.strip().isdigit()):
                 raise UsageError(f"not a job id: {token!r}")
             only.add(int(token))
     common = ctx.repo.common_dir
@@ -573,7 +609,7 @@ def gc(ctx: Context, *, kept: bool = False, tokens: Sequence[str] = ()) -> Colle
     # Never list (or delete in) a folder reached through a symlink a job may have planted.
     names = sorted(os.listdir(root)) if real_dir(top) and real_dir(root) else []
     for name in names:
-        job_id = int(name) if name.isdigit() else None
+        job_id = int(name) if name.isascii() and name.isdigit() else None
         if only is not None and job_id not in only:
             continue
         job = jobs.get(job_id) if job_id is not None else None
@@ -605,7 +641,7 @@ def gc(ctx: Context, *, kept: bool = False, tokens: Sequence[str] = ()) -> Colle
     kept_root = os.path.dirname(jobtree.kept_record(ctx.home.path, key, 0))
     for name in os.listdir(kept_root) if real_dir(kept_root) else []:
         stem = name[:-len(".json")]
-        if name.endswith(".json") and stem.isdigit() and \
+        if name.endswith(".json") and stem.isascii() and stem.isdigit() and \
                 not os.path.lexists(os.path.join(root, stem)):
             jobtree.unkeep(ctx.home.path, key, int(stem))
     run_git(["--git-dir", common, "worktree", "prune"], common,
@@ -719,15 +755,36 @@ def _views(ctx: Context, jobs: Iterable[Job]) -> list[JobView]:
     notes = ctx.store.all_notes()
     logs = ctx.store.find_logs()
     entries = ctx.local.entries()
+    jobs = list(jobs)
+    keys = _note_keys(ctx, jobs, entries, notes)
     views = []
     for job in jobs:
         log = ctx.store.log_path(job, logs)
         category = ctx.store.category(log) if job.id in logs else None
         trust = ctx.store.trust(job, entries)
-        note_key = entries[job.id].submission if trust == LOCAL else job.snapshot
-        views.append(JobView(job, notes.get(note_key), log, category, trust,
+        views.append(JobView(job, notes.get(keys[job.id]), log, category, trust,
                              job_pid(ctx, job, trust)))
     return views
+
+
+def _note_keys(ctx: Context, jobs: Sequence[Job], entries: Mapping[int, LedgerEntry],
+               notes: Mapping[str, str]) -> dict[int, str]:
+    """The commit each job's note hangs on: the ledger's submission for ours; for a
+    record not ours its recorded submission only if that commit is a record of the
+    same job (a fetched job 20 that names job 2's submission must not show job 2's
+    note), else its tip."""
+    keys = {}
+    others = []
+    for job in jobs:
+        entry = entries.get(job.id)
+        if entry is not None and entry.trusts(job.tip):
+            keys[job.id] = entry.submission
+        else:
+            keys[job.id] = job.tip
+            if job.snapshot in notes:
+                others.append(job)
+    keys.update(ctx.store.submissions_named(others))
+    return keys
 
 
 def job_pid(ctx: Context, job: Job, trust: str) -> Optional[int]:
@@ -935,11 +992,18 @@ def checkout(ctx: Context, token: str, *, branch: Optional[str] = None,
         jobtree.checkout_present(path, _changed_paths(repo, job.source, tree))
         where = f"branch {branch} in {path}" if branch else f"{path} (detached)"
         return f"job {job.id}'s code is checked out at {where}{_nested_note(nested)}{hook}"
+    if ctx.store.trust(job) != LOCAL:
+        # A record someone else wrote chooses the gitlinks: restore only the
+        # submodules this checkout itself tracks, never other nested repositories.
+        tracked = set(_gitlinks(repo, "HEAD"))
+        nested = tuple(n for n in nested if n[0] in tracked)
     dirty = _uncommitted(repo)
+    for path, git_dir, _ in nested:
+        dirty += [f"{e[:3]}{path}/{e[3:]}" for e in _uncommitted_nested(toplevel, path, git_dir)]
     if dirty and not force:
         raise DirtyWorkTree(
-            f"the work tree has uncommitted changes ({len(dirty)} paths): commit or stash "
-            "them, or pass --force to overwrite them"
+            f"the work tree has uncommitted changes ({len(dirty)} paths, e.g. {dirty[0][3:]}): "
+            "commit or stash them, or pass --force to overwrite them"
         )
     if branch is not None:
         hook = _git_or_hook_failure(
@@ -961,6 +1025,22 @@ def checkout(ctx: Context, token: str, *, branch: Optional[str] = None,
         src = job.source[:10] if job.source else "an unborn branch"
         msg += f" (HEAD stays at {head[:10] if head else 'nothing'}; the job ran on {src})"
     return msg + _nested_note(nested)
+
+
+def _gitlinks(repo: Repo, commit: str) -> list[str]:
+    """Paths of the submodules (gitlinks) in a commit; none on an unborn branch."""
+    p = repo.git("ls-tree", "-r", "-z", "--end-of-options", commit, check=False)
+    return [e.split("\t", 1)[1] for e in p.stdout.decode(errors="surrogateescape").split("\0")
+            if e.startswith("160000 ")]
+
+
+def _uncommitted_nested(toplevel: str, path: str, git_dir: str) -> list[str]:
+    """`git status` lines of a nested repository (ignored by the outer one, so the
+    outer status does not see its changes)."""
+    where = os.path.join(toplevel, path)
+    p = run_git(["--git-dir", git_dir, "--work-tree", where, "status", "--porcelain=v1",
+                 "-z"], where, env=without_repo_vars(os.environ), check=False)
+    return [e for e in p.stdout.decode(errors="surrogateescape").split("\0") if e]
 
 
 def _changed_paths(repo: Repo, source: Optional[str], tree: str) -> list[str]:
@@ -1238,15 +1318,16 @@ def log_tree(ctx: Context, folder: Optional[str] = None) -> LogFolder:
     folders = [n for n in names if os.path.isdir(os.path.join(path, n))]
     jobs = {j.id: j for j in ctx.store.list_jobs()}
     notes = ctx.store.all_notes()
+    keys = _note_keys(ctx, list(jobs.values()), ctx.local.entries(), notes)
     rel = os.path.relpath(path, ctx.store.log_root)
     rel = "" if rel == "." else rel.replace(os.sep, "/")
     logs = []
     for name in names:
         head = name.split("-", 1)[0]
-        if name.endswith(".log") and head.isdigit() and int(head) in jobs:
+        if name.endswith(".log") and head.isascii() and head.isdigit() and int(head) in jobs:
             job = jobs[int(head)]
             full = os.path.join(path, name)
-            logs.append(JobView(job, notes.get(job.snapshot), full, rel or None))
+            logs.append(JobView(job, notes.get(keys[job.id]), full, rel or None))
     logs.sort(key=lambda v: v.job.id)
     return LogFolder(rel, folders, [LogEntry(i, v, v.log) for i, v in enumerate(logs, 1)])
 
@@ -1263,6 +1344,7 @@ def file_log(ctx: Context, token: str, folder: str) -> str:
     from git_tq.home import ensure_private_tree, open_private
 
     job, path = job_log(ctx, token)
+    ctx.store.require_ours(job, "filed")  # its log name would come from their record
     # Logs hold whatever jobs print: folders 0700 from <common>/tq down, files 0600.
     ensure_private_tree(os.path.dirname(ctx.store.log_root), target_dir)
     target = os.path.join(target_dir, os.path.basename(path))
@@ -1289,6 +1371,7 @@ def _prune_empty_folders(ctx: Context, folder: str) -> None:
 def remove_log(ctx: Context, token: str) -> str:
     """Delete a job's log file (never its record); the path removed."""
     job, path = job_log(ctx, token)
+    ctx.store.require_ours(job, "changed")  # a log here under its id is not its log
     if job.state.active and job.state is not State.PENDING:
         raise InvalidTransition(f"job {job.id} is {job.state.value}: its log is still being "
                                 "written (kill it first)")

@@ -150,7 +150,7 @@ def _sweep_leftovers(folder: str) -> None:
         return
     for name in names:
         pid = name.split(".")[1]
-        if not pid.isdigit() or int(pid) == os.getpid():
+        if not (pid.isascii() and pid.isdigit()) or int(pid) == os.getpid():
             continue
         try:
             os.kill(int(pid), 0)

@@ -13,7 +13,7 @@ import functools
 import marshal
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -26,6 +26,7 @@ from git_tq.localjobs import FETCHED, LedgerEntry, LocalJobs, is_oid
 from git_tq.model import ChangeSummary, GpuRequest, Job, JobSpec, State, job_ref
 
 JOBS_PREFIX = "refs/tq/jobs/"
+LIFECYCLE_MAX = 20_000  # records read from one job's history
 NOTES_REF = "refs/notes/tq"
 CAS_ATTEMPTS = 50
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -56,6 +57,11 @@ class Unreadable:
 class Listing:
     jobs: list[Job]
     unreadable: list[Unreadable]
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only (str.isdigit also takes '²' and other digits int() refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def _canonical(name: str) -> Optional[int]:
@@ -167,22 +173,48 @@ class JobStore:
     def submission(self, job: Job) -> str:
         """The job's submission commit, where notes go, checked rather than read from a
         trailer: the ledger's for our jobs; for others the recorded one only if it is
-        the tip or a first-parent ancestor of it with the same tree."""
+        the tip or a first-parent ancestor of it with the same tree, and every commit
+        from it to the tip is a record of this same job (a record that names another
+        job's submission must not reach that job's note). Otherwise the tip."""
         if self.local is not None:
             entry = self.local.entry(job.id)
             if entry is not None and entry.trusts(job.tip):
                 return entry.submission
-        if job.snapshot == job.tip:
+        if not is_oid(job.snapshot):
             return job.tip
-        if is_oid(job.snapshot):
-            p = self.repo.git("rev-list", "--first-parent", "--end-of-options", job.tip,
-                              check=False)
-            if job.snapshot in p.stdout.decode().split():
+        stop = job.source if is_oid(job.source) else None
+        for oid, message in self._first_parent_records(job.tip, stop):
+            if _canonical(recordfmt.parse_fields(message).get("Job", "")) != job.id:
+                return job.tip
+            if oid == job.snapshot:
                 trees = self.repo.out("rev-parse", f"{job.snapshot}^{{tree}}",
                                       f"{job.tip}^{{tree}}").split()
-                if len(trees) == 2 and trees[0] == trees[1]:
-                    return job.snapshot
+                return job.snapshot if len(trees) == 2 and trees[0] == trees[1] else job.tip
         return job.tip
+
+    def submissions_named(self, jobs: Iterable[Job]) -> dict[int, str]:
+        """For many records not written here: job id -> its recorded submission commit,
+        for those whose submission commit is a record of that same job (one git process;
+        a display check, lighter than `submission`)."""
+        wanted = {j.id: j.snapshot for j in jobs if is_oid(j.snapshot)}
+        if not wanted:
+            return {}
+        messages = self._messages(sorted(set(wanted.values())))
+        return {job_id: oid for job_id, oid in wanted.items()
+                if _canonical(recordfmt.parse_fields(messages.get(oid, "")).get("Job", ""))
+                == job_id}
+
+    def _first_parent_records(self, tip: str, stop: Optional[str] = None) \
+            -> Iterator[tuple[str, str]]:
+        """(commit, message) along the first parents of `tip`, newest first, at most
+        LIFECYCLE_MAX of them: a record's history can come from anyone, so its length
+        is bounded."""
+        revs = [tip] + ([f"^{stop}"] if stop else [])
+        out = self.repo.out("log", "--first-parent", f"--max-count={LIFECYCLE_MAX}",
+                            "--format=%H%x00%B%x00", "--end-of-options", *revs)
+        parts = out.split("\0")
+        for i in range(0, len(parts) - 1, 2):
+            yield parts[i].lstrip("\n"), parts[i + 1]
 
     def require_ours(self, job: Job, action: str) -> LedgerEntry:
         """The ledger entry of one of our jobs, or a one-line refusal saying why not."""
@@ -226,9 +258,9 @@ class JobStore:
         """A job from `7`, `tq/jobs/7`, `refs/tq/jobs/7`, or a commit-ish of the job."""
         text = token.strip()
         for prefix in ("refs/tq/jobs/", "tq/jobs/", "jobs/"):
-            if text.startswith(prefix) and text[len(prefix):].isdigit():
+            if text.startswith(prefix) and _is_number(text[len(prefix):]):
                 text = text[len(prefix):]
-        if text.isdigit():
+        if _is_number(text):
             return self.load(int(text))
         if text.startswith("-"):
             raise UnknownJob(f"not a job: {token!r}")
@@ -249,18 +281,16 @@ class JobStore:
         return p.returncode == 0
 
     def lifecycle(self, job: Job) -> list[tuple[str, Job]]:
-        """Every record of the job, oldest first, with its commit."""
-        revs = [job.tip] + ([f"^{job.source}"] if job.source else [])
-        out = self.repo.out("log", "--first-parent", "--format=%H%x00%B%x00",
-                            "--end-of-options", *revs)
-        parts = out.split("\0")
+        """Every record of the job, oldest first, with its commit (at most
+        LIFECYCLE_MAX; records of other jobs in the history are left out)."""
         history = []
-        for i in range(0, len(parts) - 1, 2):
-            oid = parts[i].lstrip("\n")
+        for oid, message in self._first_parent_records(job.tip, job.source or None):
             try:
-                history.append((oid, recordfmt.decode(parts[i + 1], oid)))
+                record = recordfmt.decode(message, oid)
             except recordfmt.RecordFormatError:
                 continue
+            if record.id == job.id:
+                history.append((oid, record))
         history.reverse()
         return history
 
@@ -273,10 +303,38 @@ class JobStore:
         return self.repo.git(*args, env=self.commit_env, input=message.encode()).stdout \
             .decode().strip()
 
-    def next_free_id(self) -> int:
+    def commit_record(self, tree: str, parent: Optional[str], job: Job) -> str:
+        """A commit of `job`'s record (not yet on any ref)."""
+        return self._commit(tree, parent, recordfmt.encode(job))
+
+    def taken_ids(self) -> set[int]:
+        """Every canonical id that a ref under refs/tq/jobs/ uses or blocks (a ref
+        `refs/tq/jobs/7/x`, fetched or hand-made, makes `refs/tq/jobs/7` impossible)."""
         out = self.repo.out("for-each-ref", "--format=%(refname:lstrip=3)", JOBS_PREFIX)
-        ids = [int(x) for x in out.split() if x.isdigit()]
-        return max(ids, default=0) + 1
+        taken = set()
+        for name in out.split():
+            job_id = _canonical(name.partition("/")[0])
+            if job_id is not None:
+                taken.add(job_id)
+        return taken
+
+    def next_free_id(self, after: int = 0) -> int:
+        """The id after the highest one in use (and after `after`); if someone's ref
+        took the highest possible id, the lowest free one instead."""
+        taken = self.taken_ids()
+        candidate = max(max(taken, default=0), after) + 1
+        if candidate <= recordfmt.MAX_ID:
+            return candidate
+        free = next((i for i in range(max(after, 0) + 1, len(taken) + after + 2)
+                     if i not in taken), None)
+        if free is None or free > recordfmt.MAX_ID:
+            raise RefRace("could not allocate a job id: every id is taken")
+        return free
+
+    def ref_exists(self, ref: str) -> bool:
+        """Whether exactly this ref exists (rev-parse would also find refs/tags/<ref>)."""
+        p = self.repo.git("show-ref", "--verify", "-q", "--end-of-options", ref, check=False)
+        return p.returncode == 0
 
     def create(self, draft: Job, tree: str,
                before_publish: Optional[Callable[[str], None]] = None,
@@ -290,7 +348,7 @@ class JobStore:
         """
         local = self._require_local()
         job_id = self.next_free_id()
-        for attempt in range(1, CAS_ATTEMPTS * 4 + 1):
+        for _ in range(CAS_ATTEMPTS * 4):
             job = draft.evolve(id=job_id, snapshot="")
             commit = self._commit(tree, draft.source, recordfmt.encode(job))
             if before_publish:
@@ -298,7 +356,7 @@ class JobStore:
             ref = job_ref(job_id)
             with local.locked():
                 # Our writers hold the lock, so only a fetch can create the ref meanwhile.
-                won = self.repo.resolve_ref(ref) is None
+                won = not self.ref_exists(ref)
                 if won:
                     local.record(job_id, LedgerEntry(commit, None, commit))
                     won = self.repo.update_ref(ref, commit, "0" * len(commit),
@@ -309,7 +367,7 @@ class JobStore:
             if after_lost_race:
                 after_lost_race(commit)
             # Another submitter took this id: skip ahead, re-reading now and then.
-            job_id = self.next_free_id() if attempt % 4 == 0 else job_id + 1
+            job_id = self.next_free_id(after=job_id)
         raise RefRace("could not allocate a job id: too many concurrent submissions; try again")
 
     def _require_local(self) -> LocalJobs:
@@ -453,7 +511,7 @@ class JobStore:
         for dirpath, _dirs, files in os.walk(root):
             for name in files:
                 head = name.split("-", 1)[0]
-                if name.endswith(".log") and head.isdigit():
+                if name.endswith(".log") and head.isascii() and head.isdigit():
                     found[int(head)] = os.path.join(dirpath, name)
         return found
 
