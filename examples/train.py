@@ -4,6 +4,10 @@ git tq sends SIGTERM when a more urgent job needs the GPU, waits for the
 job's grace period (-g), then SIGKILLs. The job comes back later in the same
 worktree, with TQ_RESUMED=1 and TQ_ATTEMPT raised, and finds its checkpoint.
 
+It reports its metrics by writing a JSON object to $TQ_METRICS (the last write
+before an attempt ends is recorded), and writes results/summary.json, which
+git tq records in git with the job (`git tq diff N --outputs`).
+
     git tq run -p 50 -g 60 python examples/train.py --steps 1000
 """
 
@@ -24,6 +28,16 @@ def save(state: dict[str, int]) -> None:
     with open(tmp, "w") as fh:
         json.dump(state, fh)
     os.replace(tmp, CHECKPOINT)  # a SIGKILL mid-write never leaves half a checkpoint
+
+
+def report(state: dict[str, int], steps: int) -> None:
+    """Metrics for git tq: a made-up loss that falls as training goes on."""
+    path = os.environ.get("TQ_METRICS")
+    if path:
+        loss = round(1.0 / (1 + state["step"]), 4)
+        with open(path, "w") as fh:
+            json.dump({"loss": loss, "step": state["step"], "progress": state["step"] / steps},
+                      fh)
 
 
 def main() -> int:
@@ -52,11 +66,17 @@ def main() -> int:
         state["step"] += 1
         if stop:
             save(state)
+            report(state, args.steps)
             print(f"SIGTERM: checkpoint saved at step {state['step']}", flush=True)
             return 0
         if state["step"] % 10 == 0:
             save(state)
+            report(state, args.steps)
     save(state)
+    report(state, args.steps)
+    os.makedirs("results", exist_ok=True)
+    with open(os.path.join("results", "summary.json"), "w") as fh:
+        json.dump({"steps": args.steps, "final_step": state["step"]}, fh)
     print(f"finished {args.steps} steps", flush=True)
     return 0
 

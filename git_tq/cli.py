@@ -10,13 +10,17 @@ import os
 import sys
 import traceback
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import click
 
 from git_tq import __version__
 from git_tq.errors import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_USAGE, TqError
 from git_tq.safetext import visible
+
+if TYPE_CHECKING:
+    from git_tq.model import Job
+    from git_tq.service import Context
 
 F = TypeVar("F", bound=Callable[..., Any])
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -94,6 +98,39 @@ def complete_folders(ctx: click.Context, param: click.Parameter, incomplete: str
     return found
 
 
+def complete_metrics(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Metric names the jobs reported, for shell completion (after the last comma)."""
+    from click.shell_completion import CompletionItem
+
+    try:
+        from git_tq import service
+
+        views = service.list_jobs(open_context(), include_finished=True)
+    except Exception:  # completion must never fail loudly
+        return []
+    done, _, word = incomplete.rpartition(",")
+    names = dict.fromkeys(n for v in views for n, _ in v.job.metrics)
+    return [CompletionItem(f"{done},{n}" if done else n) for n in names if n.startswith(word)]
+
+
+def complete_sort_keys(ctx: click.Context, param: click.Parameter,
+                       incomplete: str) -> list[Any]:
+    """id, priority, time and the metric names, for --sort."""
+    from click.shell_completion import CompletionItem
+
+    sign = "-" if incomplete.startswith("-") else ""
+    keys = ["id", "priority", "time"] + [item.value for item in
+                                         complete_metrics(ctx, param, "")]
+    return [CompletionItem(sign + k) for k in keys if (sign + k).startswith(incomplete)]
+
+
+def metrics_option(f: F) -> F:
+    return click.option("-m", "--metrics", "metrics", multiple=True, metavar="NAMES",
+                        shell_complete=complete_metrics,
+                        help="Metrics to show, e.g. loss,acc ('' for none) [tq.columns, "
+                             "else the first three the jobs share].")(f)
+
+
 def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True,
                         help="Print machine-readable JSON (stable; see the man page).")(f)
@@ -132,15 +169,24 @@ def cli(ctx: click.Context) -> None:
 @click.option("--signal", "stop_signal", metavar="SIG",
               help="The signal that stops the job (TERM, USR1, INT or a number) "
                    "[tq.stopSignal, else TERM].")
-@click.option("-q", "--quiet", is_flag=True, help="Print only the job id.")
+@click.option("--sweep", "sweep", multiple=True, metavar="NAME=V1,V2",
+              help="Queue one job per combination of the values (repeatable); {NAME} in "
+                   "the command's words takes each value, $TQ_PARAM_NAME too.")
+@click.option("--sweep-name", metavar="NAME",
+              help="The sweep's name, usable as a job list [script-date-time].")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the job id (one per line).")
+@click.option("--wait", "wait", is_flag=True,
+              help="Wait until the job has ended; exit with its exit status.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 def run(priority: Optional[int], grace: Optional[int], tag: Optional[str],
         env_name: Optional[str], gpu_ids: Optional[str], gpu_count: Optional[int], cpu: bool,
-        shell: Optional[bool], stop_signal: Optional[str], quiet: bool,
-        command: tuple[str, ...]) -> None:
+        shell: Optional[bool], stop_signal: Optional[str], sweep: tuple[str, ...],
+        sweep_name: Optional[str], quiet: bool, wait: bool, command: tuple[str, ...]) -> None:
     """Snapshot the work tree and queue COMMAND as a job.
 
-    Options end at the first word that is not an option (or at `--`).
+    Options end at the first word that is not an option (or at `--`). With --wait,
+    the exit status is the job's: 0 done, its exit code, 128+N for signal N, 1 if it
+    never ran.
     """
     from git_tq import service
     from git_tq.model import DEFAULT_GRACE, DEFAULT_PRIORITY
@@ -151,7 +197,7 @@ def run(priority: Optional[int], grace: Optional[int], tag: Optional[str],
         priority=DEFAULT_PRIORITY if priority is None else priority,
         grace=DEFAULT_GRACE if grace is None else grace,
         tag=tag, env=env_name, gpu_ids=gpu_ids, gpu_count=gpu_count, cpu=cpu, shell=shell,
-        stop_signal=stop_signal,
+        stop_signal=stop_signal, sweep=sweep, sweep_name=sweep_name,
     )
     result = service.submit(ctx, req)
     for w in result.warnings:
@@ -159,13 +205,72 @@ def run(priority: Optional[int], grace: Optional[int], tag: Optional[str],
     if result.daemon_hint:
         say(f"git tq: {result.daemon_hint}", err=True)
     job = result.job
+    if sweep:
+        jobs = result.jobs
+        if quiet:
+            click.echo("\n".join(str(j.id) for j in jobs))
+        else:
+            say(f"sweep {job.spec.sweep}: {len(jobs)} jobs queued ({jobs[0].id}-{jobs[-1].id}, "
+                f"priority {job.spec.priority}, gpus {job.spec.gpus.describe()})")
+            for j in jobs:
+                say(f"  job {j.id}: " + " ".join(f"{k}={v}" for k, v in j.spec.params))
+            src = job.source[:10] if job.source else "no commit yet"
+            click.echo(f"  code: {src} + {job.changes.describe()}; one snapshot "
+                       f"{job.snapshot[:10]}")
+        if wait:
+            wait_for_sweep(ctx, list(jobs), quiet)
+        return
     if quiet:
         click.echo(str(job.id))
-        return
-    src = job.source[:10] if job.source else "no commit yet"
-    say(f"job {job.id} queued (priority {job.spec.priority}, gpus "
-               f"{job.spec.gpus.describe()}): {job.spec.command_line()}")
-    click.echo(f"  code: {src} + {job.changes.describe()}; snapshot {job.snapshot[:10]}")
+    else:
+        src = job.source[:10] if job.source else "no commit yet"
+        say(f"job {job.id} queued (priority {job.spec.priority}, gpus "
+            f"{job.spec.gpus.describe()}): {job.spec.command_line()}")
+        click.echo(f"  code: {src} + {job.changes.describe()}; snapshot {job.snapshot[:10]}")
+    if wait:
+        wait_for_submitted(ctx, job, quiet)
+
+
+def wait_for_sweep(ctx: Context, jobs: list[Job], quiet: bool) -> None:
+    """`run --sweep --wait`: wait for every job; exit 0 if all are done, else 1."""
+    import signal
+
+    from git_tq import service
+    from git_tq.errors import Interrupted
+
+    try:
+        ended = [v.job for v in service.wait_for(ctx, jobs).views]
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise Interrupted(f"interrupted: the sweep's jobs stay queued (git tq wait "
+                          f"{jobs[0].spec.sweep} waits again)") from None
+    failed = [j for j in ended if service.exit_status(j)]
+    for j in failed:
+        say(service.describe_ending(j), err=True)
+    if not failed and not quiet:
+        click.echo(f"sweep {jobs[0].spec.sweep}: all {len(jobs)} jobs done")
+    sys.exit(1 if failed else 0)
+
+
+def wait_for_submitted(ctx: Context, job: Job, quiet: bool) -> None:
+    """`run --wait`: wait for the job; exit with its exit status (Ctrl-C leaves it queued)."""
+    import signal
+
+    from git_tq import service
+    from git_tq.errors import Interrupted
+
+    try:
+        ended = service.wait_for(ctx, [job]).views[0].job
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # git passes on a second Ctrl-C
+        raise Interrupted(f"interrupted: job {job.id} stays queued (git tq wait {job.id} "
+                          f"waits again; git tq kill {job.id} stops it)") from None
+    code = service.exit_status(ended)
+    if code:
+        say(service.describe_ending(ended), err=True)
+    elif not quiet:
+        click.echo(f"job {ended.id} done")
+    sys.exit(code)
 
 
 # --- listing and showing ---------------------------------------------------------------
@@ -177,14 +282,18 @@ def run(priority: Optional[int], grace: Optional[int], tag: Optional[str],
               help="Only jobs in this state (pending, running, stopping, done, failed, "
                    "cancelled, active); repeat or comma-separate.")
 @click.option("-t", "--tag", "tags", multiple=True, help="Only jobs with this tag.")
+@metrics_option
+@click.option("--sort", "sort", metavar="KEY", shell_complete=complete_sort_keys,
+              help="Order by id, priority, time (run time) or a metric; -KEY descending "
+                   "(jobs without the value last).")
 @json_option
 def ls_cmd(show_all: bool, states: tuple[str, ...], tags: tuple[str, ...],
-           as_json: bool) -> None:
+           metrics: tuple[str, ...], sort: Optional[str], as_json: bool) -> None:
     """List jobs: the active queue by default (alias: st)."""
     from git_tq import output, service
 
     listed = service.list_queue(open_context(), include_finished=show_all, states=states,
-                                tags=tags)
+                                tags=tags, sort=sort, metrics=metrics or None)
     views = listed.views
     if listed.unreadable and (as_json or not show_all):
         click.echo(f"git tq: {len(listed.unreadable)} job record"
@@ -198,6 +307,8 @@ def ls_cmd(show_all: bool, states: tuple[str, ...], tags: tuple[str, ...],
                     "no active jobs (git tq ls --all shows finished ones)")
         return
     rows, styles = [], []
+    with_params = any(v.job.spec.params for v in views)
+    metric_text, shown = output.metric_text, listed.metrics
     for v in views:
         j = v.job
         if j.state.value in ("running", "stopping"):
@@ -214,17 +325,24 @@ def ls_cmd(show_all: bool, states: tuple[str, ...], tags: tuple[str, ...],
             state = f"{v.trust}: {state}"  # not ours: never run, never written
         gpus = ",".join(map(str, j.assigned_gpus)) if j.assigned_gpus else \
             j.spec.gpus.describe()
+        params = [output.shorten(" ".join(f"{k}={x}" for k, x in j.spec.params), 40)] \
+            if with_params else []
+        metric = dict(j.metrics) if shown else {}
         rows.append([str(j.id), state, "" if v.pid is None else str(v.pid),
-                     str(j.spec.priority), gpus, j.spec.tag or "",
+                     str(j.spec.priority), gpus, j.spec.tag or "", *params,
                      output.shorten(j.spec.command_line(), 60), when,
+                     *[metric_text(metric.get(name), 16) for name in shown],
                      output.shorten(v.note or "", 40)])
         styles.append(output.STATE_STYLES.get(j.state.value) if v.trust == "local" else "dim")
+    headers = ["ID", "STATE", "PID", "PRI", "GPUS", "TAG", *(["PARAMS"] if with_params else []),
+               "COMMAND", "TIME", *listed.metrics, "NOTE"]
     if show_all:
         for u in listed.unreadable:
-            rows.append([u.name, f"(unreadable: {u.reason})", "", "", "", "", "", "", ""])
+            rows.append([u.name, f"(unreadable: {u.reason})"] + [""] * (len(headers) - 2))
             styles.append("red")
-    output.print_table(["ID", "STATE", "PID", "PRI", "GPUS", "TAG", "COMMAND", "TIME", "NOTE"],
-                       rows, styles)
+    first_metric = headers.index("TIME") + 1
+    output.print_table(headers, rows, styles,
+                       right=range(first_metric, first_metric + len(listed.metrics)))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -280,9 +398,23 @@ def show(job: str, as_json: bool) -> None:
            if detail.view.trust != "local" and not os.path.exists(detail.view.log) else ""),
         f"restore    git tq checkout {j.id}   (or -b BRANCH, --worktree PATH)",
     ]
+    if j.metrics:
+        lines.append("metrics    " + "  ".join(f"{e(k)}={e(output.metric_text(v))}"
+                                               for k, v in j.metrics))
+    if j.outputs is not None:
+        o = j.outputs
+        text = f"{o.files} file{'s' if o.files != 1 else ''} ({output.size_text(o.bytes)}) " \
+            f"recorded in git" + (f": git tq diff {j.id} --outputs" if o.files else "")
+        if o.skipped_count:
+            text += f"; {o.skipped_count} not recorded ({output.size_text(o.skipped_bytes)}): " \
+                + ", ".join(f"{e(p)} ({e(lim)})" for p, _, lim in o.skipped[:5]) \
+                + (", ..." if o.skipped_count > 5 else "")
+        if o.error:
+            text = f"not recorded: {e(o.error)}"
+        lines.append(f"outputs    {text}")
     if detail.kept:
         lines.append(f"worktree   {e(detail.kept.path)}  ({e(detail.kept.reason)}; "
-                     f"git tq gc --kept {j.id} removes it)")
+                     f"git tq gc --outputs {j.id} removes it)")
     for path, target in detail.outside_links:
         lines.append(f"link       {e(path)} -> {e(target)}  (leaves the repository: the job "
                      "sees what it pointed to at submission)")
@@ -307,12 +439,14 @@ def show(job: str, as_json: bool) -> None:
 
 @cli.command("log", context_settings=CONTEXT)
 @click.argument("revisions", nargs=-1)
+@metrics_option
 @json_option
-def log_cmd(revisions: tuple[str, ...], as_json: bool) -> None:
+def log_cmd(revisions: tuple[str, ...], metrics: tuple[str, ...], as_json: bool) -> None:
     """History with the jobs run on each commit (commits without jobs are folded)."""
     from git_tq import output, service
 
-    entries = service.history(open_context(), revisions)
+    tq_ctx = open_context()
+    entries = service.history(tq_ctx, revisions)
     if as_json:
         output.print_json([
             {"commit": en.commit, "subject": en.subject, "jobs": [v.to_json() for v in en.jobs]}
@@ -322,6 +456,8 @@ def log_cmd(revisions: tuple[str, ...], as_json: bool) -> None:
     e = output.esc
     lines: list[str] = []
     folded = 0
+    shown = service.metric_columns(tq_ctx, [v.job for en in entries for v in en.jobs],
+                                   metrics or None)
 
     def flush() -> None:
         nonlocal folded
@@ -351,6 +487,10 @@ def log_cmd(revisions: tuple[str, ...], as_json: bool) -> None:
             if j.spec.tag:
                 bits.append(output.styled(f"[{e(j.spec.tag)}]", "blue"))
             bits.append(e(output.shorten(j.spec.command_line(), 50)))
+            values = dict(j.metrics)
+            bits.extend(output.styled(f"{e(name)}={e(output.metric_text(values[name], 16))}",
+                                      "bold")
+                        for name in shown if name in values)
             if j.changes.total:
                 bits.append(output.styled(f"(+{j.changes.total} files differ)", "magenta"))
             if v.note:
@@ -360,6 +500,68 @@ def log_cmd(revisions: tuple[str, ...], as_json: bool) -> None:
     output.print_markup("\n".join(lines) if lines else "no commits")
 
 
+@cli.command(context_settings=CONTEXT)
+@click.argument("jobs", nargs=-1, required=True, shell_complete=complete_jobs)
+@json_option
+def compare(jobs: tuple[str, ...], as_json: bool) -> None:
+    """Jobs side by side: command, settings, code, outcome and metrics (best marked).
+
+    JOBS: ids, ranges (12-15), a tag or a sweep name; at least two jobs.
+    """
+    from git_tq import output, service
+
+    found = service.compare(open_context(), jobs)
+    if as_json:
+        output.print_json(found.to_json())
+        return
+    differs = "bold yellow"
+
+    def words(cell: service.Words) -> list[tuple[str, Optional[str]]]:
+        pieces: list[tuple[str, Optional[str]]] = []
+        for i, (word, changed) in enumerate(cell):
+            pieces += [(" ", None)] if i else []
+            pieces.append((word, differs if changed else None))
+        return pieces or [("-", None)]
+
+    def text(row: service.CompareRow, i: int, value: Any) -> str:
+        if row.kind == "metric":
+            return output.metric_text(value, 30)
+        if row.name == "source":
+            return value[:10] if value else "(unborn)"
+        if row.name == "code":
+            c = found.code[i]
+            return "(base)" if i == 0 else "same" if not c.files else \
+                f"{c.files} file{'s' if c.files > 1 else ''}, +{c.insertions} -{c.deletions}"
+        if row.name == "run time":
+            return "-" if value is None else output.duration(value)
+        return "-" if value is None or value == "" else str(value)
+
+    rows = []
+    for row in found.rows:
+        cells: list[list[tuple[str, Optional[str]]]] = [[(row.name, None)]]
+        for i, value in enumerate(row.values):
+            if row.words is not None:
+                cells.append(words(row.words[i]))
+            elif row.kind == "metric" and row.best == i:
+                cells.append([(text(row, i, value) + " *", "bold green")])
+            elif row.name == "outcome":
+                state = found.views[i].job.state.value
+                cells.append([(text(row, i, value), output.STATE_STYLES.get(state))])
+            else:
+                style = differs if row.kind == "property" and row.differs and \
+                    (row.name != "code" or i > 0) else None
+                cells.append([(text(row, i, value), style)])
+        rows.append(cells)
+    marked = [r for r in found.rows if r.best is not None]
+    lower = [r.name for r in marked if r.lower_is_better]
+    higher = [r.name for r in marked if not r.lower_is_better]
+    footer = None
+    if marked:
+        footer = "* best" + (f"; lower is better for {', '.join(lower)}" if lower else "") \
+            + (f"; higher for {', '.join(higher)}" if higher else "")
+    output.print_segment_table([""] + [f"#{v.job.id}" for v in found.views], rows, footer)
+
+
 # --- code ----------------------------------------------------------------------
 
 
@@ -367,8 +569,10 @@ def log_cmd(revisions: tuple[str, ...], as_json: bool) -> None:
 @click.argument("job")
 @click.argument("job2", required=False)
 @click.option("--stat", is_flag=True, help="Only a summary of changed files.")
+@click.option("--outputs", is_flag=True, help="What JOB's run wrote (its code -> its code "
+              "plus outputs); with JOB2, both jobs' code and outputs.")
 @click.pass_context
-def diff(ctx: click.Context, job: str, job2: Optional[str], stat: bool) -> None:
+def diff(ctx: click.Context, job: str, job2: Optional[str], stat: bool, outputs: bool) -> None:
     """Code difference between JOB and the work tree, or between JOB and JOB2.
 
     Limit it to some paths after `--`: git tq diff 12 15 -- src/
@@ -376,7 +580,7 @@ def diff(ctx: click.Context, job: str, job2: Optional[str], stat: bool) -> None:
     from git_tq import service
 
     paths = ctx.meta.get("pathspec", [])
-    sys.exit(service.run_diff(open_context(), job, job2, stat, paths))
+    sys.exit(service.run_diff(open_context(), job, job2, stat, paths, outputs))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -384,11 +588,14 @@ def diff(ctx: click.Context, job: str, job2: Optional[str], stat: bool) -> None:
 @click.option("-b", "--branch", help="Create this branch at the job's snapshot.")
 @click.option("--worktree", type=click.Path(), help="Check out into a new worktree here.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite uncommitted changes.")
-def checkout(job: str, branch: Optional[str], worktree: Optional[str], force: bool) -> None:
+@click.option("--outputs", is_flag=True, help="With the files the job's run wrote.")
+def checkout(job: str, branch: Optional[str], worktree: Optional[str], force: bool,
+             outputs: bool) -> None:
     """Bring back the code a job ran: into the work tree, a new branch, or a worktree."""
     from git_tq import service
 
-    say(service.checkout(open_context(), job, branch=branch, worktree=worktree, force=force))
+    say(service.checkout(open_context(), job, branch=branch, worktree=worktree, force=force,
+                         outputs=outputs))
 
 
 # --- editing -------------------------------------------------------------------
@@ -418,7 +625,7 @@ def note(job: str, text: tuple[str, ...], append: bool, remove: bool) -> None:
               "(records stay).")
 @click.option("-y", "--yes", is_flag=True, help="With --log: do not ask for confirmation.")
 def rm(jobs: tuple[str, ...], forget: bool, logs: bool, yes: bool) -> None:
-    """Remove pending jobs from the queue (JOBS: `1 3 5` or `1,3,5`)."""
+    """Remove pending jobs from the queue (JOBS: `1 3 5`, `1,3,5` or `2-4`)."""
     from git_tq import service
     from git_tq.errors import TqError, UsageError
 
@@ -426,7 +633,7 @@ def rm(jobs: tuple[str, ...], forget: bool, logs: bool, yes: bool) -> None:
     if logs:
         if forget:
             raise UsageError("give --log or --forget, not both")
-        tokens = service.parse_job_tokens(jobs)
+        tokens = [str(j.id) for j in service.resolve_jobs(ctx, jobs)]
         if not yes:
             if not sys.stdin.isatty():
                 raise TqError("refusing to delete logs without -y (no terminal to ask on)")
@@ -481,7 +688,7 @@ def _read_chunks(path: str, size: int = 1 << 16) -> Iterator[bytes]:
             yield chunk
 
 
-def page(path: str, raw: bool = False) -> None:
+def page(path: str | bytes, raw: bool = False) -> None:
     """Show a log in the pager on a terminal ($GIT_PAGER, $PAGER, else less -R); else print.
 
     Unless `raw`, its bytes are made safe first (safetext.visible_bytes): a job's
@@ -491,7 +698,7 @@ def page(path: str, raw: bool = False) -> None:
 
     from git_tq.safetext import visible_stream
 
-    chunks = _read_chunks(path)
+    chunks = iter([path]) if isinstance(path, bytes) else _read_chunks(path)
     if not raw:
         chunks = visible_stream(chunks)
     if not sys.stdout.isatty():
@@ -500,7 +707,7 @@ def page(path: str, raw: bool = False) -> None:
         sys.stdout.flush()
         return
     pager = os.environ.get("GIT_PAGER") or os.environ.get("PAGER") or "less -R"
-    if raw:
+    if raw and isinstance(path, str):
         with open(path, "rb") as fh:
             subprocess.call(shlex.split(pager), stdin=fh)
         return
@@ -532,13 +739,20 @@ def view(job: str, follow: bool, tail: Optional[int], raw: bool) -> None:
     from git_tq.safetext import visible_stream
 
     ctx = open_context()
-    j, path = service.log_to_view(ctx, job, follow=follow)  # refused if not here to read
+    j, path, stored = service.log_to_view(ctx, job, follow=follow)  # refused if none here
 
     def write(chunks: Iterable[bytes]) -> None:
         for chunk in chunks if raw else visible_stream(chunks):
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
 
+    if stored is not None:  # the file is gone: the copy kept in git
+        lines = stored.splitlines(keepends=True)
+        if tail is not None:
+            write([b"".join(lines[-tail:] if tail else [])])
+        else:
+            page(stored, raw=raw)
+        return
     if tail is not None and os.path.exists(path):
         with open(path, "rb") as fh:
             lines = fh.read().splitlines(keepends=True)
@@ -684,6 +898,35 @@ def kill_cmd(jobs: tuple[str, ...], now: bool) -> None:
     click.echo(f"stopping job{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}")
 
 
+@cli.command("wait", context_settings=CONTEXT)
+@click.argument("jobs", nargs=-1, required=True, shell_complete=complete_jobs)
+@click.option("--timeout", type=click.FloatRange(min=0), metavar="S",
+              help="Give up after S seconds (exit status 124); the jobs go on.")
+@json_option
+def wait_cmd(jobs: tuple[str, ...], timeout: Optional[float], as_json: bool) -> None:
+    """Wait until JOBS have ended: exit 0 if all are done, else 1 (each one that is not
+    is named on stderr)."""
+    from git_tq import output, service
+    from git_tq.errors import WaitTimedOut
+
+    ctx = open_context()
+    found = service.jobs_to_wait_for(ctx, jobs)
+    hint = service.waiting_hint(ctx, found)
+    if hint:
+        say(f"git tq: {hint}", err=True)
+    waited = service.wait_for(ctx, found, timeout=timeout)
+    if as_json:
+        output.print_json([v.to_json() for v in waited.views])
+    if waited.active:
+        more = len(waited.active) - 10
+        raise WaitTimedOut(f"timed out after {timeout or 0:g}s: "
+                           + ", ".join(service.describe_ending(j) for j in waited.active[:10])
+                           + (f" and {more} more" if more > 0 else ""))
+    for job in waited.unsuccessful:
+        say(service.describe_ending(job), err=True)
+    sys.exit(1 if waited.unsuccessful else 0)
+
+
 @cli.command(context_settings={**CONTEXT, "allow_interspersed_args": False})
 @click.argument("job")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -741,8 +984,9 @@ def doctor(restore: bool, adopt: tuple[str, ...], as_json: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.option("--kept", is_flag=True,
-              help="Also remove worktrees kept because their jobs wrote files.")
+@click.option("--outputs", "--kept", "kept", is_flag=True,
+              help="Also remove worktrees kept because their jobs wrote files that are not "
+                   "recorded in git (over the tq.outputs limits).")
 @click.argument("jobs", nargs=-1, shell_complete=complete_jobs)
 def gc(kept: bool, jobs: tuple[str, ...]) -> None:
     """Remove worktrees left by finished jobs (only JOBS', if given)."""
@@ -754,7 +998,7 @@ def gc(kept: bool, jobs: tuple[str, ...]) -> None:
     for job_id, record in done.kept:
         say(f"job {job_id}: {record.path} {record.reason}")
     if done.kept:
-        say(f"(git tq gc --kept{' ' + ' '.join(jobs) if jobs else ''} removes "
+        say(f"(git tq gc --outputs{' ' + ' '.join(jobs) if jobs else ''} removes "
             f"{'them' if len(done.kept) > 1 else 'it'})")
 
 

@@ -25,7 +25,7 @@ from git_tq.output import STATE_STYLES
 from git_tq.safetext import visible
 
 RUN_OPTIONS_WITH_VALUE = {"-p", "--priority", "-g", "--grace", "-t", "--tag", "-e", "--env",
-                          "--gpu", "--gpus"}
+                          "--gpu", "--gpus", "--signal", "--sweep", "--sweep-name"}
 RUN_FLAGS = {"--cpu", "--sh", "-q", "--quiet"}
 TRAILING = {"-p", "-g", "-t", "-e"}
 GPU_CHOICES = {"--gpu", "--gpus", "--cpu"}  # a job's own choice: the selected queue yields
@@ -38,6 +38,9 @@ HELP: dict[str, dict[str, str]] = {
         "st": "every queue: running and waiting jobs (git tq st)",
         "q": "Queue mode: the waiting jobs of the selected queue",
         "hist [FOLDER]": "Logs mode: the log tree",
+        "compare JOBS": "one table of jobs side by side: code, run time, metrics "
+                        "(compare 3-6, compare SWEEP)",
+        "wait JOBS": "wait until the jobs have ended (Ctrl-C stops waiting)",
         "env NAME": "the environment for jobs submitted from here (env - clears it)",
         "cd DIR / pwd": "change or show the directory jobs are submitted from",
         "man / help CMD": "this list / help on one command",
@@ -258,6 +261,12 @@ class Console:
 
     def home_ls(self, args: list[str]) -> None:
         run_cli(["ls", *args])
+
+    def home_compare(self, args: list[str]) -> None:
+        run_cli(["compare", *args])
+
+    def home_wait(self, args: list[str]) -> None:
+        run_cli(["wait", *args])
 
     def home_env(self, args: list[str]) -> None:
         if not args or args[0] == "-":

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from git_tq import __version__, client, gpus, jobtree, scheduler, supervisor
+from git_tq import __version__, client, gpus, jobtree, results, scheduler, supervisor
 from git_tq.errors import InvalidTransition, NotOurs, RefRace, TqError
 from git_tq.gitrepo import Repo, run_git, without_repo_vars
 from git_tq.home import (
@@ -92,12 +92,14 @@ def open_repo(common: str, local: LocalJobs) -> RepoState:
     return RepoState(repo_key(common), common, repo, JobStore(repo, env, local), config)
 
 
-def advance(rs: RepoState, job: Job, event: str, when: str, **fields: Any) -> Job:
+def advance(rs: RepoState, job: Job, event: str, when: str, tree: Optional[str] = None,
+            **fields: Any) -> Job:
     """Record `event` on the job, starting from the record in hand (one compare-and-swap
     when nobody else wrote meanwhile; otherwise re-read and retried by the store)."""
     stored = rs.store.write(job, apply_event(job, event, when, **fields),
-                            f"tq: job {job.id} {event}")
-    return stored if stored is not None else rs.store.advance(job.id, event, when, **fields)
+                            f"tq: job {job.id} {event}", tree)
+    return stored if stored is not None else \
+        rs.store.advance(job.id, event, when, tree, **fields)
 
 
 def setting(repos: list[RepoState], name: str) -> Optional[str]:
@@ -529,6 +531,15 @@ class Daemon:
     def finish(self, rs: RepoState, job: Job, rf: RunFiles, outcome: Mapping[str, Any],
                stop: Optional[Mapping[str, Any]]) -> Job:
         code, sig = outcome.get("exit_code"), outcome.get("signal")
+        produced: dict[str, Any] = {}
+        if isinstance(outcome.get("results"), dict):
+            try:
+                tree, outputs, metrics, blob = results.outputs_from_json(outcome["results"])
+            except (TypeError, ValueError, KeyError):
+                tree, outputs, metrics, blob = None, None, (), None
+            produced = {"tree": tree, "outputs": outputs, "log_blob": blob}
+            if metrics:  # an attempt that reported none keeps the last one's
+                produced["metrics"] = metrics
         # Neither a command that could not be started nor one whose supervisor died has an
         # exit status: none is recorded (the event and the detail say which it was).
         if outcome.get("start_error"):
@@ -541,22 +552,38 @@ class Daemon:
         stopped = stop_outcome(stop, outcome)
         if stopped and stop and stop.get("kind") == "preempt":
             return self.record(rs, job, "preempted", rf, detail=stop.get("reason"),
-                               exit_code=code, signal=sig, **stopped)
+                               exit_code=code, signal=sig, **stopped, **produced)
         if stopped and stop and stop.get("kind") == "kill":
             return self.record(rs, job, "cancelled", rf, detail=stop.get("reason"),
-                               exit_code=code, signal=sig, **stopped)
-        return self.record(rs, job, "finished", rf, exit_code=code, signal=sig, **stopped)
+                               exit_code=code, signal=sig, **stopped, **produced)
+        return self.record(rs, job, "finished", rf, exit_code=code, signal=sig, **stopped,
+                           **produced)
 
-    def record(self, rs: RepoState, job: Job, event: str, rf: RunFiles, **fields: Any) -> Job:
+    def record(self, rs: RepoState, job: Job, event: str, rf: RunFiles,
+               tree: Optional[str] = None, log_blob: Optional[str] = None,
+               **fields: Any) -> Job:
+        """Record an attempt's end (or a start that failed): the event, and what the
+        attempt produced (`tree`: the code plus its outputs; its metrics and outputs
+        summary in `fields`); then the log is stored, run files go, hooks run."""
         when = now_iso()
+        if fields.get("outputs") is None:
+            fields.pop("outputs", None)
+        if log_blob:
+            # Before the ending is recorded: a crash in between leaves the exit file,
+            # so the next daemon stores it again (the same blob) and records the end.
+            try:
+                rs.store.store_log(job, log_blob)
+            except (TqError, OSError) as exc:
+                log.warning("job %d: its log could not be kept in git: %s", job.id, exc)
         try:
-            new = advance(rs, job, event, when, **fields)
+            new = advance(rs, job, event, when, tree, **fields)
         except (InvalidTransition, RefRace, NotOurs) as exc:
             log.warning("job %d: could not record %s: %s", job.id, event, exc)
             return job
         log.info("job %d in %s: %s -> %s", job.id, rs.common, event, new.state.value)
         rf.clear()
         if new.state.finished:
+            rf.drop_metrics()
             # Its environment (secrets included) is kept only while a resume may need it.
             entry = rs.entries.get(job.id) or rs.local.entry(job.id)
             if entry is not None:
@@ -575,6 +602,8 @@ class Daemon:
                      ident: Mapping[str, Any]) -> None:
         """Send the stop signal once (to the main process, or as the job's private record
         says), then SIGKILL to the group and every descendant at the deadline."""
+        if os.path.exists(rf.ended):
+            return  # the job is gone; the supervisor's own git processes are not the job
         target, pgid = ProcessId(*ident["job"]), int(ident["pgid"])
         reaper = ProcessId(*ident["supervisor"])
         if not stop.get("signalled"):
@@ -680,7 +709,7 @@ class Daemon:
                 raise TqError("its private record in the tq home is missing (submitted by an "
                               "older git tq, or deleted); requeue it")
             worktree = self.ensure_worktree(rs, job, entry.submission, spec)
-            env = self.job_env(job, spec, assigned, logfile, worktree)
+            env = self.job_env(job, spec, assigned, logfile, worktree, rf.metrics)
             argv = shell_argv(spec.command[0]) if spec.shell else list(spec.command)
             cwd = safe_join(worktree, spec.cwd)
             rf.clear()
@@ -689,8 +718,12 @@ class Daemon:
                 "job_id": job.id, "attempt": job.attempt, "argv": argv, "cwd": cwd, "env": env,
                 "log": logfile, "banner": banner(job, rs, worktree, assigned),
                 "lock": rf.lock, "ident": rf.ident, "exit": rf.exit, "stop": rf.stop,
+                "ended": rf.ended,
                 "stop_signal": spec.stop_signal, "stop_target": spec.stop_target,
                 "socket": self.home.socket_path(),
+                "results": {"common": rs.common, "worktree": worktree,
+                            "submission": entry.submission, "metrics_file": rf.metrics,
+                            "limits": results.Limits.from_config(rs.config).to_json()},
             }
             rf.write(rf.launch, launch)
             self.supervisors.add(fork_supervisor(launch))
@@ -732,7 +765,7 @@ class Daemon:
         if os.path.exists(jobtree.kept_record(self.home.path, rs.key, job.id)):
             # Only a finished job's worktree is kept: this id was a forgotten job's.
             raise TqError(f"{path} holds the kept worktree of an earlier job {job.id}, with "
-                          f"files it wrote; `git tq gc --kept {job.id}` removes it")
+                          f"files it wrote; `git tq gc --outputs {job.id}` removes it")
         early = self.preparing.pop(path, None)
         if early is not None:
             if early.proc.wait() == 0:
@@ -788,7 +821,11 @@ class Daemon:
         path = self.home.worktree_dir(rs.key, job_id)
         if ran and registered_worktree(rs.common, path) is not None:
             entry = rs.entries.get(job_id) or rs.local.entry(job_id)
-            kept = jobtree.check_kept(path, entry.submission if entry else "")
+            try:
+                outputs = rs.store.load(job_id).outputs
+            except TqError:
+                outputs = None
+            kept = jobtree.check_kept(path, entry.submission if entry else "", outputs)
             if kept is not None:
                 jobtree.keep(self.home.path, rs.key, job_id, kept)
                 log.info("job %d in %s: worktree %s %s", job_id, rs.common, path, kept.reason)
@@ -851,7 +888,7 @@ class Daemon:
                 self.left_alone.add(path)  # not a registered worktree: `git tq gc` decides
 
     def job_env(self, job: Job, spec: LocalSpec, assigned: tuple[int, ...], logfile: str,
-                worktree: str) -> dict[str, str]:
+                worktree: str, metrics_file: str) -> dict[str, str]:
         from git_tq import envs
 
         env = without_repo_vars(spec.environ)
@@ -863,6 +900,7 @@ class Daemon:
             "TQ_RESUMED": "1" if job.attempt > 1 else "0", "TQ_LOG": logfile,
             "TQ_SOURCE_DIR": spec.source_dir, "TQ_WORKTREE": worktree,
             "TQ_PRIORITY": str(job.spec.priority), "TQ_TAG": job.spec.tag or "",
+            "TQ_METRICS": metrics_file,
         })
         env.update(jobtree.job_git_config(worktree, env))
         return env

@@ -1,7 +1,7 @@
 """The exceptions git tq raises on purpose, and the one place they become exit codes.
 
 0 success; 1 a user error; 2 usage; 3 an unexpected error (traceback in a crash
-log under the tq home); 130 interrupted.
+log under the tq home); 124 `wait --timeout` ran out; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ EXIT_OK = 0
 EXIT_USER = 1
 EXIT_USAGE = 2
 EXIT_CRASH = 3
+EXIT_TIMEOUT = 124  # as timeout(1)
 EXIT_INTERRUPTED = 130
 
 
@@ -59,3 +60,15 @@ class NotOurs(TqError):
 
 class UnreadableRecord(TqError):
     """A job ref whose record is not a valid job record."""
+
+
+class WaitTimedOut(TqError):
+    """`git tq wait --timeout` ran out while some jobs were still active."""
+
+    exit_code = EXIT_TIMEOUT
+
+
+class Interrupted(TqError):
+    """Ctrl-C, with a word on what was left as it was (`run --wait`: the job stays queued)."""
+
+    exit_code = EXIT_INTERRUPTED

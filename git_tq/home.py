@@ -362,6 +362,12 @@ class RunFiles:
         self.exit = base + ".exit"
         self.stop = base + ".stop"
         self.announced = base + ".submitted"  # the tq-submit hook has run for it
+        # $TQ_METRICS: written by the job, read at each attempt's end, kept across
+        # attempts (the last write wins), removed when the job has finished.
+        self.metrics = base + ".metrics"
+        # The supervisor has killed what was left of the job and is recording what it
+        # produced: its own git processes are not the job's, and must not be killed.
+        self.ended = base + ".ended"
 
     def read(self, path: str) -> Optional[dict[str, Any]]:
         try:
@@ -375,8 +381,13 @@ class RunFiles:
         ensure_private_dir(self.folder)
         write_private_file(path, json.dumps(dict(data)).encode())
 
+    def drop_metrics(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.metrics)
+
     def clear(self) -> None:
         """Forget the run (after its outcome is recorded on the job's ref)."""
-        for path in (self.launch, self.ident, self.exit, self.stop, self.lock, self.announced):
+        for path in (self.launch, self.ident, self.exit, self.stop, self.lock, self.announced,
+                     self.ended):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -31,6 +31,7 @@ from typing import Optional
 from git_tq.errors import TqError
 from git_tq.gitrepo import run_git, without_repo_vars
 from git_tq.localjobs import LocalSpec
+from git_tq.model import Outputs
 
 NO_HOOKS = ("-c", "core.hooksPath=/dev/null")
 
@@ -291,6 +292,9 @@ class Kept:
     files: tuple[str, ...]  # the first KEPT_LISTED of them
     error: Optional[str] = None  # what the job wrote could not be told
     head: Optional[str] = None  # the detached HEAD the job committed on
+    # The files are outputs the job's record names as not recorded in git (over the
+    # tq.outputs limits); otherwise they were not recorded at all (older records).
+    over_limits: bool = False
 
     @property
     def reason(self) -> str:
@@ -298,8 +302,12 @@ class Kept:
             return f"kept: what the job wrote could not be checked ({self.error})"
         n = self.count
         names = ", ".join(self.files[:3]) + (", ..." if n > 3 else "")
-        parts = [f"the job wrote {n} file{'s' if n != 1 else ''} that "
-                 f"{'are' if n != 1 else 'is'} not ignored: {names}"] if n else []
+        if self.over_limits:
+            parts = [f"{n} output{'s' if n != 1 else ''} over the tq.outputs limits "
+                     f"{'were' if n != 1 else 'was'} not recorded in git: {names}"]
+        else:
+            parts = [f"the job wrote {n} file{'s' if n != 1 else ''} that "
+                     f"{'are' if n != 1 else 'is'} not ignored: {names}"] if n else []
         if self.head:
             parts.append(f"it moved the worktree's detached HEAD to {self.head[:12]} "
                          "(commits nothing else holds)")
@@ -307,7 +315,8 @@ class Kept:
 
     def to_json(self) -> dict[str, object]:
         return {"path": self.path, "submission": self.submission, "count": self.count,
-                "files": list(self.files), "error": self.error, "head": self.head}
+                "files": list(self.files), "error": self.error, "head": self.head,
+                "over_limits": self.over_limits}
 
 
 def kept_record(home: str, key: str, job_id: int) -> str:
@@ -336,7 +345,7 @@ def read_kept(home: str, key: str, job_id: int) -> Optional[Kept]:
         files = data["files"]
         error, head = data.get("error"), data.get("head")
         kept = Kept(data["path"], data["submission"], data["count"], tuple(files), error,
-                    head)
+                    head, data.get("over_limits") is True)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not (isinstance(kept.path, str) and isinstance(kept.submission, str)
@@ -353,10 +362,19 @@ def unkeep(home: str, key: str, job_id: int) -> None:
         os.unlink(kept_record(home, key, job_id))
 
 
-def check_kept(path: str, submission: str) -> Optional[Kept]:
+def check_kept(path: str, submission: str, recorded: Optional[Outputs] = None) \
+        -> Optional[Kept]:
     """A Kept for the worktree at `path` if removing it would lose what its job wrote
-    (or if that cannot be told); None when removing it loses nothing."""
+    (or if that cannot be told); None when removing it loses nothing.
+
+    `recorded`: what the job's last ending recorded of its outputs. Those in git are
+    safe; the ones it left out (over the limits) keep the worktree."""
     found = unsaved(path, submission)
+    if recorded is not None and recorded.error is None:
+        if not recorded.skipped_count and found.head is None:
+            return None
+        return Kept(path, submission, recorded.skipped_count,
+                    tuple(p for p, _, _ in recorded.skipped), None, found.head, True)
     if not found.files and found.head is None and found.error is None:
         return None
     return Kept(path, submission, len(found.files), tuple(found.files[:KEPT_LISTED]),

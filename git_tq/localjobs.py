@@ -34,7 +34,7 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -214,17 +214,25 @@ class LocalJobs:
 
     def record(self, job_id: int, entry: Optional[LedgerEntry]) -> None:
         """Append the new state of one job's entry (None: forgotten). Hold `locked()`."""
-        if entry is None:
-            line = f"{job_id} -\n"
-        else:
+        self.record_many([(job_id, entry)])
+
+    def record_many(self, changes: Sequence[tuple[int, Optional[LedgerEntry]]]) -> None:
+        """Append the new states of several jobs' entries in one write. Hold `locked()`."""
+        lines = []
+        for job_id, entry in changes:
+            if entry is None:
+                lines.append(f"{job_id} -\n")
+                continue
             for oid in (entry.submission, entry.tip, entry.next):
                 if oid is not None and not is_oid(oid):
                     raise ValueError(f"not an object id: {oid!r}")
-            line = f"{job_id} {entry.submission} {entry.tip or '-'} {entry.next or '-'}\n"
+            lines.append(f"{job_id} {entry.submission} {entry.tip or '-'} {entry.next or '-'}\n")
         ensure_private_dir(self.folder)
         fd = os.open(self.ledger_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, line.encode())
+            data = "".join(lines).encode()
+            while data:  # one write of a few KiB is whole; the loop is for huge sweeps
+                data = data[os.write(fd, data):]
         finally:
             os.close(fd)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import shlex
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 DEFAULT_PRIORITY = 100
 DEFAULT_GRACE = 180
@@ -133,9 +133,33 @@ class JobSpec:
     host: str
     stop_signal: str = DEFAULT_STOP_SIGNAL  # for display: the daemon reads the private record
     stop_target: str = "main"  # "main" or "group" (STOP_TARGETS)
+    # A sweep's parameters for this job (name, value as given), in the order given, and
+    # the sweep's name; empty and None for a job that is not part of a sweep.
+    params: tuple[tuple[str, str], ...] = ()
+    sweep: Optional[str] = None
 
     def command_line(self) -> str:
         return self.command[0] if self.shell else shlex.join(self.command)
+
+
+Metric = Union[int, float, str]  # a number as the job wrote it, or a short text
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What the end of an attempt recorded of the files the job wrote in its worktree:
+    `files` of them (`bytes` in all) are in the ending commit's tree; the rest, over a
+    limit, are not (kept on disk), the first OUTPUTS_LISTED of them named."""
+
+    files: int
+    bytes: int
+    skipped: tuple[tuple[str, int, str], ...] = ()  # (path, size, the limit it broke)
+    skipped_count: int = 0
+    skipped_bytes: int = 0
+    error: Optional[str] = None  # they could not be recorded at all (why)
+
+
+OUTPUTS_LISTED = 20
 
 
 @dataclass(frozen=True)
@@ -161,6 +185,10 @@ class Job:
     # within the grace) or "forced" (SIGKILL), and seconds from the stop signal to the end.
     stop: Optional[str] = None
     stop_seconds: Optional[float] = None
+    # What the job reported ($TQ_METRICS, tq.metrics files), flattened ("val.loss"), as of
+    # its last attempt's end; and what that end recorded of the files it wrote.
+    metrics: tuple[tuple[str, Metric], ...] = ()
+    outputs: Optional[Outputs] = None
 
     @property
     def ref(self) -> str:

@@ -9,7 +9,7 @@ import datetime as dt
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Optional
 
 from git_tq.safetext import json_safe, visible
@@ -77,8 +77,9 @@ def shorten(text: str, width: int) -> str:
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
                 styles: Optional[Sequence[Optional[str]]] = None,
-                title: Optional[str] = None) -> None:
+                title: Optional[str] = None, right: Collection[int] = ()) -> None:
     """A table: rich on a terminal (colour unless NO_COLOR), aligned plain text otherwise.
+    Columns whose indexes are in `right` (numbers) are aligned right.
 
     Every cell is shown with its control characters as escapes (safetext.visible)."""
     rows = [[visible(c) for c in row] for row in rows]
@@ -90,8 +91,9 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
         from rich.text import Text
 
         table = Table(title=title, box=None, header_style="bold", pad_edge=False)
-        for h in headers:
-            table.add_column(h, overflow="fold" if h in ("COMMAND", "NOTE") else "ellipsis")
+        for i, h in enumerate(headers):
+            table.add_column(h, overflow="fold" if h in ("COMMAND", "NOTE") else "ellipsis",
+                             justify="right" if i in right else "left")
         for i, row in enumerate(rows):
             # Text, not str: user content ("[red]" in a tag) is never read as markup.
             table.add_row(*(Text(c) for c in row), style=(styles[i] if styles else None))
@@ -103,7 +105,8 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
     for row in rows:
         widths = [max(w, len(c)) for w, c in zip(widths, row)]
     for line in [headers, *rows]:
-        echo("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
+        echo("  ".join(c.rjust(w) if i in right else c.ljust(w)
+                       for i, (c, w) in enumerate(zip(line, widths))).rstrip())
 
 
 def styled(text: str, style: str) -> str:
@@ -135,3 +138,65 @@ def esc(text: str) -> str:
     from rich.markup import escape
 
     return escape(text)
+
+
+def metric_text(value: object, width: int = 24) -> str:
+    """A metric as a table shows it: ints as they are, other numbers in 4 significant
+    digits (0.3127 -> 0.3127, 1234.56 -> 1235, 1e-05), texts shortened, '-' for none."""
+    kind = type(value)  # exact types first: `ls` formats one per job and column
+    if kind is float:
+        return f"{value:.4g}"
+    if kind is int:
+        return str(value)
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return str(value)
+    return shorten(str(value), width)
+
+
+Segments = Sequence[tuple[str, Optional[str]]]  # a cell: pieces of text, each with a style
+
+
+def print_segment_table(headers: Sequence[str], rows: Sequence[Sequence[Segments]],
+                        footer: Optional[str] = None) -> None:
+    """A table whose cells are styled pieces (a word that differs, a best value): rich on
+    a terminal, where long cells wrap to the terminal's width; aligned plain text (the
+    pieces' text, unstyled) otherwise. Control characters are shown as escapes."""
+    heads = [visible(h) for h in headers]
+    cells = [[[(visible(t), s) for t, s in cell] for cell in row] for row in rows]
+    if is_tty():
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(box=None, header_style="bold", pad_edge=False, show_lines=False)
+        for i, h in enumerate(heads):
+            table.add_column(h, overflow="fold", style="bold" if i == 0 else None,
+                             no_wrap=i == 0)
+        for row in cells:
+            table.add_row(*(Text.assemble(*((t, s or "") for t, s in cell)) for cell in row))
+        console = Console(no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
+        console.print(table)
+        if footer:
+            console.print(Text(visible(footer), style="dim"))
+        return
+    plain = [["".join(t for t, _ in cell) for cell in row] for row in cells]
+    widths = [len(h) for h in heads]
+    for texts in plain:
+        widths = [max(w, len(c)) for w, c in zip(widths, texts)]
+    for line in [heads, *plain]:
+        echo("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
+    if footer:
+        echo(footer)
+
+
+def size_text(n: int) -> str:
+    """12 B, 4.9 KiB, 1.2 GiB."""
+    from git_tq.results import human_size
+
+    return human_size(n)

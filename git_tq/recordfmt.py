@@ -30,12 +30,15 @@ from typing import Optional
 from git_tq.model import (
     DEFAULT_STOP_SIGNAL,
     EVENT_NAMES,
+    OUTPUTS_LISTED,
     STOP_SIGNALS,
     STOP_TARGETS,
     ChangeSummary,
     GpuRequest,
     Job,
     JobSpec,
+    Metric,
+    Outputs,
     State,
 )
 
@@ -87,9 +90,27 @@ def encode(job: Job) -> str:
         ("Stop-Seconds", None if job.stop_seconds is None else f"{job.stop_seconds:.1f}"),
         ("Assigned-Gpus",
          None if job.assigned_gpus is None else ",".join(map(str, job.assigned_gpus))),
+        ("Sweep", s.sweep),
+        ("Params", _json(dict(s.params)) if s.params else None),
+        ("Metrics", _json(dict(job.metrics)) if job.metrics else None),
+        ("Outputs", None if job.outputs is None else _json(_outputs_json(job.outputs))),
     ]
     body = "\n".join(f"Tq-{k}: {v}" for k, v in fields if v is not None)
     return f"{subject}\n\n{body}\n"
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+
+
+def _outputs_json(o: Outputs) -> dict[str, object]:
+    data: dict[str, object] = {"files": o.files, "bytes": o.bytes}
+    if o.skipped_count:
+        data.update(skipped=[list(s) for s in o.skipped], skipped_count=o.skipped_count,
+                    skipped_bytes=o.skipped_bytes)
+    if o.error:
+        data["error"] = o.error
+    return data
 
 
 def _exit_text(job: Job) -> str:
@@ -209,11 +230,11 @@ def _gpu_ids(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
 
 
-def _tag(text: Optional[str]) -> Optional[str]:
+def _tag(text: Optional[str], name: str = "Tag") -> Optional[str]:
     if text is None:
         return None
     if not text or len(text) > 64 or _BAD_TAG.search(text) or text.startswith((".", "-")):
-        raise RecordFormatError(f"Tq-Tag {text[:20]!r} is not a valid tag")
+        raise RecordFormatError(f"Tq-{name} {text[:20]!r} is not a valid {name.lower()}")
     return text
 
 
@@ -240,6 +261,105 @@ def _seconds(text: Optional[str]) -> Optional[float]:
     if not _SECONDS.match(text):
         raise RecordFormatError(f"Tq-Stop-Seconds {text[:20]!r} is not a number of seconds")
     return float(text)
+
+
+_PARAM = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+_METRIC = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/@+-]{0,127}\Z")
+MAX_METRICS = 256
+MAX_METRIC_TEXT = 256
+
+
+def param_name(text: str) -> str:
+    """A sweep parameter's name: an identifier (it becomes TQ_PARAM_<name>)."""
+    if not _PARAM.match(text):
+        raise RecordFormatError(f"parameter name {text[:20]!r} is not an identifier "
+                                "(letters, digits, _)")
+    return text
+
+
+def metric_name(text: str) -> str:
+    if not _METRIC.match(text):
+        raise RecordFormatError(f"metric name {text[:40]!r} is not a name (letters, digits, "
+                                "_ . : / @ + -)")
+    return text
+
+
+def metric_value(value: object) -> Metric:
+    """A metric's value as kept: a finite number, or a short text without control
+    characters; RecordFormatError otherwise."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        if abs(value) >= 2**63:
+            raise RecordFormatError("a metric is out of range")
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise RecordFormatError("a metric is not a finite number")
+        return value
+    if isinstance(value, str) and len(value) <= MAX_METRIC_TEXT and not _CONTROL.search(value):
+        return value
+    raise RecordFormatError("a metric is neither a number nor a short text")
+
+
+def _strict_json(text: str, name: str) -> object:
+    def no_constants(word: str) -> object:
+        raise RecordFormatError(f"Tq-{name} holds {word}")
+    try:
+        return json.loads(text, parse_constant=no_constants)
+    except (ValueError, RecursionError):
+        raise RecordFormatError(f"Tq-{name} is not valid JSON") from None
+
+
+def _params(text: Optional[str]) -> tuple[tuple[str, str], ...]:
+    if text is None:
+        return ()
+    data = _strict_json(text, "Params")
+    if not isinstance(data, dict) or len(data) > 64 or not all(
+            isinstance(v, str) and len(v) <= 4096 and not _CONTROL.search(v)
+            for v in data.values()):
+        raise RecordFormatError("Tq-Params is not an object of short texts")
+    return tuple((param_name(k), v) for k, v in data.items())
+
+
+def _metrics(text: Optional[str]) -> tuple[tuple[str, Metric], ...]:
+    if text is None:
+        return ()
+    data = _strict_json(text, "Metrics")
+    if not isinstance(data, dict) or len(data) > MAX_METRICS:
+        raise RecordFormatError(f"Tq-Metrics is not an object of at most {MAX_METRICS} metrics")
+    return tuple((metric_name(k), metric_value(v)) for k, v in data.items())
+
+
+def _count(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise RecordFormatError(f"Tq-Outputs: {name} is not a count")
+    return value
+
+
+def _outputs(text: Optional[str]) -> Optional[Outputs]:
+    if text is None:
+        return None
+    data = _strict_json(text, "Outputs")
+    if not isinstance(data, dict):
+        raise RecordFormatError("Tq-Outputs is not an object")
+    skipped = data.get("skipped", [])
+    if not isinstance(skipped, list) or len(skipped) > OUTPUTS_LISTED:
+        raise RecordFormatError("Tq-Outputs: skipped is not a short list")
+    entries = []
+    for item in skipped:
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                and isinstance(item[2], str) and len(item[2]) <= 64):
+            raise RecordFormatError("Tq-Outputs: a skipped file is not [path, size, limit]")
+        entries.append((relative_path(item[0], "Outputs"), _count(item[1], "size"),
+                        _text(item[2], "Outputs", 64)))
+    error = data.get("error")
+    if error is not None and not isinstance(error, str):
+        raise RecordFormatError("Tq-Outputs: error is not a text")
+    return Outputs(_count(data.get("files"), "files"), _count(data.get("bytes"), "bytes"),
+                   tuple(entries), _count(data.get("skipped_count", 0), "skipped_count"),
+                   _count(data.get("skipped_bytes", 0), "skipped_bytes"),
+                   None if error is None else _text(error, "Outputs", 1024))
 
 
 def decode(message: str, tip: str) -> Job:
@@ -291,6 +411,8 @@ def _decode(message: str, tip: str) -> Job:
         stop_signal=_choice(get("Stop-Signal"), "Stop-Signal", STOP_SIGNALS,
                             DEFAULT_STOP_SIGNAL) or DEFAULT_STOP_SIGNAL,
         stop_target=_choice(get("Stop-Target"), "Stop-Target", STOP_TARGETS, "main") or "main",
+        params=_params(get("Params")),
+        sweep=_tag(get("Sweep"), "Sweep"),
     )
     state = _STATES.get(f["State"])
     if state is None:
@@ -321,4 +443,6 @@ def _decode(message: str, tip: str) -> Job:
         detail=None if detail is None else _text(detail, "Detail"),
         stop=_choice(get("Stop"), "Stop", _STOPS, None),
         stop_seconds=_seconds(get("Stop-Seconds")),
+        metrics=_metrics(get("Metrics")),
+        outputs=_outputs(get("Outputs")),
     )

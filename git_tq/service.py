@@ -37,6 +37,8 @@ from git_tq.model import (
     GpuRequest,
     Job,
     JobSpec,
+    Metric,
+    Outputs,
     State,
 )
 from git_tq.snapshot import Snapshot, nested_in_tree, take_snapshot
@@ -111,14 +113,72 @@ class SubmitRequest:
     cpu: bool = False  # --cpu
     shell: Optional[bool] = None  # None: decide from the command's shape
     stop_signal: Optional[str] = None  # --signal; None: tq.stopSignal, else SIGTERM
+    sweep: tuple[str, ...] = ()  # --sweep NAME=V1,V2 ...: one job per combination
+    sweep_name: Optional[str] = None
 
 
 @dataclass(frozen=True)
 class Submitted:
-    job: Job
+    job: Job  # the first job (of a sweep)
     snapshot: Snapshot
     warnings: tuple[str, ...] = ()
     daemon_hint: Optional[str] = None  # set when no daemon will run the job
+    jobs: tuple[Job, ...] = ()  # every job queued (one, or a sweep's)
+
+
+MAX_SWEEP = 10_000  # jobs one sweep may queue
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def parse_sweep(items: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """`lr=1e-3,1e-4` ... -> [("lr", ("1e-3", "1e-4")), ...]; one-line errors."""
+    from git_tq.recordfmt import RecordFormatError, param_name
+
+    params: list[tuple[str, tuple[str, ...]]] = []
+    for item in items:
+        name, eq, values = item.partition("=")
+        try:
+            param_name(name.strip())
+        except RecordFormatError as exc:
+            raise UsageError(f"--sweep {item!r}: {exc}") from None
+        if not eq:
+            raise UsageError(f"--sweep {item!r}: give NAME=VALUE,VALUE...")
+        if name.strip() in (n for n, _ in params):
+            raise UsageError(f"--sweep: parameter {name.strip()} is given twice")
+        words = tuple(v.strip() for v in values.split(",") if v.strip())
+        if not words:
+            raise UsageError(f"--sweep: parameter {name.strip()} has no values")
+        if any(_CONTROL_CHARS.search(v) for v in words):
+            raise UsageError(f"--sweep: a value of {name.strip()} holds control characters")
+        params.append((name.strip(), tuple(dict.fromkeys(words))))
+    return params
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def substitute(command: Sequence[str], values: Mapping[str, str]) -> tuple[str, ...]:
+    """Each `{name}` in the command's words replaced by its value (`{{`, `}}`: a brace);
+    an unknown `{name}` is an error (a typo would otherwise run the whole sweep wrong)."""
+    def one(m: re.Match[str]) -> str:
+        if m.group(0) in ("{{", "}}"):
+            return m.group(0)[0]
+        name = m.group(1)
+        if name not in values:
+            raise UsageError(f"unknown placeholder {{{name}}} in the command: no --sweep "
+                             f"{name}=... (write {{{{{name}}}}} for the text itself)")
+        return values[name]
+    return tuple(_PLACEHOLDER.sub(one, word) for word in command)
+
+
+def sweep_name(command: Sequence[str], now: str) -> str:
+    """A default sweep name: the script's name and the time, `train-20261203-072613`."""
+    words = [w for w in " ".join(command).split() if not w.startswith("-")]
+    script = next((w for w in words if w.endswith((".py", ".sh"))), words[0] if words else "sweep")
+    stem = os.path.splitext(os.path.basename(script))[0]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._-")[:40] or "sweep"
+    stamp = f"{now[0:4]}{now[5:7]}{now[8:10]}-{now[11:13]}{now[14:16]}{now[17:19]}"
+    return f"{stem}-{stamp}"
 
 
 def gpu_request(req: SubmitRequest, config: Mapping[str, str]) -> GpuRequest:
@@ -256,6 +316,25 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
         stop_signal=stop_signal,
         stop_target=stop_target,
     )
+    variants: list[tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = [((), command)]
+    if req.sweep:
+        import itertools
+
+        params = parse_sweep(req.sweep)
+        total = 1
+        for _, values in params:
+            total *= len(values)
+        if total > MAX_SWEEP:
+            raise UsageError(f"the sweep makes {total} jobs; at most {MAX_SWEEP} at once")
+        names = [n for n, _ in params]
+        variants = []
+        for combo in itertools.product(*(values for _, values in params)):
+            chosen = tuple(zip(names, combo))
+            variants.append((chosen, substitute(command, dict(chosen))))
+        spec = dataclasses.replace(spec, sweep=validate_tag(
+            req.sweep_name or sweep_name(command, spec.submitted_at)))
+    elif req.sweep_name:
+        raise UsageError("--sweep-name needs --sweep")
     snap = take_snapshot(ctx.repo)
     if spec.cwd and ctx.repo.resolve_object(f"{snap.tree}:{spec.cwd}") is None:
         raise BadSpec(f"the current directory {spec.cwd}/ is not in the snapshot (it is empty "
@@ -274,9 +353,30 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
                                       toplevel, captured, nested, snap.outside_cone,
                                       spec.stop_signal, spec.stop_target))
 
-    job = ctx.store.create(draft, snap.tree, before_publish=save_local,
-                           after_lost_race=ctx.local.drop_spec)
-    return Submitted(job, snap, snap.warnings, wake_daemon(ctx))
+    if not req.sweep:
+        job = ctx.store.create(draft, snap.tree, before_publish=save_local,
+                               after_lost_race=ctx.local.drop_spec)
+        return Submitted(job, snap, snap.warnings, wake_daemon(ctx), (job,))
+    drafts = [draft.evolve(spec=dataclasses.replace(spec, command=words, params=chosen))
+              for chosen, words in variants]
+
+    def save_all(commits: list[str]) -> None:
+        # What runs comes from these private records: the command with its values
+        # substituted, and TQ_PARAM_<name> in the environment.
+        for d, commit in zip(drafts, commits):
+            s = d.spec
+            env = {**captured, **{f"TQ_PARAM_{k}": v for k, v in s.params}}
+            ctx.local.save_spec(LocalSpec(commit, s.command, s.shell, s.cwd, s.env, toplevel,
+                                          env, nested, snap.outside_cone, s.stop_signal,
+                                          s.stop_target))
+
+    def drop_all(commits: list[str]) -> None:
+        for commit in commits:
+            ctx.local.drop_spec(commit)
+
+    jobs = ctx.store.create_many(drafts, snap.tree, before_publish=save_all,
+                                 after_lost_race=drop_all)
+    return Submitted(jobs[0], snap, snap.warnings, wake_daemon(ctx), tuple(jobs))
 
 
 def _flag(ctx: Context, name: str, default: bool) -> bool:
@@ -338,7 +438,7 @@ def kill_jobs(ctx: Context, tokens: Sequence[str], *, now: bool = False) -> list
     """
     from git_tq import client
 
-    jobs = [ctx.store.resolve(t) for t in parse_job_tokens(tokens)]
+    jobs = resolve_jobs(ctx, tokens)
     for job in jobs:
         ctx.store.require_ours(job, "killed")
         if job.state.finished:
@@ -392,7 +492,7 @@ def requeue(ctx: Context, token: str, *, command: Sequence[str] = (),
     draft = Job(id=0, spec=spec, state=State.PENDING, event="submitted", attempt=0,
                 snapshot="", source=old.source, changes=old.changes,
                 detail=" ".join(detail.split()))
-    tree = ctx.repo.out("rev-parse", "--verify", "--end-of-options", f"{old.tip}^{{tree}}")
+    tree = job_tree(ctx, old)  # its code, not what it wrote
     captured = without_repo_vars(os.environ if environ is None else environ)
     ctx.home.register_repo(ctx.repo.common_dir)
 
@@ -621,7 +721,8 @@ def gc(ctx: Context, *, kept: bool = False, tokens: Sequence[str] = ()) -> Colle
             record = jobtree.read_kept(ctx.home.path, key, job_id)
             if record is None and registered_worktree(common, path) is not None:
                 entry = entries.get(job_id)
-                record = jobtree.check_kept(path, entry.submission if entry else "")
+                record = jobtree.check_kept(path, entry.submission if entry else "",
+                                             job.outputs if job is not None else None)
                 if record is not None:  # a job that ended while no daemon removed it
                     jobtree.keep(ctx.home.path, key, job_id, record)
             if record is not None and not kept:
@@ -702,7 +803,18 @@ class JobView:
             "stop_target": s.stop_target,
             "stop": j.stop,
             "stop_seconds": j.stop_seconds,
+            "sweep": s.sweep,
+            "params": dict(s.params),
+            "metrics": dict(j.metrics),
+            "outputs": None if j.outputs is None else outputs_json(j.outputs),
         }
+
+
+def outputs_json(o: Outputs) -> dict[str, Any]:
+    return {"files": o.files, "bytes": o.bytes,
+            "not_recorded": [{"path": p, "size": n, "limit": lim} for p, n, lim in o.skipped],
+            "not_recorded_count": o.skipped_count, "not_recorded_bytes": o.skipped_bytes,
+            "error": o.error}
 
 
 @dataclass(frozen=True)
@@ -823,6 +935,7 @@ def _parse_states(states: Sequence[str]) -> set[State]:
 class JobList:
     views: list[JobView]
     unreadable: list[Unreadable]
+    metrics: list[str] = field(default_factory=list)  # the metric columns to show
 
 
 def list_jobs(ctx: Context, *, include_finished: bool = False, states: Sequence[str] = (),
@@ -831,9 +944,11 @@ def list_jobs(ctx: Context, *, include_finished: bool = False, states: Sequence[
 
 
 def list_queue(ctx: Context, *, include_finished: bool = False, states: Sequence[str] = (),
-               tags: Sequence[str] = ()) -> JobList:
+               tags: Sequence[str] = (), sort: Optional[str] = None,
+               metrics: Optional[Sequence[str]] = None) -> JobList:
     """Jobs in queue order (running, then pending by priority); every job by id with --all;
-    plus the refs that hold no readable record."""
+    plus the refs that hold no readable record, and the metric columns to show (`metrics`
+    as asked, else `metric_columns`' choice). `sort`: see `sort_jobs`."""
     wanted = _parse_states(states)
     listing = ctx.store.listing()
     jobs = listing.jobs
@@ -846,7 +961,9 @@ def list_queue(ctx: Context, *, include_finished: bool = False, states: Sequence
     if not include_finished and not wanted:
         started = [j for j in jobs if j.state in (State.RUNNING, State.STOPPING)]
         jobs = started + pending_in_queue_order(jobs)
-    return JobList(_views(ctx, jobs), listing.unreadable)
+    if sort is not None:
+        jobs = sort_jobs(jobs, sort)
+    return JobList(_views(ctx, jobs), listing.unreadable, metric_columns(ctx, jobs, metrics))
 
 
 @dataclass(frozen=True)
@@ -886,7 +1003,7 @@ def show_job(ctx: Context, token: str) -> JobDetail:
                    job_pid(ctx, job, trust))
     from git_tq import jobtree
 
-    links = jobtree.outside_links([], ctx.repo.cwd, job.tip)
+    links = jobtree.outside_links([], ctx.repo.cwd, ctx.store.submission(job))
     return JobDetail(view, ctx.store.lifecycle(job), links, kept_worktree(ctx, job))
 
 
@@ -930,29 +1047,345 @@ def history(ctx: Context, revisions: Sequence[str]) -> list[HistoryEntry]:
     return entries
 
 
+# --- metrics: columns, sorting, comparison ------------------------------------
+
+
+METRIC_COLUMNS = 3  # metric columns shown when neither -m nor tq.columns names them
+SORT_KEYS = ("id", "priority", "time")  # besides metric names
+# A metric whose name contains one of these words is better lower; any other, higher.
+LOWER_IS_BETTER = ("loss", "error", "err", "perplexity", "ppl", "time", "mae", "mse", "rmse")
+
+
+def metric_names(values: Sequence[str]) -> list[str]:
+    """`-m loss,acc -m f1` -> ['loss', 'acc', 'f1'] (each once, in order; blanks dropped)."""
+    names: list[str] = []
+    for value in values:
+        for name in (n.strip() for n in value.split(",")):
+            if name and name not in names:
+                names.append(name)
+    return names
+
+
+def metric_columns(ctx: Context, jobs: Sequence[Job],
+                   requested: Optional[Sequence[str]] = None) -> list[str]:
+    """The metrics to show for `jobs`: those `requested` (-m; empty: none); else, if any
+    job has metrics, those `tq.columns` names; else the first METRIC_COLUMNS names that
+    every job with metrics has (in the order the first of them has them), or, when they
+    share none, the METRIC_COLUMNS most common ones."""
+    if requested is not None:
+        return metric_names(requested)
+    reported = [j.metrics for j in jobs if j.metrics]
+    if not reported:
+        return []
+    configured = metric_names([ctx.config.get("tq.columns", "")])
+    if configured:
+        return configured
+    from collections import Counter
+    from operator import itemgetter
+
+    # Jobs of one script report the same names: count each sequence of names once (this
+    # runs for every `ls`, over 10,000 jobs too).
+    sequences = Counter(tuple(map(itemgetter(0), metrics)) for metrics in reported)
+    first = next(iter(sequences))
+    shared = set(first).intersection(*sequences)
+    if shared:
+        return [name for name in first if name in shared][:METRIC_COLUMNS]
+    counts: dict[str, int] = {}  # insertion order: first appearance breaks ties
+    for names, times in sequences.items():
+        for name in names:
+            counts[name] = counts.get(name, 0) + times
+    return sorted(counts, key=lambda name: -counts[name])[:METRIC_COLUMNS]
+
+
+def metric_of(job: Job, name: str) -> Optional[Metric]:
+    for key, value in job.metrics:
+        if key == name:
+            return value
+    return None
+
+
+def _seconds_between(start: Optional[str], end: Optional[str]) -> Optional[float]:
+    import datetime as dt
+
+    if not start:
+        return None
+    try:
+        begun = dt.datetime.fromisoformat(start)
+        ended = dt.datetime.fromisoformat(end) if end else dt.datetime.now(begun.tzinfo)
+    except (TypeError, ValueError):
+        return None
+    return max((ended - begun).total_seconds(), 0.0)
+
+
+def run_seconds(job: Job) -> Optional[float]:
+    """How long the job's last attempt ran (until now for a running one); None if it
+    never started."""
+    return _seconds_between(job.started_at, job.ended_at)
+
+
+def sort_jobs(jobs: Sequence[Job], key: str) -> list[Job]:
+    """Jobs ordered by `key`: id, priority, time (run time) or a metric name, ascending;
+    `-key` descending. Numbers come before texts; jobs without a value come last either
+    way, in the order they had."""
+    descending = key.startswith("-")
+    name = (key[1:] if descending else key).strip()
+    if not name:
+        raise UsageError("--sort needs a key: id, priority, time or a metric name")
+    value: Callable[[Job], Any]
+    if name == "id":
+        value = lambda j: j.id  # noqa: E731
+    elif name == "priority":
+        value = lambda j: j.spec.priority  # noqa: E731
+    elif name == "time":
+        value = run_seconds
+    else:
+        if jobs and not any(metric_of(j, name) is not None for j in jobs):
+            raise UsageError(f"no listed job has a metric {name!r} (sort keys: "
+                             f"{', '.join(SORT_KEYS)}, or a metric name; -KEY descending)")
+        value = lambda j: metric_of(j, name)  # noqa: E731
+    numbers: list[tuple[Any, Job]] = []
+    texts: list[tuple[Any, Job]] = []
+    missing: list[Job] = []
+    for job in jobs:
+        v = value(job)
+        if v is None:
+            missing.append(job)
+        else:
+            (texts if isinstance(v, str) else numbers).append((v, job))
+    numbers.sort(key=lambda p: p[0], reverse=descending)  # stable either way
+    texts.sort(key=lambda p: p[0], reverse=descending)
+    return [j for _, j in numbers] + [j for _, j in texts] + missing
+
+
+def lower_is_better(name: str, extra: Sequence[str] = ()) -> bool:
+    """Whether a smaller value of metric `name` is the better one: its name contains
+    loss, error, err, perplexity, ppl, time, mae, mse or rmse (or one of `extra`)."""
+    low = name.lower()
+    return any(word in low for word in (*LOWER_IS_BETTER, *(e.lower() for e in extra)))
+
+
+def best_index(values: Sequence[Any], lower: bool) -> Optional[int]:
+    """The index of the best number among `values` (the first, on a tie); None unless at
+    least two are numbers and they are not all equal."""
+    numbers = [(v, i) for i, v in enumerate(values)
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
+    if len(numbers) < 2 or len({v for v, _ in numbers}) == 1:
+        return None
+    pick = min if lower else max
+    best = pick(v for v, _ in numbers)
+    return next(i for v, i in numbers if v == best)
+
+
+Words = tuple[tuple[str, bool], ...]  # a cell's words, each with whether it differs
+
+
+@dataclass(frozen=True)
+class CodeDiff:
+    """How a job's code (its submission's tree) differs from the first compared job's."""
+
+    job: int
+    tree: str
+    base: int  # the job it is compared with
+    files: int = 0
+    insertions: int = 0
+    deletions: int = 0
+    paths: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"job": self.job, "tree": self.tree, "vs": self.base, "files": self.files,
+                "insertions": self.insertions, "deletions": self.deletions,
+                "paths": list(self.paths)}
+
+
+@dataclass(frozen=True)
+class CompareRow:
+    """One property or metric of every compared job (None where a job has none)."""
+
+    name: str
+    kind: str  # "property" or "metric"
+    values: tuple[Any, ...]
+    best: Optional[int] = None  # metrics: the index of the best value
+    lower_is_better: Optional[bool] = None  # metrics: which way is better
+    words: Optional[tuple[Words, ...]] = None  # command, params: the words that differ
+
+    @property
+    def differs(self) -> bool:
+        return any(v != self.values[0] for v in self.values[1:])
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"name": self.name, "kind": self.kind,
+                                "values": list(self.values), "best": self.best,
+                                "differs": self.differs}
+        if self.kind == "metric":
+            data["lower_is_better"] = self.lower_is_better
+        if self.words is not None:
+            data["differing_words"] = [[w for w, d in cell if d] for cell in self.words]
+        return data
+
+
+@dataclass(frozen=True)
+class Comparison:
+    views: list[JobView]
+    rows: list[CompareRow]
+    code: list[CodeDiff]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"jobs": [v.to_json() for v in self.views],
+                "rows": [r.to_json() for r in self.rows],
+                "code": [c.to_json() for c in self.code]}
+
+
+def _command_words(spec: JobSpec) -> list[str]:
+    return spec.command[0].split() if spec.shell else [shlex.quote(w) for w in spec.command]
+
+
+def differing_words(cells: Sequence[Sequence[str]]) -> tuple[Words, ...]:
+    """Each cell's words marked where they differ: the first cell's against every other,
+    the others' against the first (difflib's matching of word sequences)."""
+    import difflib
+
+    base = list(cells[0])
+    marks = [[False] * len(cell) for cell in cells]
+    for k, cell in enumerate(cells[1:], start=1):
+        matcher = difflib.SequenceMatcher(None, base, list(cell), autojunk=False)
+        for op, a0, a1, b0, b1 in matcher.get_opcodes():
+            if op != "equal":
+                marks[0][a0:a1] = [True] * (a1 - a0)
+                marks[k][b0:b1] = [True] * (b1 - b0)
+    return tuple(tuple(zip(cell, mark)) for cell, mark in zip(cells, marks))
+
+
+def _param_words(jobs: Sequence[Job]) -> tuple[Words, ...]:
+    per_job = [dict(j.spec.params) for j in jobs]
+    names = list(dict.fromkeys(n for p in per_job for n in p))
+    differ = {n for n in names if len({p.get(n) for p in per_job}) > 1}
+    return tuple(tuple((f"{n}={p[n]}", n in differ) for n in names if n in p)
+                 for p in per_job)
+
+
+def code_differences(ctx: Context, jobs: Sequence[Job]) -> list[CodeDiff]:
+    """Each job's code against the first job's: the trees of their submission commits
+    (checked, never the tip: a tip's tree may hold the job's outputs too), as
+    `git diff --stat` counts them (renames found, binary files count as changed)."""
+    from git_tq.localjobs import is_oid
+
+    commits = [ctx.store.submission(j) for j in jobs]
+    if not all(is_oid(c) for c in commits):  # only object ids reach git's arguments
+        raise TqError("could not find the code of the compared jobs")
+    trees = ctx.repo.out("rev-parse", *(f"{c}^{{tree}}" for c in commits)).split()
+    if len(trees) != len(jobs):
+        raise TqError("could not read the code trees of the compared jobs")
+    base = jobs[0].id
+    found = [CodeDiff(jobs[0].id, trees[0], base)]
+    for job, tree in zip(jobs[1:], trees[1:]):
+        if tree == trees[0]:
+            found.append(CodeDiff(job.id, tree, base))
+            continue
+        out = ctx.repo.git("diff-tree", "-r", "-M", "--numstat", "-z", "--end-of-options",
+                           trees[0], tree).stdout.decode(errors="surrogateescape")
+        parts = out.split("\0")
+        insertions = deletions = 0
+        paths: list[str] = []
+        i = 0
+        while i < len(parts) and parts[i]:
+            added, deleted, path = (parts[i].split("\t", 2) + ["", ""])[:3]
+            if path:
+                i += 1
+            else:  # a rename: "A\tD\t" then the old and the new path
+                path = parts[i + 2] if i + 2 < len(parts) else ""
+                i += 3
+            insertions += int(added) if added.isdigit() else 0
+            deletions += int(deleted) if deleted.isdigit() else 0
+            paths.append(path)
+        found.append(CodeDiff(job.id, tree, base, len(paths), insertions, deletions,
+                              tuple(paths)))
+    return found
+
+
+def compare(ctx: Context, tokens: Sequence[str]) -> Comparison:
+    """Jobs side by side (ids, ranges, tags, sweeps; at least two): their properties,
+    how their code differs from the first one's, and every metric any of them has, with
+    the best value of each marked (lower for loss, error, ... and `tq.compare.lower`
+    names; higher for the others)."""
+    jobs = resolve_jobs(ctx, tokens)
+    if len(jobs) < 2:
+        only = f"job {jobs[0].id}" if jobs else "none"
+        raise UsageError(f"git tq compare needs at least 2 jobs ({' '.join(tokens)} names "
+                         f"only {only})")
+    views = _views(ctx, jobs)
+    code = code_differences(ctx, jobs)
+    specs = [j.spec for j in jobs]
+    rows = [CompareRow("command", "property", tuple(s.command_line() for s in specs),
+                       words=differing_words([_command_words(s) for s in specs]))]
+    if any(s.params for s in specs):
+        rows.append(CompareRow("params", "property",
+                               tuple(dict(s.params) or None for s in specs),
+                               words=_param_words(jobs)))
+    if any(s.sweep for s in specs):
+        rows.append(CompareRow("sweep", "property", tuple(s.sweep for s in specs)))
+    if any(s.tag for s in specs):
+        rows.append(CompareRow("tag", "property", tuple(s.tag for s in specs)))
+    rows += [
+        CompareRow("priority", "property", tuple(s.priority for s in specs)),
+        CompareRow("gpus", "property",
+                   tuple(",".join(map(str, j.assigned_gpus)) if j.assigned_gpus
+                         else j.spec.gpus.describe() for j in jobs)),
+        CompareRow("env", "property", tuple(s.env for s in specs)),
+        CompareRow("source", "property", tuple(j.source for j in jobs)),
+        CompareRow("code", "property",
+                   tuple(None if i == 0 else {"files": c.files, "insertions": c.insertions,
+                                              "deletions": c.deletions}
+                         for i, c in enumerate(code))),
+        CompareRow("run time", "property", tuple(run_seconds(j) for j in jobs)),
+        CompareRow("outcome", "property",
+                   tuple(j.state.value + (f" ({j.outcome})" if j.outcome else "")
+                         for j in jobs)),
+    ]
+    if any(v.note for v in views):
+        rows.append(CompareRow("note", "property", tuple(v.note for v in views)))
+    extra = metric_names([ctx.config.get("tq.compare.lower", "")])
+    for name in dict.fromkeys(n for j in jobs for n, _ in j.metrics):
+        values = tuple(metric_of(j, name) for j in jobs)
+        lower = lower_is_better(name, extra)
+        rows.append(CompareRow(name, "metric", values, best_index(values, lower), lower))
+    return Comparison(views, rows, code)
+
+
 # --- code: diff and checkout ---------------------------------------------------
 
 
-def diff_targets(ctx: Context, first: str, second: Optional[str]) -> tuple[str, str, str]:
-    """Trees to compare: job vs job, or job vs the work tree now; plus a description."""
+def diff_targets(ctx: Context, first: str, second: Optional[str],
+                 outputs: bool = False) -> tuple[str, str, str]:
+    """Trees to compare: job vs job, or job vs the work tree now; plus a description.
+    With `outputs`: a job's code against the same plus what its run wrote (one job),
+    or two jobs' code-and-outputs."""
     a = ctx.store.resolve(first)
+    if outputs and second is None:
+        return job_tree(ctx, a), outputs_tree(ctx, a), f"job {a.id}'s outputs"
     if second is not None:
         b = ctx.store.resolve(second)
-        return job_tree(ctx, a), job_tree(ctx, b), f"job {a.id} -> job {b.id}"
+        tree = outputs_tree if outputs else job_tree
+        return tree(ctx, a), tree(ctx, b), f"job {a.id} -> job {b.id}"
     now_tree = take_snapshot(ctx.repo).tree
     return job_tree(ctx, a), now_tree, f"job {a.id} -> work tree"
 
 
 def job_tree(ctx: Context, job: Job) -> str:
-    """The code of a job: the tree of its record's commit (every commit of a job has the
-    submission's tree), never an object named by a trailer."""
+    """The code of a job: the tree of its submission commit (checked, never an object
+    named by a trailer taken on trust)."""
+    return ctx.repo.out("rev-parse", "--verify", "--end-of-options",
+                        f"{ctx.store.submission(job)}^{{tree}}")
+
+
+def outputs_tree(ctx: Context, job: Job) -> str:
+    """The code of a job plus what its last ended attempt wrote: its tip's tree."""
     return ctx.repo.out("rev-parse", "--verify", "--end-of-options", f"{job.tip}^{{tree}}")
 
 
 def run_diff(ctx: Context, first: str, second: Optional[str], stat: bool,
-             paths: Sequence[str]) -> int:
+             paths: Sequence[str], outputs: bool = False) -> int:
     """Show the difference with git's own diff (pager and colour as git decides)."""
-    a, b, _ = diff_targets(ctx, first, second)
+    a, b, _ = diff_targets(ctx, first, second, outputs)
     args = ["git", "diff"] + (["--stat"] if stat else []) + ["--end-of-options", a, b, "--",
                                                               *paths]
     return subprocess.call(args, cwd=ctx.repo.cwd)
@@ -964,9 +1397,10 @@ def _uncommitted(repo: Repo) -> list[str]:
 
 
 def checkout(ctx: Context, token: str, *, branch: Optional[str] = None,
-             worktree: Optional[str] = None, force: bool = False) -> str:
-    """Bring a job's code back, submodules and nested repositories included; returns a
-    sentence saying where it went.
+             worktree: Optional[str] = None, force: bool = False,
+             outputs: bool = False) -> str:
+    """Bring a job's code back (with `outputs`: and what its run wrote), submodules and
+    nested repositories included; returns a sentence saying where it went.
 
     This is the user's own checkout, so git runs the repository's hooks; one that
     fails after the checkout is done is named, and the checkout still reported.
@@ -974,12 +1408,13 @@ def checkout(ctx: Context, token: str, *, branch: Optional[str] = None,
     from git_tq import jobtree
 
     job = ctx.store.resolve(token)
-    commit = ctx.store.submission(job)  # checked, never a trailer taken on trust
+    # Checked, never a trailer taken on trust; the tip holds the code plus the outputs.
+    commit = job.tip if outputs else ctx.store.submission(job)
     repo = ctx.repo
     if branch is not None and (branch.startswith("-") or not branch.strip()):
         raise UsageError(f"bad branch name {branch!r}")
     toplevel = repo.require_worktree("git tq checkout")
-    tree = job_tree(ctx, job)
+    tree = outputs_tree(ctx, job) if outputs else job_tree(ctx, job)
     nested = nested_in_tree(repo, tree, toplevel)
     if worktree is not None:
         path = os.path.abspath(worktree)
@@ -1103,14 +1538,74 @@ def set_note(ctx: Context, token: str, text: Optional[str], *, append: bool = Fa
     return job
 
 
+MAX_RANGE = 100_000  # jobs one range may name
+
+
 def parse_job_tokens(tokens: Sequence[str]) -> list[str]:
-    """`1 3 5` or `1,3,5` (or both) -> ['1', '3', '5']."""
+    """`1 3 5`, `1,3,5` or `1-3,5` (or all of these) -> ['1', '2', '3', '5']; other
+    tokens (tags, sweep names, commits) are passed on as they are."""
     result: list[str] = []
     for token in tokens:
-        result.extend(t for t in token.split(",") if t.strip())
+        for part in (t.strip() for t in token.split(",")):
+            if not part:
+                continue
+            low, dash, high = part.partition("-")
+            if dash and _is_id(low) and _is_id(high):
+                a, b = int(low), int(high)
+                if a > b:
+                    raise UsageError(f"bad job range {part!r}: {a} is after {b}")
+                if b - a >= MAX_RANGE:
+                    raise UsageError(f"job range {part!r} names more than {MAX_RANGE} jobs")
+                result.extend(str(i) for i in range(a, b + 1))
+            else:
+                result.append(part)
     if not result:
         raise UsageError("no job given")
     return result
+
+
+def _is_id(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
+def resolve_jobs(ctx: Context, tokens: Sequence[str], *,
+                 missing_ok_in_ranges: bool = True) -> list[Job]:
+    """The jobs a list of tokens names, in order, each once: ids, ranges (`12-15`: the
+    ids of it that exist, unless none does), `tq/jobs/7`, job commits, and the name of a
+    sweep or a tag (every job that has it). Unknown names are a one-line error."""
+    from git_tq.errors import UnknownJob
+
+    jobs: dict[int, Job] = {}
+    listing: Optional[list[Job]] = None
+    for token in tokens:
+        for part in (t.strip() for t in token.split(",")):
+            if not part:
+                continue
+            low, dash, high = part.partition("-")
+            if dash and _is_id(low) and _is_id(high):
+                ids = {int(i) for i in parse_job_tokens([part])}
+                listing = ctx.store.list_jobs() if listing is None else listing
+                found = [j for j in listing if j.id in ids]
+                if not found or not missing_ok_in_ranges and len(found) != len(ids):
+                    raise UnknownJob(f"no job in range {part} (see git tq ls --all)")
+                jobs.update((j.id, j) for j in found)
+                continue
+            try:
+                job = ctx.store.resolve(part)
+            except UnknownJob:
+                if _is_id(part) or part.startswith(("tq/", "refs/")):
+                    raise
+                listing = ctx.store.list_jobs() if listing is None else listing
+                named = [j for j in listing if part in (j.spec.sweep, j.spec.tag)]
+                if not named:
+                    raise UnknownJob(f"no job, sweep or tag {part!r} (see git tq ls --all)") \
+                        from None
+                jobs.update((j.id, j) for j in named)
+                continue
+            jobs[job.id] = job
+    if not jobs:
+        raise UsageError("no job given")
+    return list(jobs.values())
 
 
 @dataclass(frozen=True)
@@ -1126,10 +1621,7 @@ def remove(ctx: Context, tokens: Sequence[str], *, forget: bool = False,
     With `forget`, finished jobs' records are deleted instead. Every job is
     checked before anything changes, so a bad id changes nothing.
     """
-    jobs = {}
-    for token in parse_job_tokens(tokens):
-        job = ctx.store.resolve(token)
-        jobs[job.id] = job
+    jobs = {job.id: job for job in resolve_jobs(ctx, tokens)}
     for job in jobs.values():
         ctx.store.require_ours(job, "forgotten" if forget else "removed")
         if forget and job.state.active:
@@ -1143,7 +1635,7 @@ def remove(ctx: Context, tokens: Sequence[str], *, forget: bool = False,
         kept = kept_worktree(ctx, job) if forget else None
         if kept is not None:  # its id may be given again: the worktree must go first
             raise TqError(f"job {job.id}'s worktree {kept.path} is {kept.reason}; take what "
-                          f"you need, run `git tq gc --kept {job.id}`, then forget it")
+                          f"you need, run `git tq gc --outputs {job.id}`, then forget it")
     when = now or now_iso()
     done = []
     for job in jobs.values():
@@ -1211,6 +1703,108 @@ def purge(ctx: Context, *, gpus: Optional[Sequence[int]] = None,
     return cancelled
 
 
+# --- waiting -------------------------------------------------------------------------
+
+WAIT_POLL = 0.1  # the first interval between two readings of the job refs, in seconds
+WAIT_POLL_MAX = 1.0  # it grows to this while the jobs run
+
+
+def jobs_to_wait_for(ctx: Context, tokens: Sequence[str]) -> list[Job]:
+    """The jobs `tokens` name (ids, ranges, commits, sweeps, tags), each of them ours:
+    a fetched record never runs here, and a tampered one's ending is not recorded, so
+    waiting for either could last forever."""
+    jobs = resolve_jobs(ctx, tokens)
+    entries = ctx.local.entries()
+    for job in jobs:
+        trust = ctx.store.trust(job, entries)
+        if trust == FETCHED:
+            raise NotOurs(f"job {job.id} was not submitted here by you (by {job.spec.user}@"
+                          f"{job.spec.host}): a fetched job never runs here, so there is "
+                          "nothing to wait for")
+        if trust == TAMPERED:
+            raise NotOurs(f"job {job.id}'s record was changed by someone else (a fetch or a "
+                          "hand edit): its ending would not be recorded; see git tq doctor")
+    return jobs
+
+
+def waiting_hint(ctx: Context, jobs: Sequence[Job]) -> Optional[str]:
+    """A word for the user when waiting could last until someone starts the daemon."""
+    from git_tq import client
+
+    if not any(j.state.active for j in jobs) or client.is_running(ctx.home):
+        return None
+    return ("the daemon is not running: nothing starts these jobs or records their "
+            "endings until `git tq start`")
+
+
+@dataclass(frozen=True)
+class Waited:
+    """The jobs waited for as last read (in the order named), and those of them still
+    active: none unless the time ran out."""
+
+    views: list[JobView]
+    active: list[Job]
+
+    @property
+    def unsuccessful(self) -> list[Job]:
+        """The jobs that ended otherwise than done (failed, cancelled)."""
+        return [v.job for v in self.views if v.job.state.finished and
+                v.job.state is not State.DONE]
+
+
+def wait_for(ctx: Context, jobs: Sequence[Job], *, timeout: Optional[float] = None,
+             poll: float = WAIT_POLL, max_poll: float = WAIT_POLL_MAX) -> Waited:
+    """Block until every job has ended (done, failed or cancelled), or until `timeout`
+    seconds have passed. The refs are read once per interval (one `git for-each-ref`,
+    records from the cache), the interval growing from `poll` to `max_poll`."""
+    latest = {j.id: j for j in jobs}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = poll
+    while True:
+        active = [j for j in latest.values() if j.state.active]
+        if not active:
+            break
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        time.sleep(delay if left is None else min(delay, left))
+        delay = min(delay * 1.5, max_poll)
+        if len(active) == 1:
+            fresh = {active[0].id: ctx.store.load(active[0].id)}
+        else:
+            fresh = {j.id: j for j in ctx.store.list_jobs()}
+        for job in active:
+            if job.id not in fresh:  # forgotten (it ended meanwhile), or now unreadable
+                raise TqError(f"job {job.id}'s record is gone or unreadable (see "
+                              "git tq ls --all)")
+            latest[job.id] = fresh[job.id]
+    ordered = [latest[j.id] for j in jobs]
+    return Waited(_views(ctx, ordered), [j for j in ordered if j.state.active])
+
+
+def exit_status(job: Job) -> int:
+    """The exit status `run --wait` ends with for an ended job, as a shell gives it: 0
+    done; the job's own exit code; 128 + the signal that killed it; 1 when it has none
+    (never started, lost, cancelled before it ran)."""
+    if job.state is State.DONE:
+        return 0
+    if job.state is State.FAILED:
+        if job.signal is not None and job.event != "start-failed":
+            return min(128 + job.signal, 255)
+        if job.exit_status:
+            return job.exit_status
+    return 1
+
+
+def describe_ending(job: Job) -> str:
+    """`job 7 failed (exit 3)`, `job 8 cancelled`, `job 9 still running`."""
+    if job.state.active:
+        return f"job {job.id} still {job.state.value}"
+    if job.state is State.FAILED and job.outcome:
+        return f"job {job.id} failed ({job.outcome})"
+    return f"job {job.id} {job.state.value}"
+
+
 
 # --- logs ----------------------------------------------------------------------------
 
@@ -1241,22 +1835,29 @@ def job_log(ctx: Context, token: str) -> tuple[Job, str]:
     return job, ctx.store.log_path(job)
 
 
-def log_to_view(ctx: Context, token: str, *, follow: bool = False) -> tuple[Job, str]:
-    """A job and its log, for `view`: refused when the log is not here to read. A job
-    that is not ours (fetched, tampered) ran elsewhere, if at all: its log is not on this
-    machine, and never will be (following it would wait for ever)."""
+def log_to_view(ctx: Context, token: str, *, follow: bool = False) \
+        -> tuple[Job, str, Optional[bytes]]:
+    """A job, the path of its log, and the copy kept in git when the file is not here
+    (deleted, or the job ran elsewhere and its log came with a fetch of
+    refs/notes/tq-logs); refused when there is neither. A job that is not ours ran
+    elsewhere, if at all: its log file never appears here (following it would wait
+    for ever)."""
     job, path = job_log(ctx, token)
     if os.path.exists(path):
-        return job, path
+        return job, path, None
     trust = ctx.store.trust(job)
+    if not (follow and trust == LOCAL and job.state.active):
+        stored = ctx.store.stored_log(job)
+        if stored is not None:
+            return job, path, stored
     if trust != LOCAL:
         raise TqError(f"job {job.id}'s log is not on this machine: the job is {trust} "
-                      f"(submitted by {job.spec.user}@{job.spec.host}), and a log stays "
-                      "where its job ran")
+                      f"(submitted by {job.spec.user}@{job.spec.host}), and no copy of it "
+                      "came in refs/notes/tq-logs")
     if not follow:
         raise TqError(f"job {job.id} has no log yet ({job.state.value}); "
                       f"`git tq view -f {job.id}` waits for it")
-    return job, path
+    return job, path, None
 
 
 def follow_log(ctx: Context, token: str, *, from_start: bool = True,
@@ -1369,17 +1970,23 @@ def _prune_empty_folders(ctx: Context, folder: str) -> None:
 
 
 def remove_log(ctx: Context, token: str) -> str:
-    """Delete a job's log file (never its record); the path removed."""
+    """Delete a job's log file and the copy kept in git (never its record); what was
+    removed."""
     job, path = job_log(ctx, token)
     ctx.store.require_ours(job, "changed")  # a log here under its id is not its log
     if job.state.active and job.state is not State.PENDING:
         raise InvalidTransition(f"job {job.id} is {job.state.value}: its log is still being "
                                 "written (kill it first)")
-    if not os.path.exists(path):
-        raise TqError(f"job {job.id} has no log yet")
-    os.unlink(path)
-    _prune_empty_folders(ctx, os.path.dirname(path))
-    return path
+    stored = ctx.store.stored_log(job) is not None
+    if not os.path.exists(path) and not stored:
+        raise TqError(f"job {job.id} has no log")
+    if stored:
+        ctx.store.remove_stored_log(job)
+    if os.path.exists(path):
+        os.unlink(path)
+        _prune_empty_folders(ctx, os.path.dirname(path))
+        return path + (" and its copy in git" if stored else "")
+    return f"job {job.id}'s log kept in git"
 
 
 # --- the dashboard -----------------------------------------------------------------

@@ -13,7 +13,8 @@ import functools
 import marshal
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -23,11 +24,12 @@ from git_tq.gitrepo import Repo
 from git_tq.home import create_temp_beside, ensure_private_dir
 from git_tq.lifecycle import apply_event
 from git_tq.localjobs import FETCHED, LedgerEntry, LocalJobs, is_oid
-from git_tq.model import ChangeSummary, GpuRequest, Job, JobSpec, State, job_ref
+from git_tq.model import ChangeSummary, GpuRequest, Job, JobSpec, Outputs, State, job_ref
 
 JOBS_PREFIX = "refs/tq/jobs/"
 LIFECYCLE_MAX = 20_000  # records read from one job's history
 NOTES_REF = "refs/notes/tq"
+LOGS_REF = "refs/notes/tq-logs"  # each job's log, on its submission commit
 CAS_ATTEMPTS = 50
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -173,8 +175,8 @@ class JobStore:
     def submission(self, job: Job) -> str:
         """The job's submission commit, where notes go, checked rather than read from a
         trailer: the ledger's for our jobs; for others the recorded one only if it is
-        the tip or a first-parent ancestor of it with the same tree, and every commit
-        from it to the tip is a record of this same job (a record that names another
+        the tip or a first-parent ancestor of it, and every commit from it to the tip
+        is a record of this same job (a record that names another
         job's submission must not reach that job's note). Otherwise the tip."""
         if self.local is not None:
             entry = self.local.entry(job.id)
@@ -187,9 +189,7 @@ class JobStore:
             if _canonical(recordfmt.parse_fields(message).get("Job", "")) != job.id:
                 return job.tip
             if oid == job.snapshot:
-                trees = self.repo.out("rev-parse", f"{job.snapshot}^{{tree}}",
-                                      f"{job.tip}^{{tree}}").split()
-                return job.snapshot if len(trees) == 2 and trees[0] == trees[1] else job.tip
+                return job.snapshot
         return job.tip
 
     def submissions_named(self, jobs: Iterable[Job]) -> dict[int, str]:
@@ -370,19 +370,75 @@ class JobStore:
             job_id = self.next_free_id(after=job_id)
         raise RefRace("could not allocate a job id: too many concurrent submissions; try again")
 
+    def create_many(self, drafts: Sequence[Job], tree: str,
+                    before_publish: Optional[Callable[[list[str]], None]] = None,
+                    after_lost_race: Optional[Callable[[list[str]], None]] = None) \
+            -> list[Job]:
+        """Store several new jobs of ours (a sweep) on one tree, with consecutive free
+        ids, in one ref transaction: all of them or none (`git update-ref --stdin`
+        creates every ref only if none exists). Their commits are written by one
+        `git hash-object` whatever their number. Callbacks as for `create`, with
+        every commit at once."""
+        local = self._require_local()
+        if not drafts:
+            return []
+        first_id = self.next_free_id()
+        for _ in range(CAS_ATTEMPTS):
+            jobs = [d.evolve(id=first_id + i, snapshot="") for i, d in enumerate(drafts)]
+            commits = self._commits(tree, drafts[0].source, [recordfmt.encode(j) for j in jobs])
+            if before_publish:
+                before_publish(commits)
+            with local.locked():
+                local.record_many([(j.id, LedgerEntry(c, None, c))
+                                   for j, c in zip(jobs, commits)])
+                script = "".join(f"create {j.ref} {c}\n" for j, c in zip(jobs, commits))
+                p = self.repo.git("update-ref", "--stdin", "-m",
+                                  f"tq: submit jobs {jobs[0].id}-{jobs[-1].id}",
+                                  input=script.encode(), check=False)
+                won = p.returncode == 0
+                local.record_many([(j.id, LedgerEntry(c, c, None) if won else None)
+                                   for j, c in zip(jobs, commits)])
+            if won:
+                return [j.evolve(snapshot=c, tip=c) for j, c in zip(jobs, commits)]
+            if after_lost_race:
+                after_lost_race(commits)
+            first_id = self.next_free_id(after=first_id)
+        raise RefRace("could not allocate job ids: too many concurrent submissions; try again")
+
+    def _commits(self, tree: str, parent: Optional[str], messages: Sequence[str]) -> list[str]:
+        """Commits of `messages` on one tree and parent: the first by commit-tree (which
+        knows the user's identity and the time), the others as the same object with
+        another message, all written by one hash-object."""
+        first = self._commit(tree, parent, messages[0])
+        if len(messages) == 1:
+            return [first]
+        header = self.repo.out("cat-file", "commit", first).partition("\n\n")[0]
+        with tempfile.TemporaryDirectory(prefix="tq-sweep-", dir=self.repo.common_dir) as tmp:
+            paths = []
+            for i, message in enumerate(messages[1:]):
+                path = os.path.join(tmp, str(i))
+                with open(path, "wb") as fh:
+                    fh.write(f"{header}\n\n{message}".encode())
+                paths.append(path)
+            out = self.repo.git("hash-object", "-t", "commit", "-w", "--stdin-paths",
+                                input="".join(f"{p}\n" for p in paths).encode()).stdout
+        return [first] + out.decode().split()
+
     def _require_local(self) -> LocalJobs:
         if self.local is None:
             raise NotOurs("records can be written only with this user's tq home")
         return self.local
 
-    def write(self, old: Job, new: Job, reason: str) -> Optional[Job]:
-        """Compare-and-swap our job's ref from `old.tip` to a commit of `new`.
+    def write(self, old: Job, new: Job, reason: str,
+              tree: Optional[str] = None) -> Optional[Job]:
+        """Compare-and-swap our job's ref from `old.tip` to a commit of `new`, whose tree
+        is `tree` (an attempt's end: the code plus its outputs) or else old.tip's.
 
         Returns the stored job, or None if the ref moved meanwhile. Raises
         NotOurs for a record this user did not write (fetched or tampered).
         """
         local = self._require_local()
-        commit = self._commit(f"{old.tip}^{{tree}}", old.tip, recordfmt.encode(new))
+        commit = self._commit(tree or f"{old.tip}^{{tree}}", old.tip, recordfmt.encode(new))
         with local.locked():
             entry = self.require_ours(old, "changed")
             local.record(old.id, LedgerEntry(entry.submission, old.tip, commit))
@@ -391,7 +447,8 @@ class JobStore:
                                              None))
         return new.evolve(tip=commit) if moved else None
 
-    def update(self, job_id: int, change: Callable[[Job], Optional[Job]], reason: str) -> Job:
+    def update(self, job_id: int, change: Callable[[Job], Optional[Job]], reason: str,
+               tree: Optional[str] = None) -> Job:
         """Apply `change` to the current record until the compare-and-swap lands.
 
         `change` returns the new record, or None to leave the job as it is; it
@@ -402,15 +459,17 @@ class JobStore:
             new = change(current)
             if new is None:
                 return current
-            stored = self.write(current, new, reason)
+            stored = self.write(current, new, reason, tree)
             if stored is not None:
                 return stored
         raise RefRace(f"job {job_id} kept changing under us; try again")
 
-    def advance(self, job_id: int, event: str, now: str, **fields: object) -> Job:
-        """Record lifecycle `event` on the job (compare-and-swap, retried)."""
+    def advance(self, job_id: int, event: str, now: str, tree: Optional[str] = None,
+                **fields: object) -> Job:
+        """Record lifecycle `event` on the job (compare-and-swap, retried); `tree`: the
+        new commit's tree when the event records outputs."""
         return self.update(job_id, lambda j: apply_event(j, event, now, **fields),
-                           f"tq: job {job_id} {event}")
+                           f"tq: job {job_id} {event}", tree)
 
     def forget(self, job: Job) -> LedgerEntry:
         """Delete our job's ref (only if it has not moved since `job` was read)."""
@@ -447,7 +506,8 @@ class JobStore:
             pos = header_end + 1 + size + 1
         return notes
 
-    def _edit_notes(self, job: Job, *args: str, text: Optional[str] = None) -> None:
+    def _edit_notes(self, job: Job, *args: str, text: Optional[str] = None,
+                    ref: str = NOTES_REF) -> None:
         """Run a `git notes` edit as a compare-and-swap of refs/notes/tq.
 
         `git notes` moves its ref without checking the old value, so two
@@ -459,7 +519,7 @@ class JobStore:
         target = self.submission(job)  # a checked object id, never text from a record
         try:
             for _ in range(CAS_ATTEMPTS):
-                old = self.repo.resolve_ref(NOTES_REF)
+                old = self.repo.resolve_ref(ref)
                 if old:
                     self.repo.git("update-ref", scratch, old)
                 else:
@@ -473,7 +533,7 @@ class JobStore:
                 new = self.repo.resolve_ref(scratch)
                 if new is None or new == old:
                     return
-                if self.repo.update_ref(NOTES_REF, new, old or "0" * len(new),
+                if self.repo.update_ref(ref, new, old or "0" * len(new),
                                         f"tq: note on job {job.id}"):
                     return
             raise RefRace("notes kept changing under us; try again")
@@ -490,6 +550,22 @@ class JobStore:
         self._edit_notes(job, "remove", "--ignore-missing")
 
     # --- logs -----------------------------------------------------------------
+
+    def store_log(self, job: Job, blob: str) -> None:
+        """Keep a job's log (a blob already written) in git: the note of its submission
+        commit in refs/notes/tq-logs, replacing the previous attempt's (CAS, retried)."""
+        if not is_oid(blob):
+            raise TqError(f"not a blob id: {blob[:20]!r}")
+        self._edit_notes(job, "add", "-f", "-C", blob, ref=LOGS_REF)
+
+    def stored_log(self, job: Job) -> Optional[bytes]:
+        """The copy of a job's log kept in git, or None."""
+        p = self.repo.git("notes", f"--ref={LOGS_REF}", "show", "--end-of-options",
+                          self.submission(job), check=False)
+        return p.stdout if p.returncode == 0 else None
+
+    def remove_stored_log(self, job: Job) -> None:
+        self._edit_notes(job, "remove", "--ignore-missing", ref=LOGS_REF)
 
     @functools.cached_property
     def log_root(self) -> str:
@@ -532,10 +608,10 @@ class RecordCache:
     Entries are keyed by commit, whose content never changes, so any version
     of the file is correct; it is replaced atomically and rebuilt if unreadable.
     (Version 2: records are fully validated; version 1 entries are not trusted.
-    Version 3: rows carry the stop fields.)
+    Version 3: rows carry the stop fields. Version 4: params, sweep, metrics, outputs.)
     """
 
-    VERSION = 3
+    VERSION = 4
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
@@ -567,7 +643,12 @@ def _job_to_row(j: Job) -> tuple[Any, ...]:
             j.ended_at, j.exit_code, j.signal, j.assigned_gpus, j.detail,
             s.command, s.shell, s.priority, s.grace, s.tag, s.env, s.gpus.encode(), s.cwd,
             s.submitted_at, s.user, s.host, s.stop_signal, s.stop_target, j.stop,
-            j.stop_seconds)
+            j.stop_seconds, s.params, s.sweep, j.metrics, _outputs_row(j.outputs))
+
+
+def _outputs_row(o: Optional[Outputs]) -> Optional[tuple[Any, ...]]:
+    return None if o is None else (o.files, o.bytes, o.skipped, o.skipped_count,
+                                   o.skipped_bytes, o.error)
 
 
 _STATES = {s.value: s for s in State}
@@ -575,9 +656,10 @@ _STATES = {s.value: s for s in State}
 
 def _job_from_row(r: tuple[Any, ...]) -> Job:
     spec = JobSpec(r[14], r[15], r[16], r[17], r[18], r[19], _gpu_request(r[20]), r[21],
-                   r[22], r[23], r[24], r[25], r[26])
+                   r[22], r[23], r[24], r[25], r[26], r[29], r[30])
     return Job(r[1], spec, _STATES[r[2]], r[3], r[4], r[5], r[6], _change_summary(r[7]),
-               r[0], r[8], r[9], r[10], r[11], r[12], r[13], r[27], r[28])
+               r[0], r[8], r[9], r[10], r[11], r[12], r[13], r[27], r[28], r[31],
+               None if r[32] is None else Outputs(*r[32]))
 
 
 @functools.lru_cache(maxsize=256)

@@ -103,13 +103,47 @@ def run(launch: dict[str, Any]) -> int:
                  f"{_signal_text(stop.get('signal'))})")
     log.write(f"\n[git tq] job {launch['job_id']} attempt {launch['attempt']} {text} at "
               f"{now_iso()}\n".encode())
-    write_json(launch["exit"], {"exit_code": None if signum else code, "signal": signum,
-                                "ended_at": now_iso(), "ended": ended, "forced": forced})
+    outcome: dict[str, Any] = {"exit_code": None if signum else code, "signal": signum,
+                               "ended_at": now_iso(), "ended": ended, "forced": forced}
+    if launch.get("results"):
+        if launch.get("ended"):  # from now on the daemon kills nothing of ours
+            write_json(launch["ended"], {"at": ended})
+        outcome["results"] = _collect(launch, log)
+    write_json(launch["exit"], outcome)
     # Release the lock before the nudge: the daemon reads "lock free + exit file" as
     # "ended", and must see both when it wakes.
     os.close(lock_fd)
     nudge(launch["socket"])
     return 0
+
+
+def _collect(launch: dict[str, Any], log: Any) -> dict[str, Any]:
+    """What the attempt produced (outputs, metrics, the log as a blob), for the daemon to
+    record; never raises (a job's end is recorded whatever happens here)."""
+    from git_tq import results
+
+    spec = launch["results"]
+    try:
+        limits = results.Limits.from_json(spec["limits"])
+        # The log is read through our own descriptor: `catg` may have moved the file.
+        log_path = f"/proc/self/fd/{log.fileno()}"
+        if not os.path.exists(log_path):
+            log_path = launch["log"]
+        def collect() -> results.Collected:
+            return results.collect(spec["common"], spec["worktree"], spec["submission"],
+                                   launch["cwd"], limits, spec.get("metrics_file"))
+
+        collected = collect()
+        if collected.outputs.error is not None:
+            # Once more: a stop's SIGKILL sent just before `.ended` appeared may have hit
+            # our own git processes.
+            collected = collect()
+        for line in results.left_out_lines(collected):
+            log.write(f"[git tq] {line}\n".encode())
+        collected = results.with_log(collected, spec["common"], log_path, limits.max_log)
+        return collected.to_json()
+    except Exception as exc:  # noqa: BLE001 - the exit status must be written regardless
+        return {"tree": None, "files": 0, "bytes": 0, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _read_stop(path: Optional[str]) -> Optional[dict[str, Any]]:

@@ -21,6 +21,8 @@ def test_console_lines_become_run_arguments() -> None:
     assert split_submission(["--", "python", "a.py", "-p", "5"]) == \
         ["--", "python", "a.py", "-p", "5"]
     assert split_submission(["python", "-p"]) == ["--", "python", "-p"]
+    assert split_submission(["--sweep", "lr=1,2", "python", "a.py", "{lr}"]) == \
+        ["--sweep", "lr=1,2", "--", "python", "a.py", "{lr}"]
 
 
 class Screen:
@@ -103,6 +105,8 @@ def test_home_mode(screen: Screen, repo: Path) -> None:
     assert data["command"] == ["python", "-c", "print(42)"]
     out = screen.run("st --all")
     assert "answer" in out and "done" in out
+    assert '"state": "done"' in screen.run("wait --json 1")  # a command, not a job
+    assert "needs at least 2 jobs" in screen.run("compare 1")  # a command, not a job
     assert "Queue mode" in screen.run("man")
     assert "(logs)" in screen.run("help lcd")
     assert "rm works in Queue mode" in screen.run("rm 1")

@@ -24,7 +24,9 @@ LAYERS: list[set[str]] = [
     {"output"},  # CLI-side rendering
     {"service"},
     {"daemon"},
-    {"scheduler", "supervisor", "client", "server", "jobtree"},
+    {"scheduler", "supervisor", "client", "server"},
+    {"results"},  # what a run produced: outputs, metrics, its log
+    {"jobtree"},
     {"store", "snapshot"},
     {"localjobs"},  # the trust boundary: what this user submitted here
     {"lifecycle", "recordfmt", "home", "gpus", "gitrepo", "procs", "envs"},

@@ -71,7 +71,7 @@ def test_view_errors(repo: Path) -> None:
     git(repo, "config", "tq.autostart", "false")
     j = submit(repo, "--cpu", "true")
     p = tq(repo, "view", str(j), check=False)
-    assert p.returncode == 1 and "no log yet" in p.stderr
+    assert p.returncode == 1 and "has no log" in p.stderr
     p = tq(repo, "view", "42", check=False)
     assert p.returncode == 1 and "no job 42" in p.stderr
 
@@ -136,7 +136,7 @@ def test_rm_log_keeps_the_record(repo: Path) -> None:
     tq(repo, "rm", "--log", "-y", str(j))
     assert not log.exists() and job(repo, j)["state"] == "done"
     p = tq(repo, "rm", "--log", "-y", str(j), check=False)
-    assert p.returncode == 1 and "no log yet" in p.stderr
+    assert p.returncode == 1 and "has no log" in p.stderr
 
 
 def test_top_prints_a_frame_off_a_terminal(repo: Path, tmp_path: Path) -> None:

@@ -35,64 +35,74 @@ def job_paths(ids: list[int]) -> set[str]:
     return {os.path.realpath(p) for i in ids for p in root.glob(f"*/{i}")}
 
 
-def test_files_a_job_writes_keep_its_worktree(repo: Path) -> None:
+def test_what_a_job_writes_is_recorded_and_only_what_is_not_keeps_its_worktree(
+        repo: Path) -> None:
     (repo / ".gitignore").write_text("*.log\ndata/\n.env\n")
     (repo / "data").mkdir()
     (repo / "data" / "in.csv").write_text("1\n")
     (repo / ".env").write_text("X=1\n")
+    git(repo, "config", "tq.outputs.maxFileSize", "1k")
     writer = submit(repo, "--cpu", "sh", "-c",
                     "mkdir -p results && echo '{}' > results/run.json && echo 2 > results/b.txt"
                     " && echo v2 > README && echo noise > run.log && echo x > data/out.csv"
                     " && rm train.py")
-    quiet = submit(repo, "--cpu", "sh", "-c", "echo only-ignored > run.log; rm README")
+    big = submit(repo, "--cpu", "sh", "-c", "echo small > s.txt; head -c 4096 /dev/zero > "
+                 "model.pt; head -c 2048 /dev/zero > opt.pt")
     committer = submit(repo, "--cpu", "git", "commit", "-q", "--allow-empty", "-m", "result")
-    wait_state(repo, writer, "done")
-    wait_state(repo, quiet, "done")
-    wait_state(repo, committer, "done")
-    # Kept (once the daemon has looked, right after recording the ending), or removed.
-    wait_until(lambda: job(repo, writer)["kept_worktree"] and job(repo, committer)["kept_worktree"])
-    # Commits on the worktree's detached HEAD would be lost with it too.
-    assert "moved the worktree's detached HEAD to" in job(repo, committer)["kept_reason"]
-    # A job that wrote only ignored files (and deleted one) loses nothing: its worktree goes.
-    wait_until(lambda: not job_paths([quiet]))
-    path = worktree_of(repo, writer)
-    assert (path / "results" / "run.json").read_text() == "{}\n"
+    for j in (writer, big, committer):
+        wait_state(repo, j, "done")
+    # What the writer wrote is in git, so nothing keeps its worktree.
+    wait_until(lambda: not job_paths([writer]))
+    tip = f"refs/tq/jobs/{writer}"
+    assert git(repo, "show", f"{tip}:results/run.json") == "{}\n"
+    assert git(repo, "show", f"{tip}:README") == "v2\n"
+    assert git(repo, "show", f"{tip}:train.py") == "print('v1')\n"  # deletions: not outputs
     assert (repo / "data" / "out.csv").exists()  # through the link, into the source tree
-    data = job(repo, writer)
-    assert data["kept_worktree"] == str(path)
-    reason = data["kept_reason"]
-    assert reason.startswith("kept: the job wrote 3 files that are not ignored: ")
-    assert "results/run.json" in reason and "README" in reason and ".log" not in reason
-    assert job(repo, quiet)["kept_worktree"] is None
-    text = tq(repo, "show", str(writer)).stdout
-    assert f"worktree   {path}  (kept: the job wrote 3 files" in text
+    assert job(repo, writer)["kept_worktree"] is None
+    # Files over the limits are not recorded: they keep the worktree, named.
+    wait_until(lambda: job(repo, big)["kept_worktree"] and job(repo, committer)["kept_worktree"])
+    assert "moved the worktree's detached HEAD to" in job(repo, committer)["kept_reason"]
+    path = worktree_of(repo, big)
+    data = job(repo, big)
+    assert data["kept_worktree"] == str(path) and (path / "model.pt").stat().st_size == 4096
+    assert data["kept_reason"] == ("kept: 2 outputs over the tq.outputs limits were not "
+                                   "recorded in git: model.pt, opt.pt")
+    assert git(repo, "show", f"refs/tq/jobs/{big}:s.txt") == "small\n"
+    assert "[git tq] not recorded in git, kept on disk: model.pt (4.0 KiB, over " \
+        "tq.outputs.maxFileSize), opt.pt (2.0 KiB, over tq.outputs.maxFileSize)" in \
+        tq(repo, "view", str(big)).stdout
+    text = tq(repo, "show", str(big)).stdout
+    assert f"worktree   {path}  (kept: 2 outputs over" in text
     # Durable: a new daemon neither removes it nor forgets why it is there.
     tq(repo, "stop")
     tq(repo, "start")
     wait_state(repo, submit(repo, "--cpu", "true"), "done")
-    assert path.is_dir() and job(repo, writer)["kept_worktree"] == str(path)
-    p = tq(repo, "rm", "--forget", str(writer), check=False)
-    assert p.returncode == 1 and "gc --kept" in p.stderr
+    assert path.is_dir() and job(repo, big)["kept_worktree"] == str(path)
+    p = tq(repo, "rm", "--forget", str(big), check=False)
+    assert p.returncode == 1 and "gc --outputs" in p.stderr
     out = tq(repo, "gc").stdout
-    assert "removed 0 worktrees" in out and f"job {writer}: {path} kept: the job wrote" in out
+    assert "removed 0 worktrees" in out and f"job {big}: {path} kept: 2 outputs" in out
     assert path.is_dir()
-    assert "removed 1 worktree" in tq(repo, "gc", "--kept", str(writer)).stdout
+    assert "removed 1 worktree" in tq(repo, "gc", "--outputs", str(big)).stdout
     assert not path.exists() and str(path) not in registered(repo)
-    assert job(repo, writer)["kept_worktree"] is None
+    assert job(repo, big)["kept_worktree"] is None
 
 
-def test_gc_keeps_what_a_failed_job_wrote(repo: Path) -> None:
+def test_gc_keeps_what_a_failed_job_wrote_only_when_git_does_not_have_it(repo: Path) -> None:
     git(repo, "config", "tq.keepWorktrees", "true")
+    git(repo, "config", "tq.outputs.maxTotal", "10")
     clean = submit(repo, "--cpu", "sh", "-c", "exit 1")
     wrote = submit(repo, "--cpu", "sh", "-c", "echo 0.5 > loss.txt; exit 2")
-    wait_state(repo, clean, "failed")
-    wait_state(repo, wrote, "failed")
-    kept = worktree_of(repo, wrote)  # tq.keepWorktrees: the daemon leaves both
+    over = submit(repo, "--cpu", "sh", "-c", "echo 0123456789abcdef > big.txt; exit 2")
+    for j in (clean, wrote, over):
+        wait_state(repo, j, "failed")
+    kept = worktree_of(repo, over)  # tq.keepWorktrees: the daemon leaves all three
     out = tq(repo, "gc").stdout
-    assert "removed 1 worktree" in out and "kept: the job wrote 1 file that is not ignored: " \
-        "loss.txt" in out
-    assert kept.is_dir() and job(repo, wrote)["kept_worktree"] == str(kept)
-    assert "removed 1 worktree" in tq(repo, "gc", "--kept").stdout
+    assert "removed 2 worktrees" in out and "kept: 1 output over the tq.outputs limits was " \
+        "not recorded in git: big.txt" in out
+    assert git(repo, "show", f"refs/tq/jobs/{wrote}:loss.txt") == "0.5\n"
+    assert kept.is_dir() and job(repo, over)["kept_worktree"] == str(kept)
+    assert "removed 1 worktree" in tq(repo, "gc", "--kept").stdout  # the older name works
     assert not kept.exists()
 
 

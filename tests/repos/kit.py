@@ -582,7 +582,12 @@ def _logs(folder: Path) -> dict[str, str]:
     if not folder.is_dir():
         return {}
     return {str(p.relative_to(folder)): _digest(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and "refs/tq/" not in p.relative_to(folder).as_posix() + "/"}
+            if p.is_file() and not _ours(p.relative_to(folder).as_posix())}
+
+
+def _ours(ref_path: str) -> bool:
+    """git tq's own refs: the jobs, the snapshots, the logs kept in git."""
+    return "refs/tq/" in ref_path + "/" or ref_path.endswith("refs/notes/tq-logs")
 
 
 def repo_state(top: Path) -> dict[str, Any]:
@@ -593,7 +598,7 @@ def repo_state(top: Path) -> dict[str, Any]:
     common = Path(out(top, "rev-parse", "--path-format=absolute", "--git-common-dir"))
     index = git_path(top, "index")
     refs = [ln for ln in out(top, "for-each-ref", "--format=%(refname) %(objectname)")
-            .splitlines() if not ln.startswith("refs/tq/")]
+            .splitlines() if not _ours(ln.split()[0])]
     files = {}
     for folder in {gitdir, common}:
         for p in sorted(folder.iterdir()):

@@ -1,0 +1,293 @@
+"""What a run produced: the files it wrote (its outputs), the metrics it reported, its log.
+
+When an attempt ends, its supervisor calls `collect` in the job's worktree:
+
+- outputs: every file the job created or modified there that is not ignored (the
+  snapshot's rule, and never a link git tq placed; see jobtree.unsaved) becomes part of
+  a tree = the submission's tree + those files, which the ending commit records. A file
+  over `tq.outputs.maxFileSize`, or past `tq.outputs.maxTotal` in all, is not recorded:
+  it is named in the record and stays on disk (the worktree is kept);
+- metrics: the JSON object the job last wrote to `$TQ_METRICS` or to one of the files
+  `tq.metrics` names (default metrics.json, relative to its cwd), flattened
+  (`{"val": {"loss": 1}}` -> `val.loss`) to numbers and short texts;
+- the log, cut to `tq.logs.maxStored` (head and tail), as a blob the daemon hangs on
+  the job's submission commit in `refs/notes/tq-logs`.
+
+Nothing here raises into the supervisor: a failure becomes `Outputs.error`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from git_tq import jobtree
+from git_tq.errors import TqError, UsageError
+from git_tq.gitrepo import run_git, without_repo_vars
+from git_tq.model import OUTPUTS_LISTED, Metric, Outputs
+from git_tq.recordfmt import MAX_METRICS, RecordFormatError, metric_value
+
+MiB = 1024 * 1024
+DEFAULT_MAX_FILE = 20 * MiB
+DEFAULT_MAX_TOTAL = 200 * MiB
+DEFAULT_MAX_LOG = 8 * MiB
+DEFAULT_METRICS_FILES = ("metrics.json",)
+LOGS_REF = "refs/notes/tq-logs"
+MAX_METRICS_FILE = 4 * MiB  # a metrics file larger than this is not read
+
+_SIZE = re.compile(r"\s*([0-9]+)\s*([kmgt]?)(i?b)?\s*\Z", re.IGNORECASE)
+_BAD_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.:/@+-]")
+
+
+def human_size(n: int) -> str:
+    """1.2 GiB, 340.0 KiB, 12 B."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def parse_size(text: str, name: str) -> int:
+    """`20m`, `200MiB`, `1g`, `512k` or bytes (git's suffixes, 1024-based)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise UsageError(f"{name} = {text!r} is not a size (like 20m, 1g, 512k)")
+    unit = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    return int(m.group(1)) * unit[(m.group(2) or "").lower()]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much of what a job wrote is recorded in git (from `git config`)."""
+
+    max_file: int = DEFAULT_MAX_FILE
+    max_total: int = DEFAULT_MAX_TOTAL
+    max_log: int = DEFAULT_MAX_LOG
+    metrics_files: tuple[str, ...] = DEFAULT_METRICS_FILES
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, str]) -> Limits:
+        """From a repository's config (keys as `git config` lists them, lower case).
+        A bad value falls back to the default: a job's end must never fail on it."""
+        def size(key: str, default: int) -> int:
+            try:
+                return parse_size(config[key], key) if key in config else default
+            except UsageError:
+                return default
+        names = tuple(n.strip() for n in config.get("tq.metrics", "").split(",") if n.strip())
+        return cls(size("tq.outputs.maxfilesize", DEFAULT_MAX_FILE),
+                   size("tq.outputs.maxtotal", DEFAULT_MAX_TOTAL),
+                   size("tq.logs.maxstored", DEFAULT_MAX_LOG),
+                   names or DEFAULT_METRICS_FILES)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"max_file": self.max_file, "max_total": self.max_total,
+                "max_log": self.max_log, "metrics_files": list(self.metrics_files)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Limits:
+        return cls(int(data["max_file"]), int(data["max_total"]), int(data["max_log"]),
+                   tuple(str(n) for n in data["metrics_files"]))
+
+
+@dataclass(frozen=True)
+class Collected:
+    """An attempt's results, as the supervisor hands them to the daemon (exit file)."""
+
+    tree: Optional[str]  # submission tree + recorded outputs; None if nothing to record
+    outputs: Outputs
+    not_recorded: tuple[tuple[str, int, str], ...]  # every file left out (all of them)
+    metrics: tuple[tuple[str, Metric], ...]
+    log_blob: Optional[str]
+
+    def to_json(self) -> dict[str, Any]:
+        o = self.outputs
+        return {"tree": self.tree, "files": o.files, "bytes": o.bytes, "error": o.error,
+                "not_recorded": [list(s) for s in self.not_recorded],
+                "metrics": [[k, v] for k, v in self.metrics], "log_blob": self.log_blob}
+
+
+def outputs_from_json(data: Mapping[str, Any]) -> tuple[Optional[str], Outputs,
+                                                        tuple[tuple[str, Metric], ...],
+                                                        Optional[str]]:
+    """(tree, outputs, metrics, log blob) from an exit file's "results" (written by our
+    supervisor: trusted, but checked for shape)."""
+    skipped = tuple((str(p), int(n), str(lim)) for p, n, lim in data.get("not_recorded", []))
+    outputs = Outputs(int(data.get("files", 0)), int(data.get("bytes", 0)),
+                      skipped[:OUTPUTS_LISTED], len(skipped), sum(n for _, n, _ in skipped),
+                      data.get("error"))
+    metrics = tuple((str(k), v) for k, v in data.get("metrics", []))
+    tree = data.get("tree")
+    blob = data.get("log_blob")
+    return (tree if isinstance(tree, str) else None, outputs, metrics,
+            blob if isinstance(blob, str) else None)
+
+
+def collect(common: str, worktree: str, submission: str, cwd: str, limits: Limits,
+            metrics_file: Optional[str]) -> Collected:
+    """The outputs and metrics of the attempt that just ended in `worktree` (see the
+    module doc); the log is added by `with_log` once everything is written to it."""
+    tree: Optional[str] = None
+    recorded: list[tuple[str, int]] = []
+    skipped: list[tuple[str, int, str]] = []
+    error: Optional[str] = None
+    try:
+        tree, recorded, skipped = _outputs_tree(common, worktree, submission, limits)
+    except (TqError, OSError) as exc:
+        error = str(exc)[:500] or type(exc).__name__
+    metrics = read_metrics(metrics_file, cwd, limits.metrics_files)
+    outputs = Outputs(len(recorded), sum(n for _, n in recorded),
+                      tuple(skipped[:OUTPUTS_LISTED]), len(skipped),
+                      sum(n for _, n, _ in skipped), error)
+    return Collected(tree, outputs, tuple(skipped), metrics, None)
+
+
+def left_out_lines(collected: Collected) -> list[str]:
+    """Lines for the job's log naming what was not recorded, and why."""
+    lines = []
+    skipped = collected.not_recorded
+    if skipped:
+        shown = ", ".join(f"{p} ({human_size(n)}, over {lim})" if n else f"{p} ({lim})"
+                          for p, n, lim in skipped[:5])
+        more = len(skipped) - 5
+        lines.append(f"not recorded in git, kept on disk: {shown}"
+                     + (f" and {more} more" if more > 0 else ""))
+    if collected.outputs.error:
+        lines.append(f"the job's outputs could not be recorded: {collected.outputs.error}")
+    return lines
+
+
+def with_log(collected: Collected, common: str, log_path: str, limit: int) -> Collected:
+    """`collected` with the job's log stored as a blob (None if that failed)."""
+    try:
+        blob = store_log(common, log_path, limit)
+    except (TqError, OSError):
+        blob = None
+    return dataclasses.replace(collected, log_blob=blob)
+
+
+def _git(args: Sequence[str], cwd: str, env: Optional[Mapping[str, str]] = None,
+         input: Optional[bytes] = None) -> str:
+    base = without_repo_vars(os.environ)
+    base.update(env or {})
+    return run_git([*jobtree.NO_HOOKS, *args], cwd, env=base, input=input).stdout.decode().strip()
+
+
+def _outputs_tree(common: str, worktree: str, submission: str, limits: Limits) \
+        -> tuple[Optional[str], list[tuple[str, int]], list[tuple[str, int, str]]]:
+    found = jobtree.unsaved(worktree, submission)
+    if found.error:
+        raise TqError(found.error)
+    recorded: list[tuple[str, int]] = []
+    skipped: list[tuple[str, int, str]] = []
+    total = 0
+    for path in sorted(set(found.files)):
+        try:
+            st = os.lstat(os.path.join(worktree, path))
+        except OSError:
+            continue  # gone since git looked: nothing to record
+        size = st.st_size
+        if stat.S_ISDIR(st.st_mode):  # a repository the job made: not a file to record
+            skipped.append((path.rstrip("/"), 0, "a nested repository"))
+        elif size > limits.max_file:
+            skipped.append((path, size, "tq.outputs.maxFileSize"))
+        elif total + size > limits.max_total:
+            skipped.append((path, size, "tq.outputs.maxTotal"))
+        else:
+            total += size
+            recorded.append((path, size))
+    if not recorded:
+        return None, recorded, skipped
+    fd, index = tempfile.mkstemp(prefix="tq-outputs-", dir=common)
+    os.close(fd)
+    os.unlink(index)  # git must create it: an empty file is not an index
+    env = {"GIT_INDEX_FILE": index, "GIT_DIR": common, "GIT_WORK_TREE": worktree}
+    try:
+        _git(["read-tree", "--end-of-options", submission], worktree, env)
+        data = "".join(f"{p}\0" for p, _ in recorded).encode(errors="surrogateescape")
+        _git(["update-index", "--add", "--replace", "-z", "--stdin"], worktree, env, data)
+        tree = _git(["write-tree"], worktree, env)
+    finally:
+        for path in (index, index + ".lock"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    return tree, recorded, skipped
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Metric]]:
+    """Numbers and short texts of a JSON object, nested keys joined with dots; names
+    made safe (other characters become `_`), at most MAX_METRICS."""
+    found: list[tuple[str, Metric]] = []
+    for key, value in data.items():
+        name = _BAD_NAME_CHARS.sub("_", f"{prefix}{key}")[:128].lstrip(".-") or "_"
+        if isinstance(value, dict):
+            found.extend(flatten(value, name + "."))
+            continue
+        try:
+            found.append((name, metric_value(value)))
+        except RecordFormatError:
+            continue  # lists, nulls, long texts: not a metric
+    return found[:MAX_METRICS]
+
+
+def read_metrics(metrics_file: Optional[str], cwd: str, names: Sequence[str]) \
+        -> tuple[tuple[str, Metric], ...]:
+    """The metrics of an attempt: from `$TQ_METRICS` and the `tq.metrics` files, the one
+    written last winning key by key."""
+    candidates = [metrics_file] if metrics_file else []
+    real_cwd = os.path.realpath(cwd)
+    for name in names:
+        path = os.path.realpath(os.path.join(cwd, name))
+        if os.path.commonpath([path, real_cwd]) == real_cwd:  # never outside the job
+            candidates.append(path)
+    loaded = []
+    for path in candidates:
+        try:
+            st = os.stat(path)
+            if st.st_size > MAX_METRICS_FILE:
+                continue
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(data, dict):
+            loaded.append((st.st_mtime, data))
+    merged: dict[str, Metric] = {}
+    for _, data in sorted(loaded, key=lambda item: item[0]):
+        merged.update(flatten(data))
+    return tuple(list(merged.items())[:MAX_METRICS])
+
+
+def read_cut_log(log_path: str, limit: int) -> bytes:
+    """The log as stored: whole, or its head and tail with a line saying what was cut
+    (only those parts are read: a log can be larger than memory)."""
+    with open(log_path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size <= limit:
+            return fh.read(limit)
+        half = max(limit // 2, 1)
+        head = fh.read(half)
+        fh.seek(size - half)
+        tail = fh.read(half)
+    marker = f"\n[git tq] ... {size - 2 * half} bytes of this log were not stored (over " \
+        f"tq.logs.maxStored) ...\n".encode()
+    return head + marker + tail
+
+
+def store_log(common: str, log_path: str, limit: int) -> Optional[str]:
+    """Write the (cut) log as a blob; its id, or None if there is no log."""
+    try:
+        data = read_cut_log(log_path, limit)
+    except FileNotFoundError:
+        return None
+    return _git(["--git-dir", common, "hash-object", "-w", "--stdin"], common, input=data)
