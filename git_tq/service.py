@@ -494,6 +494,10 @@ def requeue(ctx: Context, token: str, *, command: Sequence[str] = (),
                 detail=" ".join(detail.split()))
     tree = job_tree(ctx, old)  # its code, not what it wrote
     captured = without_repo_vars(os.environ if environ is None else environ)
+    if trust == LOCAL:  # a sweep's job: its values again (the command has them already)
+        captured.update({f"TQ_PARAM_{k}": v for k, v in spec.params})
+    else:
+        spec = dataclasses.replace(spec, params=(), sweep=None)
     ctx.home.register_repo(ctx.repo.common_dir)
 
     nested = nested_in_tree(ctx.repo, tree, toplevel)

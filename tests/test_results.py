@@ -167,12 +167,16 @@ def test_a_sweep_is_one_snapshot_and_many_jobs(repo: Path) -> None:
     assert rows[ids[0]]["command"] == ["sh", "-c",
                                        'echo "{\\"lr\\": $TQ_PARAM_lr}" > "$TQ_METRICS"; '
                                        "echo 1e-3 32 {lr}"]
+    # A requeued point of the sweep gets its values again.
+    again = int(tq(repo, "requeue", "-q", str(ids[3])).stdout)
+    assert job(repo, again)["params"] == {"lr": "1e-4", "bs": "64"}
+    assert wait_state(repo, again, "done")["metrics"] == {"lr": 0.0001}
     # The sweep's name is a job list: waited for, compared in one table.
     assert tq(repo, "wait", "lrbs").returncode == 0
     table = tq_json(repo, "compare", "lrbs")
-    assert [j["id"] for j in table["jobs"]] == ids  # type: ignore[index]
+    assert [j["id"] for j in table["jobs"]] == ids + [again]  # type: ignore[index]
     lr = next(r for r in table["rows"] if r["name"] == "lr")  # type: ignore[index]
-    assert lr["values"] == [0.001, 0.001, 0.0001, 0.0001, 1e-05, 1e-05]
+    assert lr["values"] == [0.001, 0.001, 0.0001, 0.0001, 1e-05, 1e-05, 0.0001]
     # Bad sweeps queue nothing.
     before = len(tq_json(repo, "ls", "--all"))  # type: ignore[arg-type]
     for args, message in [
