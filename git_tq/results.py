@@ -253,11 +253,13 @@ def read_metrics(metrics_file: Optional[str], cwd: str, names: Sequence[str]) \
     loaded = []
     for path in candidates:
         try:
-            st = os.stat(path)
-            if st.st_size > MAX_METRICS_FILE:
-                continue
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
+            # O_NONBLOCK: a FIFO there must not hang the job's end; only regular files.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_METRICS_FILE:
+                    continue
+                data = json.loads(fh.read(MAX_METRICS_FILE + 1))
         except (OSError, ValueError, RecursionError):
             continue
         if isinstance(data, dict):

@@ -206,3 +206,14 @@ def test_outputs_of_a_failed_and_a_cancelled_job_are_recorded(repo: Path, tmp_pa
     data = wait_state(repo, killed, "cancelled")
     assert data["outputs"]["files"] == 1, (data["outputs"], Path(data["log"]).read_text())
     assert git(repo, "show", f"refs/tq/jobs/{killed}:out.txt") == "started\n"
+
+
+def test_odd_metrics_files_never_hang_or_break_the_end_of_a_job(repo: Path) -> None:
+    j = submit(repo, "--cpu", "sh", "-c",
+               'rm -f "$TQ_METRICS"; mkfifo "$TQ_METRICS"; mkfifo metrics.json; echo done')
+    data = wait_state(repo, j, "done")
+    assert data["metrics"] == {} and data["outputs"]["error"] is None
+    bad = submit(repo, "--cpu", "sh", "-c",
+                 'printf "[1, 2]" > "$TQ_METRICS"; printf "{\\"a\\": NaN, \\"b\\": 1e999, '
+                 '\\"c\\": \\"x\\\\u001b[31m\\", \\"d e\\": 2, \\"f\\": null}" > metrics.json')
+    assert wait_state(repo, bad, "done")["metrics"] == {"d_e": 2}
