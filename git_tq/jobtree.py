@@ -304,7 +304,8 @@ class Kept:
         names = ", ".join(self.files[:3]) + (", ..." if n > 3 else "")
         if self.over_limits:
             parts = [f"{n} output{'s' if n != 1 else ''} over the tq.outputs limits "
-                     f"{'were' if n != 1 else 'was'} not recorded in git: {names}"]
+                     f"{'were' if n != 1 else 'was'} not recorded in git"
+                     + (f": {names}" if self.files else "")] if n else []
         else:
             parts = [f"the job wrote {n} file{'s' if n != 1 else ''} that "
                      f"{'are' if n != 1 else 'is'} not ignored: {names}"] if n else []

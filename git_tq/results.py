@@ -33,7 +33,7 @@ from git_tq import jobtree
 from git_tq.errors import TqError, UsageError
 from git_tq.gitrepo import run_git, without_repo_vars
 from git_tq.model import OUTPUTS_LISTED, Metric, Outputs
-from git_tq.recordfmt import MAX_METRICS, RecordFormatError, metric_value
+from git_tq.recordfmt import MAX_METRICS, RecordFormatError, metric_value, relative_path
 
 MiB = 1024 * 1024
 DEFAULT_MAX_FILE = 20 * MiB
@@ -45,6 +45,7 @@ MAX_METRICS_FILE = 4 * MiB  # a metrics file larger than this is not read
 
 _SIZE = re.compile(r"\s*([0-9]+)\s*([kmgt]?)(i?b)?\s*\Z", re.IGNORECASE)
 _BAD_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.:/@+-]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def human_size(n: int) -> str:
@@ -123,9 +124,11 @@ def outputs_from_json(data: Mapping[str, Any]) -> tuple[Optional[str], Outputs,
     """(tree, outputs, metrics, log blob) from an exit file's "results" (written by our
     supervisor: trusted, but checked for shape)."""
     skipped = tuple((str(p), int(n), str(lim)) for p, n, lim in data.get("not_recorded", []))
-    outputs = Outputs(int(data.get("files", 0)), int(data.get("bytes", 0)),
-                      skipped[:OUTPUTS_LISTED], len(skipped), sum(n for _, n, _ in skipped),
-                      data.get("error"))
+    listed = tuple(s for s in skipped if _recordable(s[0]))[:OUTPUTS_LISTED]
+    error = data.get("error")
+    outputs = Outputs(int(data.get("files", 0)), int(data.get("bytes", 0)), listed,
+                      len(skipped), sum(n for _, n, _ in skipped),
+                      None if error is None else _CONTROL.sub("?", str(error))[:500])
     metrics = tuple((str(k), v) for k, v in data.get("metrics", []))
     tree = data.get("tree")
     blob = data.get("log_blob")
@@ -144,12 +147,22 @@ def collect(common: str, worktree: str, submission: str, cwd: str, limits: Limit
     try:
         tree, recorded, skipped = _outputs_tree(common, worktree, submission, limits)
     except (TqError, OSError) as exc:
-        error = str(exc)[:500] or type(exc).__name__
+        error = _CONTROL.sub("?", str(exc))[:500] or type(exc).__name__
     metrics = read_metrics(metrics_file, cwd, limits.metrics_files)
-    outputs = Outputs(len(recorded), sum(n for _, n in recorded),
-                      tuple(skipped[:OUTPUTS_LISTED]), len(skipped),
+    # The record names the first of them, those whose names a record can hold (no
+    # control characters); the counts cover all, and the log names every one.
+    listed = tuple(s for s in skipped if _recordable(s[0]))[:OUTPUTS_LISTED]
+    outputs = Outputs(len(recorded), sum(n for _, n in recorded), listed, len(skipped),
                       sum(n for _, n, _ in skipped), error)
     return Collected(tree, outputs, tuple(skipped), metrics, None)
+
+
+def _recordable(path: str) -> bool:
+    try:
+        relative_path(path, "Outputs")
+        return True
+    except RecordFormatError:
+        return False
 
 
 def left_out_lines(collected: Collected) -> list[str]:
@@ -157,8 +170,8 @@ def left_out_lines(collected: Collected) -> list[str]:
     lines = []
     skipped = collected.not_recorded
     if skipped:
-        shown = ", ".join(f"{p} ({human_size(n)}, over {lim})" if n else f"{p} ({lim})"
-                          for p, n, lim in skipped[:5])
+        shown = ", ".join(f"{p} ({human_size(n)}, over {lim})" if lim.startswith("tq.")
+                          else f"{p} ({lim})" for p, n, lim in skipped[:5])
         more = len(skipped) - 5
         lines.append(f"not recorded in git, kept on disk: {shown}"
                      + (f" and {more} more" if more > 0 else ""))
@@ -192,13 +205,16 @@ def _outputs_tree(common: str, worktree: str, submission: str, limits: Limits) \
     skipped: list[tuple[str, int, str]] = []
     total = 0
     for path in sorted(set(found.files)):
+        full = os.path.join(worktree, path)
         try:
-            st = os.lstat(os.path.join(worktree, path))
+            st = os.lstat(full)
         except OSError:
             continue  # gone since git looked: nothing to record
         size = st.st_size
         if stat.S_ISDIR(st.st_mode):  # a repository the job made: not a file to record
             skipped.append((path.rstrip("/"), 0, "a nested repository"))
+        elif stat.S_ISREG(st.st_mode) and not os.access(full, os.R_OK):
+            skipped.append((path, size, "unreadable"))  # git could not add it
         elif size > limits.max_file:
             skipped.append((path, size, "tq.outputs.maxFileSize"))
         elif total + size > limits.max_total:
@@ -229,7 +245,9 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Metric
     made safe (other characters become `_`), at most MAX_METRICS."""
     found: list[tuple[str, Metric]] = []
     for key, value in data.items():
-        name = _BAD_NAME_CHARS.sub("_", f"{prefix}{key}")[:128].lstrip(".-") or "_"
+        name = _BAD_NAME_CHARS.sub("_", f"{prefix}{key}")[:128]
+        if not name[:1].isascii() or not (name[:1].isalnum() or name[:1] == "_"):
+            name = "_" + name[1:]  # a name starts with a letter, a digit or _
         if isinstance(value, dict):
             found.extend(flatten(value, name + "."))
             continue

@@ -331,6 +331,9 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
         for combo in itertools.product(*(values for _, values in params)):
             chosen = tuple(zip(names, combo))
             variants.append((chosen, substitute(command, dict(chosen))))
+        name = req.sweep_name or ""
+        if _is_id(name) or re.fullmatch(r"[0-9]+-[0-9]+", name):
+            raise BadSpec(f"bad sweep name {name!r}: it would read as a job id or range")
         spec = dataclasses.replace(spec, sweep=validate_tag(
             req.sweep_name or sweep_name(command, spec.submitted_at)))
     elif req.sweep_name:
@@ -1306,6 +1309,9 @@ def code_differences(ctx: Context, jobs: Sequence[Job]) -> list[CodeDiff]:
     return found
 
 
+MAX_COMPARE = 100  # jobs one comparison shows
+
+
 def compare(ctx: Context, tokens: Sequence[str]) -> Comparison:
     """Jobs side by side (ids, ranges, tags, sweeps; at least two): their properties,
     how their code differs from the first one's, and every metric any of them has, with
@@ -1316,6 +1322,10 @@ def compare(ctx: Context, tokens: Sequence[str]) -> Comparison:
         only = f"job {jobs[0].id}" if jobs else "none"
         raise UsageError(f"git tq compare needs at least 2 jobs ({' '.join(tokens)} names "
                          f"only {only})")
+    if len(jobs) > MAX_COMPARE:
+        raise UsageError(f"git tq compare shows at most {MAX_COMPARE} jobs side by side "
+                         f"({len(jobs)} given): name fewer, or use git tq ls -a -m ... "
+                         "--sort ...")
     views = _views(ctx, jobs)
     code = code_differences(ctx, jobs)
     specs = [j.spec for j in jobs]
@@ -1761,6 +1771,8 @@ def wait_for(ctx: Context, jobs: Sequence[Job], *, timeout: Optional[float] = No
     """Block until every job has ended (done, failed or cancelled), or until `timeout`
     seconds have passed. The refs are read once per interval (one `git for-each-ref`,
     records from the cache), the interval growing from `poll` to `max_poll`."""
+    if timeout is not None and not timeout < float("inf"):  # nan and inf are no timeout
+        raise UsageError(f"bad --timeout {timeout}: give a number of seconds")
     latest = {j.id: j for j in jobs}
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = poll

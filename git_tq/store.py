@@ -23,7 +23,7 @@ from git_tq.errors import NotOurs, RefRace, TqError, UnknownJob, UnreadableRecor
 from git_tq.gitrepo import Repo
 from git_tq.home import create_temp_beside, ensure_private_dir
 from git_tq.lifecycle import apply_event
-from git_tq.localjobs import FETCHED, LedgerEntry, LocalJobs, is_oid
+from git_tq.localjobs import FETCHED, LOCAL, TAMPERED, LedgerEntry, LocalJobs, is_oid
 from git_tq.model import ChangeSummary, GpuRequest, Job, JobSpec, Outputs, State, job_ref
 
 JOBS_PREFIX = "refs/tq/jobs/"
@@ -167,10 +167,24 @@ class JobStore:
     # --- whose records --------------------------------------------------------
 
     def trust(self, job: Job, entries: Optional[Mapping[int, LedgerEntry]] = None) -> str:
-        """localjobs.LOCAL, FETCHED or TAMPERED: whether this user wrote the record."""
+        """localjobs.LOCAL, FETCHED or TAMPERED: whether this user wrote the record.
+
+        A record read before one of our writers moved its ref (the ledger already
+        names the new tip) is ours, not tampered: the ref is read again to tell."""
         if self.local is None:
             return FETCHED
-        return self.local.trust(job.id, job.tip, entries)
+        trust = self.local.trust(job.id, job.tip, entries)
+        if trust == TAMPERED:
+            entry = self.local.entry(job.id)  # fresher than `entries`
+            if entry is not None and (entry.trusts(job.tip) or self._moved_by_us(job, entry)):
+                return LOCAL
+        return trust
+
+    def _moved_by_us(self, job: Job, entry: LedgerEntry) -> bool:
+        """Whether the job's ref is now at a tip the ledger names (it moved since `job`
+        was read, by one of our writers)."""
+        current = self.repo.resolve_ref(job.ref)
+        return current is not None and current != job.tip and entry.trusts(current)
 
     def submission(self, job: Job) -> str:
         """The job's submission commit, where notes go, checked rather than read from a
@@ -385,23 +399,37 @@ class JobStore:
         first_id = self.next_free_id()
         for _ in range(CAS_ATTEMPTS):
             jobs = [d.evolve(id=first_id + i, snapshot="") for i, d in enumerate(drafts)]
-            commits = self._commits(tree, drafts[0].source, [recordfmt.encode(j) for j in jobs])
-            if before_publish:
-                before_publish(commits)
-            with local.locked():
-                local.record_many([(j.id, LedgerEntry(c, None, c))
-                                   for j, c in zip(jobs, commits)])
-                script = "".join(f"create {j.ref} {c}\n" for j, c in zip(jobs, commits))
-                p = self.repo.git("update-ref", "--stdin", "-m",
-                                  f"tq: submit jobs {jobs[0].id}-{jobs[-1].id}",
-                                  input=script.encode(), check=False)
-                won = p.returncode == 0
-                local.record_many([(j.id, LedgerEntry(c, c, None) if won else None)
-                                   for j, c in zip(jobs, commits)])
+            commits: list[str] = []
+            won = False
+            try:
+                commits = self._commits(tree, drafts[0].source,
+                                        [recordfmt.encode(j) for j in jobs])
+                if before_publish:
+                    before_publish(commits)
+                with local.locked():
+                    # Our writers hold the lock: ids taken (by another sweep or a run that
+                    # got here first) are seen now, before a ledger line names them.
+                    taken = self.taken_ids()
+                    if not any(j.id in taken for j in jobs):
+                        before = local.entries()
+                        local.record_many([(j.id, LedgerEntry(c, None, c))
+                                           for j, c in zip(jobs, commits)])
+                        script = "".join(f"create {j.ref} {c}\n"
+                                         for j, c in zip(jobs, commits))
+                        p = self.repo.git("update-ref", "--stdin", "-m",
+                                          f"tq: submit jobs {jobs[0].id}-{jobs[-1].id}",
+                                          input=script.encode(), check=False)
+                        won = p.returncode == 0
+                        # A lost transaction (a fetch took an id meanwhile) puts back
+                        # what the ledger said of those ids before.
+                        local.record_many([(j.id, LedgerEntry(c, c, None) if won
+                                            else before.get(j.id))
+                                           for j, c in zip(jobs, commits)])
+            finally:
+                if not won and commits and after_lost_race:
+                    after_lost_race(commits)  # also on Ctrl-C: no private record is left
             if won:
                 return [j.evolve(snapshot=c, tip=c) for j, c in zip(jobs, commits)]
-            if after_lost_race:
-                after_lost_race(commits)
             first_id = self.next_free_id(after=first_id)
         raise RefRace("could not allocate job ids: too many concurrent submissions; try again")
 
@@ -440,6 +468,9 @@ class JobStore:
         local = self._require_local()
         commit = self._commit(tree or f"{old.tip}^{{tree}}", old.tip, recordfmt.encode(new))
         with local.locked():
+            entry = local.entry(old.id)
+            if entry is not None and not entry.trusts(old.tip) and self._moved_by_us(old, entry):
+                return None  # one of our writers got there first: re-read and retry
             entry = self.require_ours(old, "changed")
             local.record(old.id, LedgerEntry(entry.submission, old.tip, commit))
             moved = self.repo.update_ref(old.ref, commit, old.tip, reason)
@@ -565,7 +596,18 @@ class JobStore:
         return p.stdout if p.returncode == 0 else None
 
     def remove_stored_log(self, job: Job) -> None:
+        """Remove a job's log from git: its note, and (the notes ref being history) every
+        earlier copy: the ref becomes one commit without parents holding the others."""
         self._edit_notes(job, "remove", "--ignore-missing", ref=LOGS_REF)
+        for _ in range(CAS_ATTEMPTS):
+            old = self.repo.resolve_ref(LOGS_REF)
+            if old is None:
+                return
+            squashed = self._commit(f"{old}^{{tree}}", None, "tq: logs kept in git\n")
+            if self.repo.update_ref(LOGS_REF, squashed, old, f"tq: forget job {job.id}'s log"):
+                self.repo.git("reflog", "expire", "--expire=now", LOGS_REF, check=False)
+                return
+        raise RefRace("the logs kept in git kept changing; try again")
 
     @functools.cached_property
     def log_root(self) -> str:

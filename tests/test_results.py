@@ -217,3 +217,37 @@ def test_odd_metrics_files_never_hang_or_break_the_end_of_a_job(repo: Path) -> N
                  'printf "[1, 2]" > "$TQ_METRICS"; printf "{\\"a\\": NaN, \\"b\\": 1e999, '
                  '\\"c\\": \\"x\\\\u001b[31m\\", \\"d e\\": 2, \\"f\\": null}" > metrics.json')
     assert wait_state(repo, bad, "done")["metrics"] == {"d_e": 2}
+
+
+def test_concurrent_sweeps_and_runs_keep_every_job_theirs(repo: Path) -> None:
+    import subprocess
+
+    git(repo, "config", "tq.autostart", "false")
+    procs = [subprocess.Popen(["git", "tq", "run", "-q", "--cpu", "--sweep-name", f"s{n}",
+                               "--sweep", "a=" + ",".join(map(str, range(40))), "true", "{a}"],
+                              cwd=repo, stdout=subprocess.PIPE, text=True) for n in range(3)]
+    singles = [subprocess.Popen(["git", "tq", "run", "-q", "--cpu", "true"], cwd=repo,
+                                stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    ids = []
+    for p in procs + singles:
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0
+        ids += [int(x) for x in out.split()]
+    assert len(ids) == len(set(ids)) == 3 * 40 + 4
+    rows = tq_json(repo, "ls", "--all")
+    assert isinstance(rows, list) and len(rows) == len(ids)
+    assert {r["trust"] for r in rows} == {"local"}
+    assert tq(repo, "doctor").returncode == 0
+
+
+def test_odd_names_never_make_a_record_unreadable(repo: Path) -> None:
+    git(repo, "config", "tq.outputs.maxFileSize", "10")
+    j = submit(repo, "--cpu", "sh", "-c",
+               'printf "{\\"+lr\\": 1, \\"/val\\": 2, \\"@s\\": 3}" > metrics.json; '
+               'printf "0123456789abcdef" > "$(printf "big\\033[2Jfile.bin")"')
+    data = wait_state(repo, j, "done")
+    assert data["metrics"] == {"_lr": 1, "_val": 2, "_s": 3}
+    outputs = data["outputs"]  # both over 10 bytes; the odd name is counted, not listed
+    assert outputs["not_recorded_count"] == 2
+    assert [f["path"] for f in outputs["not_recorded"]] == ["metrics.json"]
+    assert "big\\x1b[2Jfile.bin" in tq(repo, "view", str(j)).stdout
