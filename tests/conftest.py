@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -94,6 +94,30 @@ def tq_json(cwd: Path | str, *args: str) -> object:
     import json
 
     return json.loads(tq(cwd, *args, "--json").stdout)
+
+
+def submit(repo: Path, *args: str, env: dict[str, str] | None = None) -> int:
+    """`git tq run -q ARGS`: the new job's id."""
+    return int(tq(repo, "run", "-q", *args, env=env).stdout.strip())
+
+
+def show(repo: Path, job_id: int) -> dict[str, Any]:
+    """`git tq show --json` of one job."""
+    data = tq_json(repo, "show", str(job_id))
+    assert isinstance(data, dict)
+    return data
+
+
+def wait_state(repo: Path, job_id: int, wanted: str, timeout: float = 20) -> dict[str, Any]:
+    """Wait until the job is in state `wanted`; its record then."""
+    wait_until(lambda: show(repo, job_id)["state"] == wanted, timeout=timeout)
+    return show(repo, job_id)
+
+
+@pytest.fixture
+def autostart() -> None:
+    """`git tq run` starts the daemon, as it does for users (tests turn that off)."""
+    git(Path(os.environ["HOME"]), "config", "--global", "tq.autostart", "true")
 
 
 class RepoFactory:

@@ -13,38 +13,20 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import git, tq, tq_json, wait_until
+from conftest import git, show, submit, tq, tq_json, wait_state, wait_until
+
+# Here `git tq run` starts the daemon, as it does for users.
+pytestmark = pytest.mark.usefixtures("autostart")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.fixture(autouse=True)
-def autostart() -> None:
-    """Here `git tq run` starts the daemon, as it does for users."""
-    git(Path(os.environ["HOME"]), "config", "--global", "tq.autostart", "true")
-
-
-def submit(repo: Path, *args: str, env: dict[str, str] | None = None) -> int:
-    return int(tq(repo, "run", "-q", *args, env=env).stdout.strip())
-
-
-def job(repo: Path, job_id: int) -> dict[str, Any]:
-    data = tq_json(repo, "show", str(job_id))
-    assert isinstance(data, dict)
-    return data
-
-
 def state(repo: Path, job_id: int) -> str:
-    return str(job(repo, job_id)["state"])
-
-
-def wait_state(repo: Path, job_id: int, wanted: str, timeout: float = 20) -> dict[str, Any]:
-    wait_until(lambda: state(repo, job_id) == wanted, timeout=timeout)
-    return job(repo, job_id)
+    return str(show(repo, job_id)["state"])
 
 
 def log_text(repo: Path, job_id: int) -> str:
-    path = Path(job(repo, job_id)["log"])
+    path = Path(show(repo, job_id)["log"])
     return path.read_text() if path.exists() else ""
 
 
@@ -86,7 +68,7 @@ def test_job_runs_the_code_as_submitted(repo: Path, tmp_path: Path) -> None:
     assert data["started_at"] and data["ended_at"]
     # the first job runs in its cwd inside its own worktree, on the GPU it asked for
     wait_until(lambda: Path(str(release) + ".started").exists())
-    assert job(repo, first)["state"] == "running" and job(repo, first)["gpus"] == [1]
+    assert show(repo, first)["state"] == "running" and show(repo, first)["gpus"] == [1]
     release.write_text("3")
     failed = wait_state(repo, first, "failed")
     assert failed["exit_code"] == 3
@@ -115,8 +97,8 @@ def test_queue_order_and_gpu_exclusivity(repo: Path, tmp_path: Path) -> None:
     assert state(repo, low) == "pending" and state(repo, high) == "pending"
     gate.write_text("0")
     wait_state(repo, low, "done")
-    assert job(repo, high)["started_at"] <= job(repo, low)["started_at"]
-    assert job(repo, a)["state"] == "done"
+    assert show(repo, high)["started_at"] <= show(repo, low)["started_at"]
+    assert show(repo, a)["state"] == "done"
 
 
 def test_preemption_checkpoint_and_resume(repo: Path) -> None:
@@ -167,7 +149,7 @@ while True:
         psutil.Process(job_pid).status() == psutil.STATUS_ZOMBIE
     wait_until(lambda: not psutil.pid_exists(escaped) or
                psutil.Process(escaped).status() == psutil.STATUS_ZOMBIE)
-    assert job(repo, victim)["state"] in ("pending", "running")  # back in the queue
+    assert show(repo, victim)["state"] in ("pending", "running")  # back in the queue
 
 
 def test_kill_cancels_running_and_pending(repo: Path, tmp_path: Path) -> None:
@@ -382,7 +364,7 @@ def test_requeue_and_gc(repo: Path) -> None:
     second = int(tq(repo, "requeue", "-q", str(first)).stdout.strip())
     wait_state(repo, second, "failed")
     assert "counting" in log_text(repo, second)  # the first job's code, not today's
-    assert job(repo, second)["snapshot"] != job(repo, first)["snapshot"]
+    assert show(repo, second)["snapshot"] != show(repo, first)["snapshot"]
     assert "removed 2 worktrees" in tq(repo, "gc").stdout
     p = tq(repo, "requeue", "99", check=False)
     assert p.returncode == 1
@@ -433,8 +415,8 @@ def run_files(job_id: int, suffix: str) -> list[Path]:
 def test_ls_and_show_give_a_running_jobs_pid(repo: Path, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     j = submit(repo, "--cpu", "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done")
-    wait_until(lambda: job(repo, j)["pid"] is not None)
-    pid = job(repo, j)["pid"]
+    wait_until(lambda: show(repo, j)["pid"] is not None)
+    pid = show(repo, j)["pid"]
     assert psutil.Process(pid).cmdline()[:2] == ["sh", "-c"]  # the job itself
     assert [v["pid"] for v in tq_json(repo, "ls")] == [pid]  # type: ignore[union-attr]
     assert tq(repo, "ls").stdout.splitlines()[1].split()[:3] == [str(j), "running", str(pid)]

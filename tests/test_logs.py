@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import git, tq, tq_json, wait_until
+from conftest import git, show, submit, tq, tq_json, wait_state, wait_until
 
-
-@pytest.fixture(autouse=True)
-def autostart() -> None:
-    git(Path(os.environ["HOME"]), "config", "--global", "tq.autostart", "true")
-
-
-def submit(repo: Path, *args: str) -> int:
-    return int(tq(repo, "run", "-q", *args).stdout.strip())
-
-
-def job(repo: Path, job_id: int) -> dict[str, Any]:
-    data = tq_json(repo, "show", str(job_id))
-    assert isinstance(data, dict)
-    return data
-
-
-def wait_state(repo: Path, job_id: int, wanted: str) -> dict[str, Any]:
-    wait_until(lambda: job(repo, job_id)["state"] == wanted, timeout=20)
-    return job(repo, job_id)
+# Here `git tq run` starts the daemon, as it does for users.
+pytestmark = pytest.mark.usefixtures("autostart")
 
 
 def test_view_tail_and_follow(repo: Path, tmp_path: Path) -> None:
@@ -40,8 +22,8 @@ def test_view_tail_and_follow(repo: Path, tmp_path: Path) -> None:
     j = submit(repo, "--cpu", "python", "talk.py")
     follower = subprocess.Popen(["git", "tq", "view", "-f", str(j)], cwd=repo,
                                 stdout=subprocess.PIPE, text=True)
-    wait_until(lambda: "line 4" in Path(job(repo, j)["log"]).read_text()
-               if Path(job(repo, j)["log"]).exists() else False)
+    wait_until(lambda: "line 4" in Path(show(repo, j)["log"]).read_text()
+               if Path(show(repo, j)["log"]).exists() else False)
     gate.touch()
     out, _ = follower.communicate(timeout=30)
     assert follower.returncode == 0  # it stopped by itself when the job ended
@@ -60,7 +42,7 @@ def test_follow_across_a_preemption(repo: Path) -> None:
                     "0.05")
     follower = subprocess.Popen(["git", "tq", "view", "-f", str(victim)], cwd=repo,
                                 stdout=subprocess.PIPE, text=True)
-    wait_until(lambda: job(repo, victim)["state"] == "running")
+    wait_until(lambda: show(repo, victim)["state"] == "running")
     submit(repo, "-p", "1", "true")
     out, _ = follower.communicate(timeout=60)
     assert "SIGTERM: checkpoint saved" in out and "RESUMED: attempt 2" in out
@@ -92,7 +74,7 @@ def test_hist_and_catg(repo: Path) -> None:
     assert "archived/" in out and "#2" not in out
     data = tq_json(repo, "hist", "archived/failed")
     assert isinstance(data, dict) and [e["id"] for e in data["logs"]] == [b]
-    assert job(repo, b)["category"] == "archived/failed"
+    assert show(repo, b)["category"] == "archived/failed"
     tq(repo, "catg", str(b), "kept")  # moving again prunes the empty folders it left
     assert not (root / "archived").exists()
     for bad in ("..", "../outside", "/etc", "a/../../b", "a/-x", "x\\y"):
@@ -108,8 +90,8 @@ def test_a_running_job_can_be_filed_and_keeps_writing(repo: Path, tmp_path: Path
         "import os, time\nprint('before', flush=True)\n"
         f"while not os.path.exists({str(gate)!r}): time.sleep(0.02)\nprint('after', flush=True)\n")
     j = submit(repo, "--cpu", "python", "slow.py")
-    wait_until(lambda: Path(job(repo, j)["log"]).exists() and
-               "before" in Path(job(repo, j)["log"]).read_text())
+    wait_until(lambda: Path(show(repo, j)["log"]).exists() and
+               "before" in Path(show(repo, j)["log"]).read_text())
     tq(repo, "catg", str(j), "live")
     gate.touch()
     data = wait_state(repo, j, "done")
@@ -131,10 +113,10 @@ def test_rm_log_keeps_the_record(repo: Path) -> None:
     wait_state(repo, j, "done")
     p = tq(repo, "rm", "--log", str(j), check=False)  # no terminal to confirm on
     assert p.returncode == 1 and "without -y" in p.stderr
-    log = Path(job(repo, j)["log"])
+    log = Path(show(repo, j)["log"])
     assert log.exists()
     tq(repo, "rm", "--log", "-y", str(j))
-    assert not log.exists() and job(repo, j)["state"] == "done"
+    assert not log.exists() and show(repo, j)["state"] == "done"
     p = tq(repo, "rm", "--log", "-y", str(j), check=False)
     assert p.returncode == 1 and "has no log" in p.stderr
 
@@ -143,7 +125,7 @@ def test_top_prints_a_frame_off_a_terminal(repo: Path, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     j = submit(repo, "--gpu", "1", "sh", "-c",
                f"echo working hard; while [ ! -e {gate} ]; do sleep 0.05; done")
-    wait_until(lambda: job(repo, j)["state"] == "running")
+    wait_until(lambda: show(repo, j)["state"] == "running")
     wait_until(lambda: "working hard" in tq(repo, "top").stdout)
     out = tq(repo, "top").stdout
     assert "GPUs" in out and "job 1" in out and "running (1)" in out and "free" in out

@@ -12,29 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import git, tq, tq_json, wait_until
+from conftest import git, show, submit, tq, tq_json, wait_state, wait_until
+
+# Here `git tq run` starts the daemon, as it does for users.
+pytestmark = pytest.mark.usefixtures("autostart")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-@pytest.fixture(autouse=True)
-def autostart() -> None:
-    git(Path(os.environ["HOME"]), "config", "--global", "tq.autostart", "true")
-
-
-def submit(repo: Path, *args: str) -> int:
-    return int(tq(repo, "run", "-q", *args).stdout.strip())
-
-
-def job(repo: Path, job_id: int) -> dict[str, Any]:
-    data = tq_json(repo, "show", str(job_id))
-    assert isinstance(data, dict)
-    return data
-
-
-def wait_state(repo: Path, job_id: int, wanted: str, timeout: float = 20) -> dict[str, Any]:
-    wait_until(lambda: job(repo, job_id)["state"] == wanted, timeout=timeout)
-    return job(repo, job_id)
 
 
 def test_outputs_and_metrics_are_recorded_with_the_job(repo: Path) -> None:
@@ -96,9 +79,9 @@ def test_a_preempted_job_records_partial_outputs_then_final_ones(repo: Path) -> 
     train = str(EXAMPLES / "train.py")
     victim = submit(repo, "-p", "50", "-g", "30", "python", train, "--steps", "60",
                     "--step-seconds", "0.05")
-    wait_until(lambda: (job(repo, victim)["metrics"] or {}).get("step", 0) >= 0
-               and "starts at step 0" in Path(job(repo, victim)["log"]).read_text()
-               if Path(job(repo, victim)["log"]).exists() else False)
+    wait_until(lambda: (show(repo, victim)["metrics"] or {}).get("step", 0) >= 0
+               and "starts at step 0" in Path(show(repo, victim)["log"]).read_text()
+               if Path(show(repo, victim)["log"]).exists() else False)
     urgent = submit(repo, "-p", "10", "true")
     wait_state(repo, urgent, "done")
     done = wait_state(repo, victim, "done", timeout=30)
@@ -123,13 +106,13 @@ def test_the_log_is_kept_in_git(repo: Path, make_repo: Any) -> None:
                  "echo LAST")
     wait_state(repo, small, "done")
     wait_state(repo, big, "done")
-    log_file = Path(job(repo, small)["log"])
+    log_file = Path(show(repo, small)["log"])
     log_file.unlink()  # gone from disk: the copy in git is shown
     assert "hello from the job" in tq(repo, "view", str(small)).stdout
     assert "exited with code 0" in tq(repo, "view", "-n", "1", str(small)).stdout
     stored = tq(repo, "view", str(big)).stdout  # the file is there: it is read whole
     assert "line 200" in stored
-    Path(job(repo, big)["log"]).unlink()
+    Path(show(repo, big)["log"]).unlink()
     cut = tq(repo, "view", str(big)).stdout
     assert "FIRST" in cut and "LAST" in cut and "line 200" not in cut
     assert "bytes of this log were not stored (over tq.logs.maxStored)" in cut
@@ -169,7 +152,7 @@ def test_a_sweep_is_one_snapshot_and_many_jobs(repo: Path) -> None:
                                        "echo 1e-3 32 {lr}"]
     # A requeued point of the sweep gets its values again.
     again = int(tq(repo, "requeue", "-q", str(ids[3])).stdout)
-    assert job(repo, again)["params"] == {"lr": "1e-4", "bs": "64"}
+    assert show(repo, again)["params"] == {"lr": "1e-4", "bs": "64"}
     assert wait_state(repo, again, "done")["metrics"] == {"lr": 0.0001}
     # The sweep's name is a job list: waited for, compared in one table.
     assert tq(repo, "wait", "lrbs").returncode == 0
@@ -184,6 +167,7 @@ def test_a_sweep_is_one_snapshot_and_many_jobs(repo: Path) -> None:
         (["--sweep", "lr=", "echo", "{lr}"], "parameter lr has no values"),
         (["--sweep", "l r=1", "echo"], "is not an identifier"),
         (["--sweep", "lr=1", "--sweep", "lr=2", "echo"], "given twice"),
+        (["--sweep", "lr=a\x85b", "echo"], "holds control characters"),  # C1 too
         (["--sweep-name", "x", "echo"], "--sweep-name needs --sweep"),
         (["--sweep", "lr=1", "--sweep-name", "a/b", "echo"], "bad tag"),
     ]:
@@ -199,7 +183,7 @@ def test_outputs_of_a_failed_and_a_cancelled_job_are_recorded(repo: Path, tmp_pa
     release = tmp_path / "never"
     killed = submit(repo, "--cpu", "sh", "-c",
                     f"echo started > out.txt; while [ ! -e {release} ]; do sleep 0.05; done")
-    wait_until(lambda: job(repo, killed)["state"] == "running")
+    wait_until(lambda: show(repo, killed)["state"] == "running")
     worktrees = Path(os.environ["TQ_HOME"]) / "worktrees"
     wait_until(lambda: any(worktrees.glob(f"*/{killed}/out.txt")))
     tq(repo, "kill", "--now", str(killed))

@@ -12,35 +12,16 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import git, tq, tq_json, wait_until
+from conftest import git, show, submit, tq, wait_state, wait_until
 
 from git_tq import recordfmt
 from git_tq.lifecycle import apply_event
 from git_tq.model import ChangeSummary, GpuRequest, Job, JobSpec, State
 
-
-@pytest.fixture(autouse=True)
-def autostart() -> None:
-    """Here `git tq run` starts the daemon, as it does for users."""
-    git(Path(os.environ["HOME"]), "config", "--global", "tq.autostart", "true")
-
-
-def submit(repo: Path, *args: str, env: dict[str, str] | None = None) -> int:
-    return int(tq(repo, "run", "-q", *args, env=env).stdout.strip())
-
-
-def show(repo: Path, job_id: int) -> dict[str, Any]:
-    data = tq_json(repo, "show", str(job_id))
-    assert isinstance(data, dict)
-    return data
-
-
-def wait_state(repo: Path, job_id: int, wanted: str, timeout: float = 20) -> dict[str, Any]:
-    wait_until(lambda: show(repo, job_id)["state"] == wanted, timeout=timeout)
-    return show(repo, job_id)
+# Here `git tq run` starts the daemon, as it does for users.
+pytestmark = pytest.mark.usefixtures("autostart")
 
 
 def counts(path: Path) -> dict[str, int]:

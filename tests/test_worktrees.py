@@ -7,13 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import git, tq, wait_until
-from test_daemon import WAITER, job, submit, wait_state
+from conftest import git, show, submit, tq, wait_state, wait_until
+from test_daemon import WAITER
 
-
-@pytest.fixture(autouse=True)
-def autostart() -> None:
-    git(Path(os.environ["HOME"]), "config", "--global", "tq.autostart", "true")
+# Here `git tq run` starts the daemon, as it does for users.
+pytestmark = pytest.mark.usefixtures("autostart")
 
 
 def worktree_of(repo: Path, job_id: int) -> Path:
@@ -58,12 +56,12 @@ def test_what_a_job_writes_is_recorded_and_only_what_is_not_keeps_its_worktree(
     assert git(repo, "show", f"{tip}:README") == "v2\n"
     assert git(repo, "show", f"{tip}:train.py") == "print('v1')\n"  # deletions: not outputs
     assert (repo / "data" / "out.csv").exists()  # through the link, into the source tree
-    assert job(repo, writer)["kept_worktree"] is None
+    assert show(repo, writer)["kept_worktree"] is None
     # Files over the limits are not recorded: they keep the worktree, named.
-    wait_until(lambda: job(repo, big)["kept_worktree"] and job(repo, committer)["kept_worktree"])
-    assert "moved the worktree's detached HEAD to" in job(repo, committer)["kept_reason"]
+    wait_until(lambda: show(repo, big)["kept_worktree"] and show(repo, committer)["kept_worktree"])
+    assert "moved the worktree's detached HEAD to" in show(repo, committer)["kept_reason"]
     path = worktree_of(repo, big)
-    data = job(repo, big)
+    data = show(repo, big)
     assert data["kept_worktree"] == str(path) and (path / "model.pt").stat().st_size == 4096
     assert data["kept_reason"] == ("kept: 2 outputs over the tq.outputs limits were not "
                                    "recorded in git: model.pt, opt.pt")
@@ -77,7 +75,7 @@ def test_what_a_job_writes_is_recorded_and_only_what_is_not_keeps_its_worktree(
     tq(repo, "stop")
     tq(repo, "start")
     wait_state(repo, submit(repo, "--cpu", "true"), "done")
-    assert path.is_dir() and job(repo, big)["kept_worktree"] == str(path)
+    assert path.is_dir() and show(repo, big)["kept_worktree"] == str(path)
     p = tq(repo, "rm", "--forget", str(big), check=False)
     assert p.returncode == 1 and "gc --outputs" in p.stderr
     out = tq(repo, "gc").stdout
@@ -85,7 +83,7 @@ def test_what_a_job_writes_is_recorded_and_only_what_is_not_keeps_its_worktree(
     assert path.is_dir()
     assert "removed 1 worktree" in tq(repo, "gc", "--outputs", str(big)).stdout
     assert not path.exists() and str(path) not in registered(repo)
-    assert job(repo, big)["kept_worktree"] is None
+    assert show(repo, big)["kept_worktree"] is None
 
 
 def test_gc_keeps_what_a_failed_job_wrote_only_when_git_does_not_have_it(repo: Path) -> None:
@@ -101,7 +99,7 @@ def test_gc_keeps_what_a_failed_job_wrote_only_when_git_does_not_have_it(repo: P
     assert "removed 2 worktrees" in out and "kept: 1 output over the tq.outputs limits was " \
         "not recorded in git: big.txt" in out
     assert git(repo, "show", f"refs/tq/jobs/{wrote}:loss.txt") == "0.5\n"
-    assert kept.is_dir() and job(repo, over)["kept_worktree"] == str(kept)
+    assert kept.is_dir() and show(repo, over)["kept_worktree"] == str(kept)
     assert "removed 1 worktree" in tq(repo, "gc", "--kept").stdout  # the older name works
     assert not kept.exists()
 
@@ -113,7 +111,7 @@ def test_an_empty_ignored_folder_is_linked(repo: Path) -> None:
     wait_state(repo, j, "done")
     assert (repo / "results" / "kept.txt").read_text() == "done\n"
     wait_until(lambda: not job_paths([j]))  # the link is not the job's writing: removed
-    assert job(repo, j)["kept_worktree"] is None
+    assert show(repo, j)["kept_worktree"] is None
 
 
 def test_jobs_taken_out_of_the_queue_leave_no_worktree(repo: Path, tmp_path: Path) -> None:

@@ -284,18 +284,25 @@ def test_unknown_records_are_warned_about_once(scene: Scene) -> None:
     assert scene.crafted_markers() == []
 
 
+def as_an_older_git_tq_left_it() -> dict[str, Any]:
+    """Turn the one job's private record into what a git tq older than the ledger left:
+    a private file named by the submission (in the old format) and no ledger. The
+    record as it was."""
+    folder = next((Path(os.environ["TQ_HOME"]) / "jobs").iterdir())
+    spec_file = next(folder.glob("*.json"))
+    spec: dict[str, Any] = json.loads(spec_file.read_text())
+    (folder / "ledger").unlink()
+    spec_file.write_text(json.dumps({"repo": "x", "snapshot": spec["submission"],
+                                     "worktree": spec["source_dir"], "env": spec["environ"]}))
+    return spec
+
+
 def test_jobs_of_an_older_git_tq_are_adopted_with_their_submitted_command(
         scene: Scene) -> None:
     victim = scene.victim
     own = int(tq(victim, "run", "-q", "--cpu", "python", "wait.py", str(scene.marker("old")),
                  env={"GITHUB_TOKEN": SECRET}).stdout)
-    # What an older git tq left: a private file named by the submission, no ledger.
-    folder = next((Path(os.environ["TQ_HOME"]) / "jobs").iterdir())
-    spec_file = next(folder.glob("*.json"))
-    spec = json.loads(spec_file.read_text())
-    (folder / "ledger").unlink()
-    spec_file.write_text(json.dumps({"repo": "x", "snapshot": spec["submission"],
-                                     "worktree": spec["source_dir"], "env": spec["environ"]}))
+    spec = as_an_older_git_tq_left_it()
     # ... and a teammate appended a record with another command to that job's ref.
     git(scene.teammate, "fetch", "-q", "origin", "refs/tq/*:refs/tq/*")
     tip = git(scene.teammate, "rev-parse", f"refs/tq/jobs/{own}").strip()

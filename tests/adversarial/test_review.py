@@ -8,7 +8,6 @@ notes, files or id allocation.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 from conftest import git, tq, tq_json
 
-from adversarial.test_fetched import Scene, craft, record
+from adversarial.test_fetched import Scene, as_an_older_git_tq_left_it, craft, record
 
 
 @pytest.fixture
@@ -59,12 +58,7 @@ def test_adopt_never_reaches_another_jobs_private_record(scene: Scene) -> None:
 def test_adopted_job_is_scheduled_by_its_submission_not_by_later_records(
         scene: Scene) -> None:
     own = submit(scene, "-p", "50", "python", "wait.py", str(scene.marker("old")))
-    folder = next((Path(os.environ["TQ_HOME"]) / "jobs").iterdir())
-    spec_file = next(folder.glob("*.json"))
-    spec = json.loads(spec_file.read_text())
-    (folder / "ledger").unlink()
-    spec_file.write_text(json.dumps({"repo": "x", "snapshot": spec["submission"],
-                                     "worktree": spec["source_dir"], "env": spec["environ"]}))
+    spec = as_an_older_git_tq_left_it()
     teammate_has_victims_jobs(scene)
     tip = git(scene.teammate, "rev-parse", f"refs/tq/jobs/{own}").strip()
     scene.plant(f"refs/tq/jobs/{own}", craft(scene.teammate, record(
