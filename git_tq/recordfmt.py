@@ -140,6 +140,7 @@ _HEX = re.compile(r"[0-9a-f]+\Z")
 _STAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?"
                     r"[+-][0-9]{2}:[0-9]{2}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+CONTROL_CHARACTERS = _CONTROL  # what no text field of a record may hold (C0, DEL, C1)
 _BAD_TAG = re.compile(r"[\x00-\x20/\\\x7f-\x9f]")
 _CHANGES = re.compile(r"M=([0-9]{1,9}) A=([0-9]{1,9}) D=([0-9]{1,9})\Z")
 _GPUS = re.compile(r"(?:cpu|any:[0-9]{1,3}|[0-9]{1,3}(?:,[0-9]{1,3}){0,63})\Z")

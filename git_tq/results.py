@@ -33,7 +33,13 @@ from git_tq import jobtree
 from git_tq.errors import TqError, UsageError
 from git_tq.gitrepo import run_git, without_repo_vars
 from git_tq.model import OUTPUTS_LISTED, Metric, Outputs
-from git_tq.recordfmt import MAX_METRICS, RecordFormatError, metric_value, relative_path
+from git_tq.recordfmt import (
+    CONTROL_CHARACTERS,
+    MAX_METRICS,
+    RecordFormatError,
+    metric_value,
+    relative_path,
+)
 
 MiB = 1024 * 1024
 DEFAULT_MAX_FILE = 20 * MiB
@@ -45,7 +51,6 @@ MAX_METRICS_FILE = 4 * MiB  # a metrics file larger than this is not read
 
 _SIZE = re.compile(r"\s*([0-9]+)\s*([kmgt]?)(i?b)?\s*\Z", re.IGNORECASE)
 _BAD_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.:/@+-]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def human_size(n: int) -> str:
@@ -128,7 +133,7 @@ def outputs_from_json(data: Mapping[str, Any]) -> tuple[Optional[str], Outputs,
     error = data.get("error")
     outputs = Outputs(int(data.get("files", 0)), int(data.get("bytes", 0)), listed,
                       len(skipped), sum(n for _, n, _ in skipped),
-                      None if error is None else _CONTROL.sub("?", str(error))[:500])
+                      None if error is None else CONTROL_CHARACTERS.sub("?", str(error))[:500])
     metrics = tuple((str(k), v) for k, v in data.get("metrics", []))
     tree = data.get("tree")
     blob = data.get("log_blob")
@@ -147,7 +152,7 @@ def collect(common: str, worktree: str, submission: str, cwd: str, limits: Limit
     try:
         tree, recorded, skipped = _outputs_tree(common, worktree, submission, limits)
     except (TqError, OSError) as exc:
-        error = _CONTROL.sub("?", str(exc))[:500] or type(exc).__name__
+        error = CONTROL_CHARACTERS.sub("?", str(exc))[:500] or type(exc).__name__
     metrics = read_metrics(metrics_file, cwd, limits.metrics_files)
     # The record names the first of them, those whose names a record can hold (no
     # control characters); the counts cover all, and the log names every one.

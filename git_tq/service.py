@@ -132,7 +132,7 @@ _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 def parse_sweep(items: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
     """`lr=1e-3,1e-4` ... -> [("lr", ("1e-3", "1e-4")), ...]; one-line errors."""
-    from git_tq.recordfmt import RecordFormatError, param_name
+    from git_tq.recordfmt import CONTROL_CHARACTERS, RecordFormatError, param_name
 
     params: list[tuple[str, tuple[str, ...]]] = []
     for item in items:
@@ -148,13 +148,10 @@ def parse_sweep(items: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
         words = tuple(v.strip() for v in values.split(",") if v.strip())
         if not words:
             raise UsageError(f"--sweep: parameter {name.strip()} has no values")
-        if any(_CONTROL_CHARS.search(v) for v in words):
+        if any(CONTROL_CHARACTERS.search(v) for v in words):  # a record could not hold it
             raise UsageError(f"--sweep: a value of {name.strip()} holds control characters")
         params.append((name.strip(), tuple(dict.fromkeys(words))))
     return params
-
-
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def substitute(command: Sequence[str], values: Mapping[str, str]) -> tuple[str, ...]:
@@ -1559,23 +1556,35 @@ def parse_job_tokens(tokens: Sequence[str]) -> list[str]:
     """`1 3 5`, `1,3,5` or `1-3,5` (or all of these) -> ['1', '2', '3', '5']; other
     tokens (tags, sweep names, commits) are passed on as they are."""
     result: list[str] = []
-    for token in tokens:
-        for part in (t.strip() for t in token.split(",")):
-            if not part:
-                continue
-            low, dash, high = part.partition("-")
-            if dash and _is_id(low) and _is_id(high):
-                a, b = int(low), int(high)
-                if a > b:
-                    raise UsageError(f"bad job range {part!r}: {a} is after {b}")
-                if b - a >= MAX_RANGE:
-                    raise UsageError(f"job range {part!r} names more than {MAX_RANGE} jobs")
-                result.extend(str(i) for i in range(a, b + 1))
-            else:
-                result.append(part)
+    for part in _token_parts(tokens):
+        ids = _job_range(part)
+        if ids is None:
+            result.append(part)
+        else:
+            result.extend(map(str, ids))
     if not result:
         raise UsageError("no job given")
     return result
+
+
+def _token_parts(tokens: Sequence[str]) -> Iterator[str]:
+    """The comma-separated, non-empty parts of job tokens."""
+    for token in tokens:
+        yield from (t.strip() for t in token.split(",") if t.strip())
+
+
+def _job_range(part: str) -> Optional[range]:
+    """The ids of a range `12-15`, None when `part` is not one; a one-line error for
+    a backwards or huge range."""
+    low, dash, high = part.partition("-")
+    if not (dash and _is_id(low) and _is_id(high)):
+        return None
+    a, b = int(low), int(high)
+    if a > b:
+        raise UsageError(f"bad job range {part!r}: {a} is after {b}")
+    if b - a >= MAX_RANGE:
+        raise UsageError(f"job range {part!r} names more than {MAX_RANGE} jobs")
+    return range(a, b + 1)
 
 
 def _is_id(text: str) -> bool:
@@ -1591,32 +1600,28 @@ def resolve_jobs(ctx: Context, tokens: Sequence[str], *,
 
     jobs: dict[int, Job] = {}
     listing: Optional[list[Job]] = None
-    for token in tokens:
-        for part in (t.strip() for t in token.split(",")):
-            if not part:
-                continue
-            low, dash, high = part.partition("-")
-            if dash and _is_id(low) and _is_id(high):
-                ids = {int(i) for i in parse_job_tokens([part])}
-                listing = ctx.store.list_jobs() if listing is None else listing
-                found = [j for j in listing if j.id in ids]
-                if not found or not missing_ok_in_ranges and len(found) != len(ids):
-                    raise UnknownJob(f"no job in range {part} (see git tq ls --all)")
-                jobs.update((j.id, j) for j in found)
-                continue
-            try:
-                job = ctx.store.resolve(part)
-            except UnknownJob:
-                if _is_id(part) or part.startswith(("tq/", "refs/")):
-                    raise
-                listing = ctx.store.list_jobs() if listing is None else listing
-                named = [j for j in listing if part in (j.spec.sweep, j.spec.tag)]
-                if not named:
-                    raise UnknownJob(f"no job, sweep or tag {part!r} (see git tq ls --all)") \
-                        from None
-                jobs.update((j.id, j) for j in named)
-                continue
-            jobs[job.id] = job
+    for part in _token_parts(tokens):
+        span = _job_range(part)
+        if span is not None:
+            listing = ctx.store.list_jobs() if listing is None else listing
+            found = [j for j in listing if j.id in span]
+            if not found or not missing_ok_in_ranges and len(found) != len(span):
+                raise UnknownJob(f"no job in range {part} (see git tq ls --all)")
+            jobs.update((j.id, j) for j in found)
+            continue
+        try:
+            job = ctx.store.resolve(part)
+        except UnknownJob:
+            if _is_id(part) or part.startswith(("tq/", "refs/")):
+                raise
+            listing = ctx.store.list_jobs() if listing is None else listing
+            named = [j for j in listing if part in (j.spec.sweep, j.spec.tag)]
+            if not named:
+                raise UnknownJob(f"no job, sweep or tag {part!r} (see git tq ls --all)") \
+                    from None
+            jobs.update((j.id, j) for j in named)
+            continue
+        jobs[job.id] = job
     if not jobs:
         raise UsageError("no job given")
     return list(jobs.values())
