@@ -907,8 +907,10 @@ def wait_cmd(jobs: tuple[str, ...], timeout: Optional[float], as_json: bool) -> 
     """Wait until JOBS have ended: exit 0 if all are done, else 1 (each one that is not
     is named on stderr)."""
     from git_tq import output, service
-    from git_tq.errors import WaitTimedOut
+    from git_tq.errors import UsageError, WaitTimedOut
 
+    if timeout is not None and not timeout < float("inf"):  # FloatRange lets nan through
+        raise UsageError(f"bad --timeout {timeout}: give a number of seconds")
     ctx = open_context()
     found = service.jobs_to_wait_for(ctx, jobs)
     hint = service.waiting_hint(ctx, found)

@@ -1776,8 +1776,6 @@ def wait_for(ctx: Context, jobs: Sequence[Job], *, timeout: Optional[float] = No
     """Block until every job has ended (done, failed or cancelled), or until `timeout`
     seconds have passed. The refs are read once per interval (one `git for-each-ref`,
     records from the cache), the interval growing from `poll` to `max_poll`."""
-    if timeout is not None and not timeout < float("inf"):  # nan and inf are no timeout
-        raise UsageError(f"bad --timeout {timeout}: give a number of seconds")
     latest = {j.id: j for j in jobs}
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = poll

@@ -168,6 +168,8 @@ def test_a_sweep_is_one_snapshot_and_many_jobs(repo: Path) -> None:
         (["--sweep", "l r=1", "echo"], "is not an identifier"),
         (["--sweep", "lr=1", "--sweep", "lr=2", "echo"], "given twice"),
         (["--sweep", "lr=a\x85b", "echo"], "holds control characters"),  # C1 too
+        (["--sweep", "lr=1", "--sweep-name", "401", "echo"], "would read as a job id"),
+        (["--sweep", "lr=1", "--sweep-name", "4-9", "echo"], "would read as a job id"),
         (["--sweep-name", "x", "echo"], "--sweep-name needs --sweep"),
         (["--sweep", "lr=1", "--sweep-name", "a/b", "echo"], "bad tag"),
     ]:
@@ -235,3 +237,14 @@ def test_odd_names_never_make_a_record_unreadable(repo: Path) -> None:
     assert outputs["not_recorded_count"] == 2
     assert [f["path"] for f in outputs["not_recorded"]] == ["metrics.json"]
     assert "big\\x1b[2Jfile.bin" in tq(repo, "view", str(j)).stdout
+
+
+def test_compare_and_wait_refuse_what_they_cannot_do(repo: Path) -> None:
+    git(repo, "config", "tq.autostart", "false")
+    tq(repo, "run", "-q", "--cpu", "--sweep-name", "wide", "--sweep",
+       "i=" + ",".join(map(str, range(101))), "true")
+    p = tq(repo, "compare", "wide", check=False)
+    assert p.returncode == 2 and "at most 100 jobs" in p.stderr and p.stderr.count("\n") == 1
+    for bad in ("nan", "inf"):
+        p = tq(repo, "wait", "--timeout", bad, "1", check=False)
+        assert p.returncode == 2 and "--timeout" in p.stderr and p.stderr.count("\n") == 1
