@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import traceback
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
@@ -1009,6 +1008,8 @@ def gc(kept: bool, jobs: tuple[str, ...]) -> None:
 
 def _crash(exc: BaseException) -> int:
     try:
+        import traceback
+
         from git_tq.home import Home, default_home, open_private
 
         path = Home(default_home({}, os.environ)).crash_log()

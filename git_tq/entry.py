@@ -1,8 +1,9 @@
 """The `git-tq` executable's entry point: the console, or a head start for `run`, then the CLI.
 
-For `git tq run`, the snapshot of the work tree starts in a background thread
-before click and the service layers are imported, so the two overlap; every
-other command goes straight to the CLI.
+For `git tq run`, discovery and the settings (two git processes) start before
+click and the service layers are imported, and a background thread goes on to
+snapshot the work tree, so git's work and Python's imports overlap; every other
+command goes straight to the CLI.
 """
 
 from __future__ import annotations

@@ -9,15 +9,19 @@ handles every index format, filter and worktree correctly.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
-import subprocess
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Optional
 
 from git_tq.errors import GitFailed, NotARepository
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING: typing costs ~5 ms to import)
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from typing import Any, Optional
+
+# `git tq run` starts its snapshot's first git process before anything heavy is
+# imported (see entry.py): this module imports no subprocess, threading, dataclasses
+# or typing at run time, and runs git with os.posix_spawn.
 
 # Variables that point git at a particular repository or index. A job, and the
 # git commands we run on a job's behalf in another directory, must not inherit
@@ -61,6 +65,145 @@ def clean_git_env(env: Mapping[str, str]) -> dict[str, str]:
             if not k.startswith("GIT_") or k.startswith(_GIT_VARS_KEPT)}
 
 
+class GitResult:
+    """A finished git process: its arguments, exit status and output (the fields of
+    subprocess.CompletedProcess)."""
+
+    __slots__ = ("args", "returncode", "stdout", "stderr")
+
+    def __init__(self, args: list[str], returncode: int, stdout: bytes, stderr: bytes) -> None:
+        self.args = args
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+def _pipe() -> tuple[int, int]:
+    """A pipe whose ends are not 0, 1 or 2 (a closed stdin/stdout would hand those out,
+    and a child's dup2 onto the same number would keep it close-on-exec)."""
+    r, w = os.pipe()
+    if r > 2 and w > 2:
+        return r, w
+    import fcntl
+
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in (r, w)]
+    os.close(r)
+    os.close(w)
+    return moved[0], moved[1]
+
+
+class GitProcess:
+    """A running `git ARGS` in `cwd` (stdout and stderr captured, `input` on stdin, else
+    stdin inherited); `wait()` collects it. Started with os.posix_spawnp: importing
+    subprocess costs more than the git process that `git tq run` starts first."""
+
+    def __init__(self, args: Sequence[str], cwd: str, *,
+                 env: Optional[Mapping[str, str]] = None,
+                 input: Optional[bytes] = None) -> None:
+        self.args = list(args)
+        self.input = input
+        if not os.path.isdir(cwd):  # as subprocess's chdir would fail
+            import errno
+
+            code = errno.ENOENT if not os.path.lexists(cwd) else errno.ENOTDIR
+            raise (FileNotFoundError if code == errno.ENOENT else NotADirectoryError)(
+                code, os.strerror(code), cwd)
+        self.out_r, out_w = _pipe()
+        self.err_r, err_w = _pipe()
+        in_r, self.in_w = _pipe() if input is not None else (-1, -1)
+        actions = [(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+        if input is not None:
+            actions.append((os.POSIX_SPAWN_DUP2, in_r, 0))
+        # `git -C DIR` is git's own chdir (posix_spawn has none); SIGPIPE and SIGXFSZ,
+        # which Python ignores, are given back their default action as subprocess does.
+        signals = _signals()
+        try:
+            self.pid = os.posix_spawnp(
+                "git", ["git", "-C", cwd, *self.args],
+                os.environ if env is None else env, file_actions=actions,
+                setsigdef=(signals.SIGPIPE, signals.SIGXFSZ))
+        except BaseException:
+            for fd in (self.out_r, self.err_r, self.in_w):
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        finally:
+            for fd in (out_w, err_w, in_r):
+                if fd >= 0:
+                    os.close(fd)
+
+    def wait(self, check: bool = True) -> GitResult:
+        """Feed the input, read both outputs to the end, reap the process; GitFailed
+        (git's own message) on a non-zero exit if `check`."""
+        import select
+
+        chunks: dict[int, list[bytes]] = {self.out_r: [], self.err_r: []}
+        data = memoryview(self.input or b"")
+        pos = 0
+        poller = select.poll()
+        poller.register(self.out_r, select.POLLIN)
+        poller.register(self.err_r, select.POLLIN)
+        if self.in_w >= 0:
+            if data:
+                os.set_blocking(self.in_w, False)
+                poller.register(self.in_w, select.POLLOUT)
+            else:
+                os.close(self.in_w)
+                self.in_w = -1
+        try:
+            while self.out_r >= 0 or self.err_r >= 0 or self.in_w >= 0:
+                for fd, _ in poller.poll():
+                    if fd == self.in_w:
+                        try:
+                            pos += os.write(fd, data[pos:pos + 65536])
+                        except BlockingIOError:
+                            continue
+                        except BrokenPipeError:  # git stopped reading: its exit says why
+                            pos = len(data)
+                        if pos >= len(data):
+                            poller.unregister(fd)
+                            os.close(fd)
+                            self.in_w = -1
+                        continue
+                    chunk = os.read(fd, 65536)
+                    if chunk:
+                        chunks[fd].append(chunk)
+                        continue
+                    poller.unregister(fd)
+                    os.close(fd)
+                    if fd == self.out_r:
+                        self.out_r = -1
+                    else:
+                        self.err_r = -1
+            status = os.waitpid(self.pid, 0)[1]
+        except BaseException:  # Ctrl-C: do not leave git running (subprocess.run kills too)
+            self.kill()
+            raise
+        outputs = list(chunks.values())
+        result = GitResult(self.args, os.waitstatus_to_exitcode(status),
+                           b"".join(outputs[0]), b"".join(outputs[1]))
+        if check and result.returncode != 0:
+            raise GitFailed(_git_message(self.args, result.stderr))
+        return result
+
+    def kill(self) -> None:
+        """Stop the process, reap it and close our ends of its pipes."""
+        try:
+            os.kill(self.pid, _signals().SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        for fd in (self.out_r, self.err_r, self.in_w):
+            if fd >= 0:
+                os.close(fd)
+        self.out_r = self.err_r = self.in_w = -1
+
+
+def _signals() -> Any:
+    # The C module: `signal` itself builds enums at import (a few ms on the submit path).
+    return __import__("_signal")
+
+
 def run_git(
     args: Sequence[str],
     cwd: str,
@@ -68,18 +211,9 @@ def run_git(
     env: Optional[Mapping[str, str]] = None,
     input: Optional[bytes] = None,
     check: bool = True,
-) -> subprocess.CompletedProcess[bytes]:
+) -> GitResult:
     """Run `git ARGS` in `cwd`, capturing output; raise GitFailed on failure if `check`."""
-    proc = subprocess.run(
-        ["git", *args],
-        cwd=cwd,
-        env=dict(env) if env is not None else None,
-        input=input,
-        capture_output=True,
-    )
-    if check and proc.returncode != 0:
-        raise GitFailed(_git_message(args, proc.stderr))
-    return proc
+    return GitProcess(args, cwd, env=env, input=input).wait(check)
 
 
 def registered_worktree(common_dir: str, path: str) -> Optional[str]:
@@ -122,6 +256,7 @@ def remove_worktree(common_dir: str, path: str) -> str:
     followed; a foreign directory is left alone ("left"); "absent" if nothing is
     there. Then `git worktree prune` unregisters worktrees that are gone.
     """
+    import contextlib
     import shutil
 
     outcome = "absent"
@@ -154,18 +289,58 @@ def _git_message(args: Sequence[str], stderr: bytes) -> str:
     return f"git {args[0]}: {msg}"
 
 
-@dataclass(frozen=True)
-class Repo:
+class FrozenValue:
+    """The part of a frozen dataclass that this package's values on the submit path
+    need: set once in __init__ (`_set`), compared, hashed and shown by their
+    __slots__. Written out because `dataclasses` costs ~10 ms to import there."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _set(self, **fields: object) -> None:
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FrozenValue) and other.__class__ is self.__class__ and \
+            self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({shown})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+
+class Repo(FrozenValue):
     """A located repository: where its work tree, git dirs and index are."""
 
+    __slots__ = ("toplevel", "git_dir", "common_dir", "prefix", "index_path", "head",
+                 "object_format", "inside_git_dir")
     toplevel: Optional[str]  # None for a bare repository
     git_dir: str  # this worktree's git dir
     common_dir: str  # shared by all worktrees: refs, objects, tq/logs
     prefix: str  # cwd relative to toplevel, '' at the top, '/'-separated
     index_path: str
-    head: Optional[str] = None  # the commit HEAD pointed at when the repository was located
-    object_format: str = "sha1"  # or "sha256"
-    inside_git_dir: bool = False  # located from inside its .git directory
+    head: Optional[str]  # the commit HEAD pointed at when the repository was located
+    object_format: str  # "sha1" or "sha256"
+    inside_git_dir: bool  # located from inside its .git directory
+
+    def __init__(self, toplevel: Optional[str], git_dir: str, common_dir: str, prefix: str,
+                 index_path: str, head: Optional[str] = None, object_format: str = "sha1",
+                 inside_git_dir: bool = False) -> None:
+        self._set(toplevel=toplevel, git_dir=git_dir, common_dir=common_dir, prefix=prefix,
+                  index_path=index_path, head=head, object_format=object_format,
+                  inside_git_dir=inside_git_dir)
 
     @property
     def cwd(self) -> str:
@@ -178,7 +353,7 @@ class Repo:
         env: Optional[Mapping[str, str]] = None,
         input: Optional[bytes] = None,
         check: bool = True,
-    ) -> subprocess.CompletedProcess[bytes]:
+    ) -> GitResult:
         if self.toplevel is None:
             # Name the git dir: no discovery, so no "dubious ownership" refusal of a
             # repository the user's git accepts (safe.directory names its work tree).
@@ -242,27 +417,106 @@ class Repo:
         """Settings whose names match `pattern` (repository over global over system),
         keys lowercased; one git process whatever their number."""
         p = self.git("config", "-z", "--get-regexp", pattern, check=False)
-        result: dict[str, str] = {}
-        for item in p.stdout.decode(errors="replace").split("\0"):
-            if item:
-                key, _, value = item.partition("\n")
-                result[key.lower()] = value
-        return result
+        return {key: value or "" for key, value in _config_items(p.stdout)}
+
+
+SETTINGS = r"^(tq|user)\."  # what a command's context reads: the tq settings and the identity
+
+
+def _config_items(out: bytes) -> list[tuple[str, Optional[str]]]:
+    """`git config -z --get-regexp` output as (lowercased key, value) in git's order;
+    value None for a key written without `=` (a boolean true)."""
+    items: list[tuple[str, Optional[str]]] = []
+    for item in out.decode(errors="replace").split("\0"):
+        if item:
+            key, nl, value = item.partition("\n")
+            items.append((key.lower(), value if nl else None))
+    return items
+
+
+def config_bool(value: Optional[str]) -> bool:
+    """A setting's truth as `git config --bool` gives it (None: written without `=`)."""
+    if value is None:
+        return True
+    text = value.strip().lower()
+    if text in ("true", "yes", "on"):
+        return True
+    number = text[:-1] if text[-1:] in ("k", "m", "g") else text
+    try:
+        return int(number) != 0
+    except ValueError:
+        return False
+
+
+class Located:
+    """What one discovery found: the repository, its context settings (SETTINGS) and
+    whether core.sparseCheckout is on, from one `git rev-parse` and one `git config`
+    run side by side."""
+
+    __slots__ = ("repo", "config", "sparse")
+
+    def __init__(self, repo: Repo, config: dict[str, str], sparse: bool) -> None:
+        self.repo = repo
+        self.config = config
+        self.sparse = sparse
+
+
+class Locating:
+    """`locate` begun: its two git processes (discovery and settings) started at once,
+    `finish()` waits for them. `git tq run` starts them before any other import."""
+
+    def __init__(self, cwd: str) -> None:
+        _check_path(cwd)
+        self.cwd = cwd
+        self.settings = GitProcess(["config", "-z", "--get-regexp",
+                                    SETTINGS + r"|^core\.sparsecheckout$"], cwd)
+        try:
+            self.discovery = GitProcess(_DISCOVERY, cwd)
+        except BaseException:
+            self.settings.kill()
+            raise
+
+    def finish(self) -> Located:
+        """What was found; NotARepository as `discover` raises it."""
+        try:
+            repo = _discovered(self.cwd, self.discovery.wait(check=False))
+        finally:
+            out = self.settings.wait(check=False).stdout
+        settings: dict[str, str] = {}
+        sparse = False
+        for key, value in _config_items(out):
+            if key == "core.sparsecheckout":
+                sparse = config_bool(value)
+            else:
+                settings[key] = value or ""
+        return Located(repo, settings, sparse)
+
+
+def locate(cwd: Optional[str] = None) -> Located:
+    """`discover(cwd)` and the repository's settings at once (two git processes started
+    together); NotARepository as discover raises it."""
+    return Locating(cwd or os.getcwd()).finish()
+
+
+def _check_path(cwd: str) -> None:
+    if "\n" in cwd:
+        raise NotARepository(f"the path {cwd!r} contains a newline: git tq cannot work there "
+                             "(git's plumbing output is line-based); move the repository")
+
+
+_DISCOVERY = ["rev-parse", "--show-object-format", "--is-inside-git-dir",
+              "--is-bare-repository", "--absolute-git-dir", "--git-common-dir", "--git-path",
+              "index", "--show-prefix", "--show-toplevel", "--verify", "-q", "HEAD"]
 
 
 def discover(cwd: Optional[str] = None) -> Repo:
     """Locate the repository containing `cwd` (default: the current directory)."""
     cwd = cwd or os.getcwd()
-    if "\n" in cwd:
-        raise NotARepository(f"the path {cwd!r} contains a newline: git tq cannot work there "
-                             "(git's plumbing output is line-based); move the repository")
-    p = run_git(
-        ["rev-parse", "--show-object-format", "--is-inside-git-dir", "--is-bare-repository",
-         "--absolute-git-dir", "--git-common-dir", "--git-path", "index", "--show-prefix",
-         "--show-toplevel", "--verify", "-q", "HEAD"],
-        cwd,
-        check=False,
-    )
+    _check_path(cwd)
+    return _discovered(cwd, run_git(_DISCOVERY, cwd, check=False))
+
+
+def _discovered(cwd: str, p: GitResult) -> Repo:
     lines = p.stdout.decode(errors="surrogateescape").split("\n")
     if len(lines) < 6 or not lines[3]:
         reason = _git_message(["rev-parse"], p.stderr)[len("git rev-parse: "):]

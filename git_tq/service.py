@@ -26,7 +26,7 @@ from git_tq.errors import (
     TqError,
     UsageError,
 )
-from git_tq.gitrepo import Repo, discover, run_git, without_repo_vars
+from git_tq.gitrepo import SETTINGS, Repo, locate, run_git, without_repo_vars
 from git_tq.home import Home, default_home
 from git_tq.lifecycle import apply_event, now_iso
 from git_tq.localjobs import FETCHED, LOCAL, TAMPERED, LedgerEntry, LocalJobs, LocalSpec
@@ -42,6 +42,7 @@ from git_tq.model import (
     State,
 )
 from git_tq.snapshot import Snapshot, nested_in_tree, take_snapshot
+from git_tq.snapshot import located as early_location
 from git_tq.store import JobStore, Unreadable, identity_env, pending_in_queue_order
 
 if TYPE_CHECKING:
@@ -74,8 +75,10 @@ class Context:
     def open(cls, cwd: Optional[str] = None, environ: Optional[Mapping[str, str]] = None) \
             -> Context:
         environ = os.environ if environ is None else environ
-        repo = discover(cwd)
-        config = repo.config(r"^(tq|user)\.")  # the tq settings and the identity
+        # One `git rev-parse` and one `git config` (the tq settings and the identity), side
+        # by side; `git tq run` had them run by its head start before click was imported.
+        found = early_location(cwd) or locate(cwd)
+        repo, config = found.repo, found.config
         home = Home(default_home(config, environ))
         store = JobStore(repo, identity_env(config, without_repo_vars(environ)),
                          LocalJobs(home.path, repo.common_dir))
@@ -87,7 +90,7 @@ class Context:
         for reading its jobs, as the daemon does)."""
         repo = Repo(toplevel=None, git_dir=common, common_dir=common, prefix="",
                     index_path=os.path.join(common, "index"))
-        config = repo.config(r"^(tq|user)\.")
+        config = repo.config(SETTINGS)
         store = JobStore(repo, identity_env(config, without_repo_vars(os.environ)),
                          LocalJobs(home.path, common))
         return cls(repo, config, store, home)

@@ -9,17 +9,23 @@ not read again: the cost grows with the number of changed files.
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import os
-import re
-import threading
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Optional
+import sys
 
 from git_tq.errors import TqError
-from git_tq.gitrepo import Repo, discover
-from git_tq.model import ChangeSummary
+from git_tq.gitrepo import FrozenValue, GitProcess, Located, Locating, Repo, discover
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING: typing costs ~5 ms to import)
+if TYPE_CHECKING:
+    import re
+    from collections.abc import Mapping
+    from typing import Optional
+
+    from git_tq.model import ChangeSummary
+
+# `git tq run` imports this module before its first git process (entry.py): nothing
+# heavy at import (no threading, subprocess, dataclasses, re or the record model).
 
 EMPTY_TREES = {  # the empty tree of each object format, by the length of its ids
     40: "4b825dc642cb6eb9a060e54bf8d69288fbee4904",
@@ -32,50 +38,78 @@ def empty_tree(like: str) -> str:
     return EMPTY_TREES[len(like)]
 
 
-@dataclass(frozen=True)
-class NestedSnapshot:
+class NestedSnapshot(FrozenValue):
     """A submodule or nested repository captured with the job: the commit (in that
     repository) whose tree is its content on disk, uncommitted changes included."""
 
+    __slots__ = ("path", "git_dir", "commit")
     path: str  # relative to the outer repository's top level, '/'-separated
     git_dir: str  # the nested repository's common git dir, which holds the commit
     commit: str
 
+    def __init__(self, path: str, git_dir: str, commit: str) -> None:
+        self._set(path=path, git_dir=git_dir, commit=commit)
 
-@dataclass(frozen=True)
-class Snapshot:
+
+class Snapshot(FrozenValue):
+    __slots__ = ("tree", "source", "changes", "warnings", "nested", "outside_cone")
     tree: str
     source: Optional[str]  # HEAD's commit, None on an unborn branch
     changes: ChangeSummary  # against the source commit
-    warnings: tuple[str, ...] = ()  # one line each, for the user
-    nested: tuple[NestedSnapshot, ...] = ()  # submodules and nested repositories, outer first
-    outside_cone: tuple[str, ...] = ()  # files on disk outside a sparse checkout's cone
+    warnings: tuple[str, ...]  # one line each, for the user
+    nested: tuple[NestedSnapshot, ...]  # submodules and nested repositories, outer first
+    outside_cone: tuple[str, ...]  # files on disk outside a sparse checkout's cone
+
+    def __init__(self, tree: str, source: Optional[str], changes: ChangeSummary,
+                 warnings: tuple[str, ...] = (), nested: tuple[NestedSnapshot, ...] = (),
+                 outside_cone: tuple[str, ...] = ()) -> None:
+        self._set(tree=tree, source=source, changes=changes, warnings=warnings, nested=nested,
+                  outside_cone=outside_cone)
 
 
 class _HeadStart:
-    """A snapshot computed in a background thread while the CLI is still importing."""
+    """Discovery, settings and snapshot computed in a background thread while the CLI
+    is still importing.
 
-    def __init__(self, repo: Repo) -> None:
-        self.repo = repo
+    A raw `_thread` (threading costs milliseconds to import) with locks as completion
+    flags, which a Ctrl-C cannot leave half-set (CPython gh-90882 for Thread.join).
+    It is not joined by the interpreter at exit, so `abandon` is registered with
+    atexit: every exit waits for it to remove its temporary index.
+    """
+
+    def __init__(self, locating: Locating) -> None:
+        self.cwd = locating.cwd
+        self.locating = locating  # its git processes already run
+        self.located: Optional[Located] = None
         self.result: Optional[Snapshot] = None
         self.error: Optional[BaseException] = None
-        # Our own completion flag: a Thread.join() interrupted by Ctrl-C can leave the
-        # thread marked as stopped while it still runs (CPython gh-90882).
-        self.done = threading.Event()
-        # Not a daemon thread: an early exit still waits for it to remove its temp index.
-        self.thread = threading.Thread(target=self._run, name="tq-snapshot")
-        self.thread.start()
+        self.found = _thread.allocate_lock()  # held until discovery is over
+        self.running = _thread.allocate_lock()  # held until everything is over
+        self.found.acquire()
+        self.running.acquire()
+        _thread.start_new_thread(self._run, ())
 
     def _run(self) -> None:
         try:
-            self.result = _compute(self.repo)
-        except BaseException as exc:  # handed to whoever joins
+            try:
+                self.located = self.locating.finish()
+            finally:
+                self.found.release()
+            if self.located.repo.toplevel is not None:
+                self.result = _compute(self.located.repo, sparse=self.located.sparse)
+        except BaseException as exc:  # handed to whoever collects it
             self.error = exc
         finally:
-            self.done.set()
+            self.running.release()
+
+    def wait(self, lock: _thread.LockType, timeout: float = -1) -> bool:
+        if not lock.acquire(timeout=timeout):
+            return False
+        lock.release()
+        return True
 
     def join(self) -> Snapshot:
-        self.done.wait()
+        self.wait(self.running)
         if self.error is not None:
             raise self.error
         assert self.result is not None
@@ -83,52 +117,79 @@ class _HeadStart:
 
 
 _head_start: Optional[_HeadStart] = None
+_SWITCH_INTERVAL = 0.0005  # while a head start runs (Python's default is 0.005 s)
 
 
 def start_early(cwd: Optional[str] = None) -> None:
-    """Begin snapshotting the work tree at `cwd` now, in the background.
+    """Begin locating the repository at `cwd`, reading its settings and snapshotting
+    its work tree now, in the background.
 
     `git tq run` calls this before importing click and the service layers, so
-    git's work (~100 ms on 20,000 files) overlaps Python's (~90 ms). The next
-    `take_snapshot` of the same repository collects it. Failures are left for
-    the command itself to find and report.
+    git's work overlaps Python's. `located` hands the discovery to the command's
+    context (no second rev-parse or config), the next `take_snapshot` of the same
+    repository collects the snapshot. Failures are left for the command itself to
+    find and report. While it runs, the main thread gives up the interpreter lock
+    after 0.5 ms instead of 5 when this thread wants it back to start the next git
+    process.
     """
     global _head_start
+    import atexit
+
     try:
-        repo = discover(cwd)
-    except TqError:
+        locating = Locating(cwd or os.getcwd())  # the first git processes start here
+    except (TqError, OSError):
         return
-    if repo.toplevel is not None:
-        _head_start = _HeadStart(repo)
+    _head_start = _HeadStart(locating)
+    sys.setswitchinterval(_SWITCH_INTERVAL)
+    atexit.register(abandon)
+
+
+def located(cwd: Optional[str] = None) -> Optional[Located]:
+    """The head start's discovery and settings if it located the repository at `cwd`
+    (default: the current directory); None when there was none or it failed (the
+    caller then locates it itself and reports the failure)."""
+    early = _head_start
+    if early is None or early.cwd != (cwd or os.getcwd()):
+        return None
+    early.wait(early.found)  # one rev-parse and one config: milliseconds
+    return early.located
 
 
 def abandon() -> None:
-    """On Ctrl-C: let a head start finish and remove its temporary index (its git
-    processes got the same SIGINT), rather than exit while it still writes one."""
+    """On Ctrl-C or exit: let a head start finish and remove its temporary index (its
+    git processes got the same SIGINT), rather than exit while it still writes one."""
     global _head_start
     early, _head_start = _head_start, None
     if early is None:
         return
+    _done()
     while True:
         try:
-            early.done.wait(timeout=30)
-            return
+            if early.wait(early.running, timeout=30):
+                return
         except KeyboardInterrupt:
             continue  # a second Ctrl-C: still let it clean up
 
 
-def take_snapshot(repo: Repo) -> Snapshot:
-    """The snapshot of `repo`'s work tree (collecting a head start if one was made)."""
+def _done() -> None:
+    sys.setswitchinterval(0.005)
+
+
+def take_snapshot(repo: Repo, sparse: Optional[bool] = None) -> Snapshot:
+    """The snapshot of `repo`'s work tree (collecting a head start if one was made).
+    `sparse`: whether core.sparseCheckout is on, if the caller knows."""
     global _head_start
     early = _head_start
     if early is not None:
-        if early.repo == repo:
+        if early.located is not None and early.located.repo == repo:
             snap = early.join()  # still findable by abandon() if Ctrl-C comes meanwhile
             _head_start = None
+            _done()
             return snap
-        early.done.wait()  # a different repository: discard it
+        early.wait(early.running)  # a different repository: discard it
         _head_start = None
-    return _compute(repo)
+        _done()
+    return _compute(repo, sparse=sparse)
 
 
 # Internal plumbing runs none of the repository's hooks (post-index-change would fire
@@ -159,11 +220,13 @@ def _sweep_leftovers(folder: str) -> None:
             pass
         except PermissionError:
             continue
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - contextlib is not imported on the submit path
             os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass
 
 
-def _compute(repo: Repo, depth: int = 0) -> Snapshot:
+def _compute(repo: Repo, depth: int = 0, sparse: Optional[bool] = None) -> Snapshot:
     toplevel = repo.require_worktree("taking a snapshot")
     source = repo.head
     _sweep_leftovers(os.path.dirname(repo.index_path))
@@ -179,8 +242,14 @@ def _compute(repo: Repo, depth: int = 0) -> Snapshot:
         except PermissionError:
             raise TqError(f"cannot write in {os.path.dirname(repo.index_path)}: permission "
                           "denied (git tq needs write access to the repository)") from None
-        unmerged = _unmerged(repo, env)
-        p = repo.git(*PLUMBING, "add", "-A", "--sparse", env=env, check=False)
+        # Conflicts are listed from the user's index (the same entries as the copy's)
+        # while git add works on the copy, not before it.
+        listing = GitProcess(["ls-files", "-u", "-z"], toplevel,
+                             env=dict(os.environ, GIT_INDEX_FILE=repo.index_path))
+        try:
+            p = repo.git(*PLUMBING, "add", "-A", "--sparse", env=env, check=False)
+        finally:
+            unmerged = _unmerged(listing)
         if p.returncode != 0:
             raise TqError("snapshot failed: git add: " + _first_problem(p.stderr))
         warnings += _git_warnings(p.stderr)
@@ -190,7 +259,7 @@ def _compute(repo: Repo, depth: int = 0) -> Snapshot:
             warnings.append(f"{len(unmerged)} file{'s have' if len(unmerged) > 1 else ' has'} "
                             f"unresolved merge conflicts ({shown}): the job gets "
                             f"{'them' if len(unmerged) > 1 else 'it'} with the conflict markers")
-        gitlinks = _gitlinks(repo, env)
+        gitlinks = _gitlinks(repo, env) if _may_hold_gitlinks(tmp_index) else []
         for path, recorded in gitlinks:
             captured = _capture_nested(repo, toplevel, path, recorded, depth, warnings)
             if captured is None:
@@ -202,7 +271,7 @@ def _compute(repo: Repo, depth: int = 0) -> Snapshot:
             if inner_commit != recorded:
                 repo.git(*PLUMBING, "update-index", "--cacheinfo",
                          f"160000,{inner_commit},{path}", env=env)
-        outside = _outside_cone(repo, env)
+        outside = _outside_cone(repo, env, sparse)
         tree = repo.out(*PLUMBING, "write-tree", env=env)
     finally:
         for path in (tmp_index, tmp_index + ".lock"):
@@ -239,9 +308,6 @@ def _first_problem(stderr: bytes) -> str:
     return lines[0] if lines else "failed"
 
 
-_PER_FILE = re.compile(r"in the working copy of '(.*)', (.*)")
-
-
 def _git_warnings(stderr: bytes) -> list[str]:
     """git's warnings (a failed clean filter, CRLF conversion, ...): one line each, and
     one line for a warning that git repeats for many files."""
@@ -252,7 +318,7 @@ def _git_warnings(stderr: bytes) -> list[str]:
         if not ln.startswith(("warning:", "error:")) or "embedded git repository" in ln:
             continue
         kind, _, text = ln.partition(": ")
-        m = _PER_FILE.match(text)
+        m = _per_file().match(text)
         if m:
             per_file.setdefault(m.group(2), []).append(m.group(1))
             continue
@@ -265,8 +331,14 @@ def _git_warnings(stderr: bytes) -> list[str]:
     return seen
 
 
-def _unmerged(repo: Repo, env: dict[str, str]) -> list[str]:
-    out = repo.git("ls-files", "-u", "-z", env=env).stdout.decode(errors="surrogateescape")
+def _per_file() -> re.Pattern[str]:
+    import re
+
+    return re.compile(r"in the working copy of '(.*)', (.*)")  # (re caches it)
+
+
+def _unmerged(listing: GitProcess) -> list[str]:
+    out = listing.wait().stdout.decode(errors="surrogateescape")
     paths = []
     for entry in out.split("\0"):
         if "\t" in entry:
@@ -274,6 +346,25 @@ def _unmerged(repo: Repo, env: dict[str, str]) -> list[str]:
             if path not in paths:
                 paths.append(path)
     return paths
+
+
+def _may_hold_gitlinks(index: str) -> bool:
+    """False when the index file certainly records no gitlink, so that `git ls-files
+    -s` (every entry: 10 ms on 20,000 files) is run only where there may be one.
+
+    Every index entry stores its mode as 4 big-endian bytes at a fixed place in the
+    entry (index versions 2 to 4, either object format), and a gitlink's mode
+    0160000 is 00 00 e0 00: a file without those bytes has none. Other bytes can
+    match too (that only costs the listing). A split index (its `link` extension:
+    entries live in the shared index) or a sparse index (`sdir`: a folder entry
+    stands for the entries under it) is always listed.
+    """
+    try:
+        with open(index, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return False
+    return b"\x00\x00\xe0\x00" in data or b"link" in data or b"sdir" in data
 
 
 def _gitlinks(repo: Repo, env: dict[str, str]) -> list[tuple[str, str]]:
@@ -333,13 +424,16 @@ def _identity(base: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def _outside_cone(repo: Repo, env: dict[str, str]) -> tuple[str, ...]:
+def _outside_cone(repo: Repo, env: dict[str, str], sparse: Optional[bool]) -> tuple[str, ...]:
     """In a sparse checkout: every file the user has on disk (git clears the
     skip-worktree bit of files present on disk). The job's worktree starts with
     the same sparsity; the daemon checks out those of them it leaves out, so the
-    job sees every file the user had, and the rest stays sparse."""
-    p = repo.git("config", "--bool", "core.sparseCheckout", check=False)
-    if p.stdout.decode().strip() != "true":
+    job sees every file the user had, and the rest stays sparse. `sparse`: whether
+    core.sparseCheckout is on (None: ask git)."""
+    if sparse is None:
+        p = repo.git("config", "--bool", "core.sparseCheckout", check=False)
+        sparse = p.stdout.decode().strip() == "true"
+    if not sparse:
         return ()
     out = repo.git("ls-files", "-t", "-z", env=env).stdout.decode(errors="surrogateescape")
     return tuple(e[2:] for e in out.split("\0") if e and not e.startswith("S "))
@@ -355,6 +449,8 @@ def changes_between(repo: Repo, source: Optional[str], tree: str) -> ChangeSumma
         if status:
             key = status[0] if status[0] in counts else "M"
             counts[key] += 1
+    from git_tq.model import ChangeSummary  # after git's work: a head start imports it last
+
     return ChangeSummary(counts["M"], counts["A"], counts["D"])
 
 
