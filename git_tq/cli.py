@@ -290,58 +290,55 @@ def ls_cmd(show_all: bool, states: tuple[str, ...], tags: tuple[str, ...],
            metrics: tuple[str, ...], sort: Optional[str], as_json: bool) -> None:
     """List jobs: the active queue by default (alias: st)."""
     from git_tq import output, service
+    from git_tq import rows as cached
 
-    listed = service.list_queue(open_context(), include_finished=show_all, states=states,
-                                tags=tags, sort=sort, metrics=metrics or None)
-    views = listed.views
-    if listed.unreadable and (as_json or not show_all):
-        click.echo(f"git tq: {len(listed.unreadable)} job record"
-                   f"{'s are' if len(listed.unreadable) > 1 else ' is'} unreadable "
+    ctx = open_context()
+    if sort is not None:
+        listed = service.list_queue(ctx, include_finished=show_all, states=states,
+                                    tags=tags, sort=sort, metrics=metrics or None)
+        jobs: list[Any] = [cached.from_view(v) for v in listed.views]
+        unreadable, shown = listed.unreadable, listed.metrics
+    else:
+        wanted = service.parse_states(states)
+        got = cached.every(ctx, text=not as_json) if show_all or wanted else cached.active(ctx)
+        jobs = [r for r in got.rows if (r.state in wanted if wanted else
+                                        show_all or r.state in cached.ACTIVE)
+                and (not tags or r.tag in tags)]
+        if not show_all and not wanted:  # the queue: running, then pending by priority
+            jobs = [r for r in jobs if r.state in ("running", "stopping")] + sorted(
+                (r for r in jobs if r.state == "pending"), key=lambda r: (r.priority, r.id))
+        unreadable = got.unreadable
+        shown = service.metric_columns(ctx, jobs, metrics or None)
+    if unreadable and (as_json or not show_all):
+        click.echo(f"git tq: {len(unreadable)} job record"
+                   f"{'s are' if len(unreadable) > 1 else ' is'} unreadable "
                    "(git tq ls --all lists them; git tq doctor explains)", err=True)
     if as_json:
-        output.print_json([v.to_json() for v in views])
+        output.print_json_text(cached.json_text(jobs))
         return
-    if not views and not (show_all and listed.unreadable):
+    if not jobs and not (show_all and unreadable):
         output.echo("no jobs" if show_all or states or tags else
                     "no active jobs (git tq ls --all shows finished ones)")
         return
     rows, styles = [], []
-    with_params = any(v.job.spec.params for v in views)
-    metric_text, shown = output.metric_text, listed.metrics
-    for v in views:
-        j = v.job
-        if j.state.value in ("running", "stopping"):
-            when = output.since(j.started_at)
-        elif j.state.finished:
-            when = output.since(j.started_at, j.ended_at) if j.started_at else "-"
-        else:
-            when = output.since(j.spec.submitted_at) + " ago"
-        state = j.state.value
-        if j.state.value == "failed":  # (3), (sig 9), (not started), (lost)
-            state += f" ({j.exit_status})" if j.exit_status is not None else \
-                f" (sig {j.signal})" if j.signal is not None else f" ({j.outcome})"
-        if v.trust != "local":
-            state = f"{v.trust}: {state}"  # not ours: never run, never written
-        gpus = ",".join(map(str, j.assigned_gpus)) if j.assigned_gpus else \
-            j.spec.gpus.describe()
-        params = [output.shorten(" ".join(f"{k}={x}" for k, x in j.spec.params), 40)] \
-            if with_params else []
-        metric = dict(j.metrics) if shown else {}
-        rows.append([str(j.id), state, "" if v.pid is None else str(v.pid),
-                     str(j.spec.priority), gpus, j.spec.tag or "", *params,
-                     output.shorten(j.spec.command_line(), 60), when,
-                     *[metric_text(metric.get(name), 16) for name in shown],
-                     output.shorten(v.note or "", 40)])
-        styles.append(output.STATE_STYLES.get(j.state.value) if v.trust == "local" else "dim")
+    with_params = any(r.params for r in jobs)
+    metric_text = output.metric_text
+    for r in jobs:
+        c = r.cells  # ID STATE PRI GPUS TAG PARAMS COMMAND TIME NOTE, already visible
+        metric = dict(r.metrics) if shown else {}
+        rows.append([c[0], c[1], "" if r.pid is None else str(r.pid), c[2], c[3], c[4],
+                     *([c[5]] if with_params else []), c[6], c[7],
+                     *[metric_text(metric.get(name), 16) for name in shown], c[8]])
+        styles.append(output.STATE_STYLES.get(r.state) if r.trust == "local" else "dim")
     headers = ["ID", "STATE", "PID", "PRI", "GPUS", "TAG", *(["PARAMS"] if with_params else []),
-               "COMMAND", "TIME", *listed.metrics, "NOTE"]
+               "COMMAND", "TIME", *shown, "NOTE"]
     if show_all:
-        for u in listed.unreadable:
+        for u in unreadable:
             rows.append([u.name, f"(unreadable: {u.reason})"] + [""] * (len(headers) - 2))
             styles.append("red")
     first_metric = headers.index("TIME") + 1
     output.print_table(headers, rows, styles,
-                       right=range(first_metric, first_metric + len(listed.metrics)))
+                       right=range(first_metric, first_metric + len(shown)))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -443,20 +440,34 @@ def show(job: str, as_json: bool) -> None:
 def log_cmd(revisions: tuple[str, ...], metrics: tuple[str, ...], as_json: bool) -> None:
     """History with the jobs run on each commit (commits without jobs are folded)."""
     from git_tq import output, service
+    from git_tq import rows as cached
 
     tq_ctx = open_context()
-    entries = service.history(tq_ctx, revisions)
+    got = cached.every(tq_ctx, json=as_json)
+    by_source: dict[Optional[str], list[cached.Row]] = {}
+    for r in got.rows:
+        by_source.setdefault(r.source, []).append(r)
+    entries = [(commit, short, subject, when, by_source.get(commit, []))
+               for commit, short, subject, when in service.history_commits(tq_ctx, revisions)]
+    if not revisions and None in by_source:
+        entries.append((None, "(unborn)", "jobs submitted before the first commit", "",  # type: ignore[arg-type]
+                        by_source[None]))
     if as_json:
-        output.print_json([
-            {"commit": en.commit, "subject": en.subject, "jobs": [v.to_json() for v in en.jobs]}
-            for en in entries
-        ])
+        output.print_json_text("[" + ", ".join(
+            output.json_text({"commit": commit, "subject": subject})[:-1]
+            + ', "jobs": ' + cached.json_text(jobs) + "}"
+            for commit, _, subject, _, jobs in entries) + "]")
         return
     e = output.esc
     lines: list[str] = []
     folded = 0
-    shown = service.metric_columns(tq_ctx, [v.job for en in entries for v in en.jobs],
+    shown = service.metric_columns(tq_ctx, [r for en in entries for r in en[4]],
                                    metrics or None)
+    tty = output.is_tty()
+    plain = not tty or bool(os.environ.get("NO_COLOR"))
+
+    def styled(text: str, style: str) -> str:
+        return text if plain else output.styled(text, style)
 
     def flush() -> None:
         nonlocal folded
@@ -465,35 +476,31 @@ def log_cmd(revisions: tuple[str, ...], metrics: tuple[str, ...], as_json: bool)
                                        "without jobs", "dim"))
             folded = 0
 
-    for en in entries:
-        if not en.jobs:
+    for _commit, short, subject, when, jobs in entries:
+        if not jobs:
             folded += 1
             continue
         flush()
-        lines.append(f"{output.styled(e(en.short), 'yellow')} {e(en.subject)}"
-                     + (output.styled(f" ({e(en.when)})", "dim") if en.when else ""))
-        for v in sorted(en.jobs, key=lambda v: v.job.id):
-            j = v.job
-            status = j.state.value
-            if j.state.active:  # a preempted attempt's exit is in `show`'s stops
-                pass
-            elif j.outcome:  # exit 3, signal 9, (not started), (lost)
-                status += f" {j.outcome}" if j.outcome[-1].isdigit() else f" ({j.outcome})"
-            runtime = output.since(j.started_at, j.ended_at) if j.started_at else "-"
-            bits = [f"  #{j.id:<5}", output.styled(f"{status:<14}",
-                                                   output.STATE_STYLES[j.state.value]),
+        lines.append(f"{output.styled(e(short), 'yellow')} {e(subject)}"
+                     + (output.styled(f" ({e(when)})", "dim") if when else ""))
+        for r in sorted(jobs, key=lambda r: r.id):
+            status, runtime, tag, command, changes, note = r.line  # already visible
+            if tty:
+                tag, command, note = e(tag), e(command), e(note)
+            bits = [f"  #{r.id:<5}", styled(f"{status:<14}", output.STATE_STYLES[r.state]),
                     f"{runtime:>8}"]
-            if j.spec.tag:
-                bits.append(output.styled(f"[{e(j.spec.tag)}]", "blue"))
-            bits.append(e(output.shorten(j.spec.command_line(), 50)))
-            values = dict(j.metrics)
-            bits.extend(output.styled(f"{e(name)}={e(output.metric_text(values[name], 16))}",
-                                      "bold")
-                        for name in shown if name in values)
-            if j.changes.total:
-                bits.append(output.styled(f"(+{j.changes.total} files differ)", "magenta"))
-            if v.note:
-                bits.append(output.styled("— " + e(output.shorten(v.note, 60)), "cyan"))
+            if tag:
+                bits.append(styled(f"[{tag}]", "blue"))
+            bits.append(command)
+            if r.metrics and shown:
+                values = dict(r.metrics)
+                bits.extend(styled(f"{e(name)}={e(output.metric_text(values[name], 16))}",
+                                   "bold")
+                            for name in shown if name in values)
+            if changes:
+                bits.append(styled(changes, "magenta"))
+            if note:
+                bits.append(styled("— " + note, "cyan"))
             lines.append(" ".join(bits))
     flush()
     output.print_markup("\n".join(lines) if lines else "no commits")

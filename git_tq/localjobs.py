@@ -34,7 +34,7 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -119,6 +119,43 @@ class LocalSpec:
                    str(stop_target))
 
 
+LedgerMark = tuple[int, int, bytes]  # see LocalJobs.changes_since
+MARK_BYTES = 64
+
+
+def _read_from(fd: int, offset: int) -> bytes:
+    os.lseek(fd, offset, os.SEEK_SET)
+    chunks: list[bytes] = []
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _entry(m: re.Match[bytes]) -> Optional[LedgerEntry]:
+    if m.group(2) is None:
+        return None
+    sub, tip, nxt = m.group(2, 3, 4)
+    return LedgerEntry(sub.decode(), None if tip == b"-" else tip.decode(),
+                       None if nxt == b"-" else nxt.decode())
+
+
+def _parse(data: bytes, end: int) -> dict[int, Optional[LedgerEntry]]:
+    """The last entry of each job in the whole lines of data[:end] (None: forgotten).
+
+    One pass of the regular expression (lines that do not match, whatever they hold,
+    are skipped); each job's entry is built once, from its last line."""
+    last: dict[bytes, tuple[bytes, bytes, bytes]] = {}
+    for job_id, sub, tip, nxt in _LINES.findall(data, 0, end):
+        last[job_id] = (sub, tip, nxt)  # sub is b"" on a forget line
+    out: dict[int, Optional[LedgerEntry]] = {}
+    for job_id, (sub, tip, nxt) in last.items():
+        out[int(job_id)] = LedgerEntry(sub.decode(), None if tip == b"-" else tip.decode(),
+                                       None if nxt == b"-" else nxt.decode()) if sub else None
+    return out
+
+
 class LocalJobs:
     """One repository's private store and ledger in a tq home."""
 
@@ -176,33 +213,80 @@ class LocalJobs:
                 offset, known, lines = 0, {}, 0
             else:
                 known = dict(known)
-            os.lseek(fd, offset, os.SEEK_SET)
-            chunks = []
-            while True:
-                chunk = os.read(fd, 1 << 20)
-                if not chunk:
-                    break
-                chunks.append(chunk)
+            data = _read_from(fd, offset)
         finally:
             os.close(fd)
-        data = b"".join(chunks)
         end = data.rfind(b"\n") + 1  # a torn last line waits (or is ignored for ever)
         lines += data.count(b"\n", 0, end)
-        # One pass of the regular expression over the whole journal (lines that do not
-        # match, whatever they hold, are skipped): 10,000 jobs read in a few ms.
-        for m in _LINES.finditer(data, 0, end):
-            job_id = int(m.group(1))
-            if m.group(2) is None:
+        for job_id, entry in _parse(data, end).items():
+            if entry is None:
                 known.pop(job_id, None)
             else:
-                sub, tip, nxt = m.group(2, 3, 4)
-                known[job_id] = LedgerEntry(sub.decode(), None if tip == b"-" else tip.decode(),
-                                            None if nxt == b"-" else nxt.decode())
+                known[job_id] = entry
         self._cache = (st.st_ino, offset + end, known, lines)
         return dict(known)
 
     def entry(self, job_id: int) -> Optional[LedgerEntry]:
         return self.entries().get(job_id)
+
+    def changes_since(self, mark: Optional[LedgerMark]) \
+            -> tuple[LedgerMark, dict[int, Optional[LedgerEntry]], bool]:
+        """What changed since `mark` (from an earlier call): the mark now, the entries of
+        the jobs with lines appended since (None: forgotten), and whether those are all
+        the entries (the ledger was replaced or compacted meanwhile, or `mark` is None:
+        then every job may have changed). Reads only the appended bytes when it can.
+
+        A mark is (inode, length read, the bytes just before that length): the ledger
+        only grows between compactions, which replace the file (a new inode; the bytes
+        compared guard against an inode reused)."""
+        try:
+            fd = os.open(self.ledger_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return (0, 0, b""), {}, True
+        try:
+            st = os.fstat(fd)
+            start = 0
+            if mark is not None and mark[0] == st.st_ino and len(mark[2]) <= mark[1] <= st.st_size:
+                tail = mark[2]
+                if os.pread(fd, len(tail), mark[1] - len(tail)) == tail:
+                    start = mark[1]
+            data = _read_from(fd, start)
+        finally:
+            os.close(fd)
+        end = data.rfind(b"\n") + 1  # a torn last line waits
+        changes = _parse(data, end)
+        edge = start + end
+        if end >= MARK_BYTES or start == 0:
+            tail = data[max(end - MARK_BYTES, 0):end]
+        else:
+            tail = (mark[2] if mark else b"")[-(MARK_BYTES - end):] + data[:end]
+        return (st.st_ino, edge, tail), changes, start == 0
+
+    def entries_for(self, ids: Iterable[int]) -> dict[int, LedgerEntry]:
+        """The entries of a few jobs (as `entries`, which is faster for many): each id's
+        last complete line is searched from the end of the journal."""
+        try:
+            with open(self.ledger_path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return {}
+        end = data.rfind(b"\n") + 1
+        found: dict[int, LedgerEntry] = {}
+        for job_id in ids:
+            key = b"%d " % job_id
+            pos = end
+            while pos > 0:
+                at = data.rfind(b"\n" + key, 0, pos - 1) + 1
+                if at == 0 and not data.startswith(key):
+                    break
+                m = _LINES.match(data, at, end)
+                if m is not None and m.end() < end and data[m.end()] == 10:  # a whole line
+                    entry = _entry(m)
+                    if entry is not None:
+                        found[job_id] = entry
+                    break
+                pos = at  # not a valid line: the one before it counts
+        return found
 
     def trust(self, job_id: int, tip: str,
               entries: Optional[Mapping[int, LedgerEntry]] = None) -> str:

@@ -37,6 +37,20 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json_safe(json.dumps(data, indent=indent, ensure_ascii=False)) + "\n")
 
 
+def json_text(data: Any) -> str:
+    """Compact JSON as `print_json` writes it off a terminal (C1 and bidi escaped)."""
+    return json_safe(json.dumps(data, ensure_ascii=False))
+
+
+def print_json_text(text: str) -> None:
+    """Print JSON text made by `json_text` (or joined from pieces of it): as it is off a
+    terminal, indented on one."""
+    if is_tty():
+        print_json(json.loads(text))
+    else:
+        sys.stdout.write(text + "\n")
+
+
 def echo(text: str = "") -> None:
     """Print a line (or several), control characters shown as escapes (safetext)."""
     sys.stdout.write(visible(text, newlines=True) + "\n")

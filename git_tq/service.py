@@ -15,7 +15,7 @@ import subprocess
 import time
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 from git_tq import gpus as gpu_inventory
 from git_tq.errors import (
@@ -922,7 +922,8 @@ def job_pid(ctx: Context, job: Job, trust: str) -> Optional[int]:
     return pid if isinstance(pid, int) and pid > 0 else None
 
 
-def _parse_states(states: Sequence[str]) -> set[State]:
+def parse_states(states: Sequence[str]) -> set[State]:
+    """The states named by `ls -s` (comma-separated, repeated; `active`)."""
     result = set()
     for item in states:
         for name in item.split(","):
@@ -956,7 +957,7 @@ def list_queue(ctx: Context, *, include_finished: bool = False, states: Sequence
     """Jobs in queue order (running, then pending by priority); every job by id with --all;
     plus the refs that hold no readable record, and the metric columns to show (`metrics`
     as asked, else `metric_columns`' choice). `sort`: see `sort_jobs`."""
-    wanted = _parse_states(states)
+    wanted = parse_states(states)
     listing = ctx.store.listing()
     jobs = listing.jobs
     if wanted:
@@ -1031,8 +1032,20 @@ def history(ctx: Context, revisions: Sequence[str]) -> list[HistoryEntry]:
     by_source: dict[Optional[str], list[JobView]] = {}
     for v in views:
         by_source.setdefault(v.job.source, []).append(v)
+    entries = []
+    for commit, short, subject, when in history_commits(ctx, revisions):
+        entries.append(HistoryEntry(commit, short, subject, when, by_source.get(commit, [])))
+    if not revisions and None in by_source:
+        entries.append(HistoryEntry(None, "(unborn)", "jobs submitted before the first commit",
+                                    "", by_source[None]))
+    return entries
+
+
+def history_commits(ctx: Context, revisions: Sequence[str]) -> list[tuple[str, str, str, str]]:
+    """(commit, short id, subject, relative date) of `git log` of `revisions` (default HEAD;
+    none on an unborn branch)."""
     revs = list(revisions)
-    entries: list[HistoryEntry] = []
+    entries: list[tuple[str, str, str, str]] = []
     if revs or ctx.repo.head_commit() is not None:  # an unborn branch has no history yet
         if any(r.startswith("-") for r in revs):
             raise UsageError("git tq log takes revisions only (no git log options)")
@@ -1045,12 +1058,7 @@ def history(ctx: Context, revisions: Sequence[str]) -> list[HistoryEntry]:
             )
         parts = p.stdout.decode("utf-8", errors="replace").split("\0")
         for i in range(0, len(parts) - 4, 4):
-            commit = parts[i].lstrip("\n")
-            entries.append(HistoryEntry(commit, parts[i + 1], parts[i + 2], parts[i + 3],
-                                        by_source.get(commit, [])))
-    if not revisions and None in by_source:
-        entries.append(HistoryEntry(None, "(unborn)", "jobs submitted before the first commit",
-                                    "", by_source[None]))
+            entries.append((parts[i].lstrip("\n"), parts[i + 1], parts[i + 2], parts[i + 3]))
     return entries
 
 
@@ -1073,7 +1081,12 @@ def metric_names(values: Sequence[str]) -> list[str]:
     return names
 
 
-def metric_columns(ctx: Context, jobs: Sequence[Job],
+class HasMetrics(Protocol):
+    @property
+    def metrics(self) -> tuple[tuple[str, Metric], ...]: ...
+
+
+def metric_columns(ctx: Context, jobs: Sequence[HasMetrics],
                    requested: Optional[Sequence[str]] = None) -> list[str]:
     """The metrics to show for `jobs`: those `requested` (-m; empty: none); else, if any
     job has metrics, those `tq.columns` names; else the first METRIC_COLUMNS names that

@@ -94,27 +94,11 @@ class JobStore:
         records (and decoding errors) are cached by commit id (see
         `RecordCache`), and only tips not seen before are read from git.
         """
-        out = self.repo.out("for-each-ref", "--format=%(objectname) %(refname:lstrip=3)",
-                            JOBS_PREFIX)
-        tips: list[tuple[str, str]] = []
-        for line in out.splitlines():
-            oid, _, name = line.partition(" ")
-            tips.append((oid, name))
-        cache = RecordCache(os.path.join(self.repo.common_dir, "tq", "cache"))
+        tips = self.ref_tips()[0]
+        cache = RecordCache(self.cache_dir)
         known, known_bad = cache.load()
         missing = [oid for oid, _ in tips if oid not in known and oid not in known_bad]
-        fresh: dict[str, Job] = {}
-        fresh_bad: dict[str, str] = {}
-        if missing:
-            messages = self._messages(missing)
-            for oid in missing:
-                if oid not in messages:
-                    fresh_bad[oid] = "not a commit"
-                    continue
-                try:
-                    fresh[oid] = recordfmt.decode(messages[oid], oid)
-                except recordfmt.RecordFormatError as exc:
-                    fresh_bad[oid] = str(exc)
+        fresh, fresh_bad = self.records(missing) if missing else ({}, {})
         jobs: list[Job] = []
         bad: list[Unreadable] = []
         seen: set[str] = set()
@@ -139,6 +123,43 @@ class JobStore:
     def list_jobs(self) -> list[Job]:
         """Every readable job of the repository, by id."""
         return self.listing().jobs
+
+    @property
+    def cache_dir(self) -> str:
+        """Where listing caches live (`<common dir>/tq/cache`; any of them may go)."""
+        return os.path.join(self.repo.common_dir, "tq", "cache")
+
+    def ref_tips(self) -> tuple[list[tuple[str, str]], Optional[str]]:
+        """(tip, name after refs/tq/jobs/) of every job ref, in ref name order, and the
+        tip of refs/notes/tq (None: no notes), read by one `git for-each-ref`."""
+        out = self.repo.out("for-each-ref", "--format=%(objectname) %(refname)",
+                            JOBS_PREFIX, NOTES_REF)
+        tips: list[tuple[str, str]] = []
+        notes = None
+        cut = len(JOBS_PREFIX)
+        for line in out.splitlines():
+            oid, _, ref = line.partition(" ")
+            if ref.startswith(JOBS_PREFIX):
+                tips.append((oid, ref[cut:]))
+            elif ref == NOTES_REF:
+                notes = oid
+        return tips, notes
+
+    def records(self, commits: Sequence[str]) -> tuple[dict[str, Job], dict[str, str]]:
+        """The records held by `commits` (one `git cat-file --batch`), and why each of the
+        others holds none."""
+        messages = self._messages(list(commits))
+        jobs: dict[str, Job] = {}
+        bad: dict[str, str] = {}
+        for oid in commits:
+            if oid not in messages:
+                bad[oid] = "not a commit"
+                continue
+            try:
+                jobs[oid] = recordfmt.decode(messages[oid], oid)
+            except recordfmt.RecordFormatError as exc:
+                bad[oid] = str(exc)
+        return jobs, bad
 
     def _read_refs(self, pattern: str) -> list[Job]:
         out = self.repo.git(
@@ -521,21 +542,36 @@ class JobStore:
 
     def all_notes(self) -> dict[str, str]:
         """Notes by annotated commit, read in two git processes whatever their number."""
+        blobs = self.note_blobs()
+        texts = self.note_texts(blobs.values())
+        return {target: texts[blob] for target, blob in blobs.items() if blob in texts}
+
+    def note_blobs(self) -> dict[str, str]:
+        """The blob of each note, by annotated commit (one `git notes list`)."""
         p = self.repo.git("notes", f"--ref={NOTES_REF}", "list", check=False)
         pairs = [ln.split() for ln in p.stdout.decode().splitlines() if ln.strip()]
-        if not pairs:
+        return {target: blob for blob, target in pairs}
+
+    def note_texts(self, blobs: Iterable[str]) -> dict[str, str]:
+        """The text of each note blob (one `git cat-file --batch`)."""
+        wanted = sorted(set(blobs))
+        if not wanted:
             return {}
         batch = self.repo.git("cat-file", "--batch",
-                              input="".join(f"{blob}\n" for blob, _ in pairs).encode()).stdout
-        notes: dict[str, str] = {}
+                              input="".join(f"{blob}\n" for blob in wanted).encode()).stdout
+        texts: dict[str, str] = {}
         pos = 0
-        for _, target in pairs:
+        for blob in wanted:
             header_end = batch.index(b"\n", pos)
-            size = int(batch[pos:header_end].split()[2])
+            header = batch[pos:header_end].split()
+            if len(header) < 3:  # missing
+                pos = header_end + 1
+                continue
+            size = int(header[2])
             body = batch[header_end + 1: header_end + 1 + size]
-            notes[target] = body.decode(errors="replace").rstrip("\n")
+            texts[blob] = body.decode(errors="replace").rstrip("\n")
             pos = header_end + 1 + size + 1
-        return notes
+        return texts
 
     def _edit_notes(self, job: Job, *args: str, text: Optional[str] = None,
                     ref: str = NOTES_REF) -> None:

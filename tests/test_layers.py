@@ -21,6 +21,7 @@ LAYERS: list[set[str]] = [
     {"console"},  # a thin modal layer that runs the CLI's own commands
     {"cli"},
     {"top"},
+    {"rows"},  # ready-to-print rows of ls and log, cached by tip
     {"output"},  # CLI-side rendering
     {"service"},
     {"daemon"},
