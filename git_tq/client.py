@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from git_tq.errors import TqError
@@ -102,7 +103,8 @@ def start(home: Home, wait: float = 10.0) -> bool:
     raise TqError(f"the daemon did not come up within {wait:.0f}s; see {home.daemon_log}")
 
 
-def nudge(home: Home, autostart: bool) -> Optional[str]:
+def nudge(home: Home, autostart: bool, repo: Optional[str] = None,
+          jobs: Sequence[int] = ()) -> Optional[str]:
     """Wake the daemon (starting it if allowed); a hint for the user if it is not running.
 
     The nudge is sent without waiting for the answer: the kernel queues it even while
@@ -112,7 +114,9 @@ def nudge(home: Home, autostart: bool) -> Optional[str]:
     """
     try:
         with connect(home, 2.0) as s:
-            s.sendall(json.dumps({"v": PROTOCOL, "cmd": "nudge"}).encode() + b"\n")
+            # Naming the repository and the new jobs lets the daemon read just their refs.
+            named = {"repo": repo, "jobs": list(jobs)} if repo is not None and jobs else {}
+            s.sendall(json.dumps({"v": PROTOCOL, "cmd": "nudge", **named}).encode() + b"\n")
         return None
     except (FileNotFoundError, ConnectionRefusedError):
         if autostart:

@@ -18,6 +18,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -29,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from git_tq import __version__, client, gpus, jobtree, results, scheduler, supervisor
+from git_tq import __version__, client, gpus, jobtree, recordfmt, results, scheduler, supervisor
 from git_tq.errors import InvalidTransition, NotOurs, RefRace, TqError
 from git_tq.gitrepo import Repo, run_git, without_repo_vars
 from git_tq.home import (
@@ -45,7 +46,8 @@ from git_tq.localjobs import LedgerEntry, LocalJobs, LocalSpec
 from git_tq.model import STOP_SIGNALS, Job, State, stop_signal_number
 from git_tq.procs import ProcessId, kill, plan_stop, shell_argv
 from git_tq.server import BadRequest, RequestServer, check_request
-from git_tq.store import JobStore, identity_env
+from git_tq.store import JOBS_PREFIX, JobStore, identity_env
+from git_tq.store import _canonical as canonical_id
 
 log = logging.getLogger("git-tq-daemon")
 
@@ -55,6 +57,13 @@ LAUNCH_PATIENCE = 15.0  # how long a launched supervisor may take to take its lo
 PREPARE_AHEAD = 2  # waiting jobs whose worktrees are checked out before their turn
 # Parallel checkout (one worker per core): 100 ms instead of 150 ms for 100 files here.
 CHECKOUT_OPTIONS = ("-c", "checkout.workers=0", *jobtree.NO_HOOKS)
+NAMED_READ_MAX = 64  # a nudge naming more jobs than this reads every ref instead
+READ_CHUNK = 500  # records read by one `git cat-file --batch` when many tips changed
+PACK_REFS_AFTER = 256  # loose job refs that make the daemon run `git pack-refs` (tq.packRefsAfter)
+RACY_NS = 100_000_000  # a file changed this recently may change again within its mtime's tick
+# A record that says it has ended needs no decoding to know the scheduler can skip it.
+FINISHED = re.compile(r"^Tq-State: (?:done|failed|cancelled)$", re.MULTILINE)
+Stamp = Optional[tuple[int, int, int]]
 
 
 
@@ -64,13 +73,33 @@ class AlreadyRunning(TqError):
 
 @dataclass
 class RepoState:
+    """What the daemon knows of one repository between cycles.
+
+    A cycle reads only what changed: every ref's tip is remembered, and only the
+    records the scheduler acts on (waiting, running, stopping: anyone's) are kept
+    decoded, so 10,000 finished jobs cost nothing once read. The stamps (stat data
+    of the refs folder and packed-refs, the config files, the ledger) say when a
+    safety rescan has something to read at all.
+    """
+
     key: str
     common: str
     repo: Repo
     store: JobStore
     config: dict[str, str]
-    jobs: list[Job] = field(default_factory=list)
     entries: dict[int, LedgerEntry] = field(default_factory=dict)  # our jobs (the ledger)
+    tips: dict[int, str] = field(default_factory=dict)  # every job ref at the last read
+    active: dict[int, Job] = field(default_factory=dict)  # waiting/running/stopping records
+    tampered: set[int] = field(default_factory=set)  # ours by the ledger, moved by others
+    refs_stamp: Optional[tuple[Stamp, ...]] = None  # None: read the refs next time
+    config_stamp: Optional[tuple[Stamp, ...]] = None
+    ledger_stamp: Stamp = None
+    ledger_changed: bool = True
+
+    @property
+    def jobs(self) -> list[Job]:
+        """The records the scheduler acts on, by id."""
+        return sorted(self.active.values(), key=lambda j: j.id)
 
     @property
     def local(self) -> LocalJobs:
@@ -87,9 +116,55 @@ class RepoState:
 def open_repo(common: str, local: LocalJobs) -> RepoState:
     repo = Repo(toplevel=None, git_dir=common, common_dir=common, prefix="",
                 index_path=os.path.join(common, "index"))
+    stamp = config_stamp(common)
     config = repo.config(r"^(tq|user)\.|^core\.hookspath$")
     env = identity_env(config, without_repo_vars(os.environ))
-    return RepoState(repo_key(common), common, repo, JobStore(repo, env, local), config)
+    return RepoState(repo_key(common), common, repo, JobStore(repo, env, local), config,
+                     config_stamp=stamp)
+
+
+def give_back_memory() -> None:
+    """Return the heap that a big read left free to the system (glibc keeps it)."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+def file_stamp(path: str) -> Stamp:
+    """Inode, size and mtime of a file or folder (None when absent)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def settled(stamps: tuple[Stamp, ...]) -> Optional[tuple[Stamp, ...]]:
+    """`stamps`, or None when one of them changed so recently that another change within
+    the same clock tick would leave it as it is (git's "racy" case): read again."""
+    newest = max((s[2] for s in stamps if s is not None), default=0)
+    return None if time.time_ns() - newest < RACY_NS else stamps
+
+
+def refs_stamp(common: str) -> Optional[tuple[Stamp, ...]]:
+    """Changes whenever a job ref is created, moved or deleted: git writes a loose ref
+    by renaming a lock file in the refs folder, and rewrites packed-refs the same way."""
+    if os.path.exists(os.path.join(common, "reftable")):
+        return None  # no files to watch: read every time
+    return settled((file_stamp(os.path.join(common, *JOBS_PREFIX.strip("/").split("/"))),
+                    file_stamp(os.path.join(common, "packed-refs"))))
+
+
+def config_stamp(common: str) -> Optional[tuple[Stamp, ...]]:
+    """The config files git reads for the daemon (an include elsewhere is read again on a
+    nudge that names no job, e.g. `git tq start`)."""
+    home = os.path.expanduser("~")
+    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    files = [os.path.join(common, "config"), os.path.join(home, ".gitconfig"),
+             os.path.join(xdg, "git", "config"), "/etc/gitconfig"]
+    return settled(tuple(file_stamp(f) for f in files))
 
 
 def advance(rs: RepoState, job: Job, event: str, when: str, tree: Optional[str] = None,
@@ -143,6 +218,16 @@ class Daemon:
         self.left_alone: set[str] = set()  # worktrees not ours to remove (warned once)
         self.supervisors: set[int] = set()  # pids of the supervisors we forked
         self.removals: dict[int, str] = {}  # forked worktree removals: pid -> path
+        self.repos: dict[str, RepoState] = {}  # by common dir, kept between cycles
+        self.read_everything = True  # the next cycle reads every repository's refs
+        self.named: dict[str, set[int]] = {}  # jobs a nudge said changed, by repository
+        self.packing: dict[str, subprocess.Popen[bytes]] = {}  # `git pack-refs` under way
+        self.ended_records: dict[tuple[str, str], Job] = {}  # ended jobs read for sweeps
+        # Attempts whose exit file is there, to record once this cycle's starts are done.
+        self.endings: list[tuple[RepoState, Job, RunFiles, Mapping[str, Any],
+                                 Optional[Mapping[str, Any]]]] = []
+        # Cycles run, and how often they read all refs or just named ones (daemon status).
+        self.stats = {"cycles": 0, "ref_reads": 0, "named_reads": 0, "records_read": 0}
 
     # --- lifecycle of the daemon itself ---------------------------------------
 
@@ -196,10 +281,11 @@ class Daemon:
             while not self.stopping:
                 now = time.monotonic()
                 if self.dirty or now - last_scan >= RESCAN_SECONDS:
+                    timer = now - last_scan >= RESCAN_SECONDS
                     self.dirty = False
                     last_scan = now
                     last_probe = now
-                    self.safe_cycle()
+                    self.safe_cycle(timer)
                 elif self.gpus_in_use and now - last_probe >= PROBE_SECONDS:
                     last_probe = now
                     if self.foreign_changed():
@@ -249,6 +335,7 @@ class Daemon:
                 self.removals.pop(pid, None)
                 self.dirty = True
         self.hooks = [h for h in self.hooks if h.poll() is None]
+        self.packing = {c: p for c, p in self.packing.items() if p.poll() is None}
         for path, checkout in self.preparing.items():
             if path in self.abandoned:
                 if checkout.proc.poll() is not None:
@@ -280,6 +367,13 @@ class Daemon:
         if cmd == "ping":
             return {"ok": True, "pid": os.getpid(), "version": __version__}
         if cmd == "nudge":
+            # A nudge that names its repository and jobs (a submission, a supervisor) makes
+            # the cycle read just those refs; any other reads everything.
+            repo, named = req.get("repo"), req.get("jobs")
+            if isinstance(repo, str) and isinstance(named, list):
+                self.named.setdefault(os.path.realpath(repo), set()).update(named)
+            else:
+                self.read_everything = True
             log.debug("nudged")
             self.dirty = True
             return {"ok": True}
@@ -290,7 +384,7 @@ class Daemon:
             return {"ok": True, "pid": os.getpid(), "version": __version__,
                     "started": self.started_at, "socket": self.socket_file,
                     "home": self.home.path, "repos": self.home.registered_repos(),
-                    "counts": self.counts, "foreign": {str(k): v for k, v in
+                    "counts": self.counts, "stats": self.stats, "foreign": {str(k): v for k, v in
                                                        self.last_foreign.items()}}
         if cmd == "kill":
             try:
@@ -301,41 +395,209 @@ class Daemon:
                 log.exception("kill failed")
                 return {"error": f"kill failed: {exc}"}
             self.dirty = True
+            self.read_everything = True
             return {"ok": True, "jobs": done}
         return {"error": f"unknown request {cmd!r}"}
 
     # --- one scheduling cycle -------------------------------------------------------
 
-    def safe_cycle(self) -> None:
+    def safe_cycle(self, timer: bool = False) -> None:
         t0 = time.monotonic()
         try:
-            self.cycle()
+            self.cycle(timer)
             log.debug("cycle took %.1f ms", (time.monotonic() - t0) * 1000)
         except Exception:  # the daemon must outlive any one bad repository or race
             log.exception("scheduling cycle failed; retrying on the next one")
             self.dirty = False
+            self.read_everything = True
 
-    def load(self) -> list[RepoState]:
+    def load(self, timer: bool = True) -> list[RepoState]:
+        """The registered repositories, brought up to date with what changed: every ref
+        on a nudge that names no job (and on the first cycle); the named jobs' refs on
+        one that does; on the safety rescan (`timer`), every ref only when the refs
+        folder or packed-refs changed since the last read. Config and ledger are read
+        again only when their files changed."""
+        everything, self.read_everything = self.read_everything, False
+        named, self.named = self.named, {}
         repos = []
-        for common in self.home.registered_repos():
+        registered = self.home.registered_repos()
+        for common in registered:
             if not os.path.isdir(common):
                 log.warning("repository %s is gone; dropped from the list", common)
                 self.home.drop_repo(common)
                 continue
             try:
-                local = self.ledgers.setdefault(common, LocalJobs(self.home.path, common))
-                rs = open_repo(common, local)
-                listing = rs.store.listing()
-                rs.jobs = listing.jobs
-                rs.entries = local.entries()
+                rs = self.repos.get(common)
+                fresh = rs is None
+                if rs is None or everything or config_stamp(common) != rs.config_stamp \
+                        or rs.config_stamp is None:
+                    local = self.ledgers.setdefault(common, LocalJobs(self.home.path, common))
+                    rs = self.reopen(open_repo(common, local), rs)
+                    self.repos[common] = rs
+                ledger = file_stamp(rs.local.ledger_path)
+                rs.ledger_changed = ledger != rs.ledger_stamp or ledger is None
+                if rs.ledger_changed:
+                    rs.ledger_stamp = ledger
+                    rs.entries = rs.local.entries()
+                stamp = refs_stamp(common)
+                if fresh or everything or (timer and (stamp is None or stamp != rs.refs_stamp)):
+                    self.read_refs(rs, stamp)
+                else:
+                    ids = named.get(os.path.realpath(common))
+                    if ids:
+                        self.read_named(rs, ids, stamp)
             except TqError as exc:
                 log.warning("skipping %s: %s", common, exc)
+                self.read_everything = True  # try it whole next time
                 continue
-            for bad in listing.unreadable:
-                self.warn_once(rs, bad.tip, f"refs/tq/jobs/{bad.name} is unreadable "
-                                            f"({bad.reason}); ignored")
             repos.append(rs)
+        for gone in set(self.repos) - set(registered):
+            del self.repos[gone]
         return repos
+
+    def reopen(self, new: RepoState, old: Optional[RepoState]) -> RepoState:
+        """A repository's state with its config read again, keeping what was read."""
+        if old is not None:
+            new.entries, new.tips, new.active = old.entries, old.tips, old.active
+            new.tampered, new.refs_stamp = old.tampered, old.refs_stamp
+            new.ledger_stamp = old.ledger_stamp
+        return new
+
+    def read_refs(self, rs: RepoState, stamp: Optional[tuple[Stamp, ...]]) -> None:
+        """Read every job ref's tip (one `git for-each-ref`, no object read) and decode
+        only the records at tips not seen before."""
+        self.stats["ref_reads"] += 1
+        out = rs.repo.out("for-each-ref", "--format=%(objectname) %(refname:lstrip=3)",
+                          JOBS_PREFIX)
+        tips: dict[int, str] = {}
+        for line in out.splitlines():
+            oid, _, name = line.partition(" ")
+            job_id = canonical_id(name)
+            if job_id is None:
+                self.warn_once(rs, oid, f"refs/tq/jobs/{name} is unreadable (the ref name is "
+                                        "not a canonical job id); ignored")
+            else:
+                tips[job_id] = oid
+        for gone in rs.tips.keys() - tips.keys():
+            rs.active.pop(gone, None)
+        changed = [(i, t) for i, t in tips.items() if rs.tips.get(i) != t]
+        rs.tips = tips
+        for start in range(0, len(changed), READ_CHUNK):
+            chunk = changed[start:start + READ_CHUNK]
+            messages = rs.store._messages([t for _, t in chunk])
+            for job_id, tip in chunk:
+                self.absorb(rs, job_id, tip, messages.get(tip))
+        rs.tampered = {i for i, e in rs.entries.items() if i in tips and not e.trusts(tips[i])}
+        rs.refs_stamp = stamp
+        if len(changed) >= 1000:
+            give_back_memory()  # the first read of a long history: ~6 MiB less for ever
+        self.pack_refs_if_many(rs)
+
+    def read_named(self, rs: RepoState, ids: set[int],
+                   stamp: Optional[tuple[Stamp, ...]]) -> None:
+        """Read just these jobs' refs and records (one `git for-each-ref`), as a nudge
+        asked; a later safety rescan reads the rest if anything else changed."""
+        if len(ids) > NAMED_READ_MAX:
+            self.read_refs(rs, stamp)
+            return
+        self.stats["named_reads"] += 1
+        out = rs.repo.git("for-each-ref",
+                          "--format=%(objectname)%00%(refname)%00%(contents)%00",
+                          *[f"{JOBS_PREFIX}{i}" for i in sorted(ids)]).stdout
+        parts = out.decode("utf-8", errors="replace").split("\0")
+        found: dict[int, tuple[str, str]] = {}
+        for k in range(0, len(parts) - 2, 3):
+            oid, ref, message = parts[k].lstrip("\n"), parts[k + 1], parts[k + 2]
+            job_id = canonical_id(ref[len(JOBS_PREFIX):])
+            if job_id in ids:  # a pattern also matches refs/tq/jobs/<id>/...: exact only
+                found[job_id] = (oid, message)
+        for job_id in ids:
+            if job_id not in found:
+                rs.tips.pop(job_id, None)
+                rs.active.pop(job_id, None)
+                rs.tampered.discard(job_id)
+            elif rs.tips.get(job_id) != found[job_id][0]:
+                self.absorb(rs, job_id, *found[job_id])
+
+    def absorb(self, rs: RepoState, job_id: int, tip: str, message: Optional[str]) -> None:
+        """Take in the record at a new tip of a job ref."""
+        self.stats["records_read"] += 1
+        rs.tips[job_id] = tip
+        rs.active.pop(job_id, None)
+        entry = rs.entries.get(job_id)
+        if entry is not None and not entry.trusts(tip):
+            rs.tampered.add(job_id)
+        else:
+            rs.tampered.discard(job_id)
+        if message is None:
+            self.warn_once(rs, tip, f"refs/tq/jobs/{job_id} is unreadable (not a commit); "
+                                    "ignored")
+            return
+        if FINISHED.search(message):
+            return  # ended: nothing for the scheduler (and decoding costs ~0.1 ms)
+        try:
+            job = recordfmt.decode(message, tip)
+        except recordfmt.RecordFormatError as exc:
+            self.warn_once(rs, tip, f"refs/tq/jobs/{job_id} is unreadable ({exc}); ignored")
+            return
+        if job.id != job_id:
+            self.warn_once(rs, tip, f"refs/tq/jobs/{job_id} is unreadable (the record says "
+                                    f"it is job {job.id}); ignored")
+            return
+        if job.state.active:
+            rs.active[job_id] = job
+
+    def remember(self, rs: RepoState, job: Job) -> None:
+        """A record this daemon just wrote: no need to read it back."""
+        rs.tips[job.id] = job.tip
+        if job.state.active:
+            rs.active[job.id] = job
+        else:
+            rs.active.pop(job.id, None)
+
+    def ended_job(self, rs: RepoState, job_id: int) -> Optional[Job]:
+        """Any job's record: the scheduler's, or an ended one read on demand (a few, for
+        the worktrees still on disk), remembered by tip."""
+        job = rs.active.get(job_id)
+        tip = rs.tips.get(job_id)
+        if job is not None or tip is None:
+            return job
+        cached = self.ended_records.get((rs.key, tip))
+        if cached is None:
+            message = rs.store._messages([tip]).get(tip)
+            try:
+                cached = recordfmt.decode(message, tip) if message is not None else None
+            except recordfmt.RecordFormatError:
+                cached = None
+            if cached is None or cached.id != job_id:
+                return None
+            if len(self.ended_records) > 1024:
+                self.ended_records.clear()
+            self.ended_records[(rs.key, tip)] = cached
+        return cached
+
+    def pack_refs_if_many(self, rs: RepoState) -> None:
+        """Pack the job refs once many are loose (each lifecycle commit leaves one), with
+        git's own `pack-refs`, in the background, holding no lock of ours: listing packed
+        refs costs a fifth of loose ones at 10,000 jobs."""
+        try:
+            after = int(rs.config.get("tq.packrefsafter", PACK_REFS_AFTER))
+        except ValueError:
+            after = PACK_REFS_AFTER
+        if after <= 0 or rs.common in self.packing:
+            return
+        try:
+            loose = len(os.listdir(os.path.join(rs.common, *JOBS_PREFIX.strip("/").split("/"))))
+        except OSError:
+            return
+        if loose < after:
+            return
+        log.info("%s: %d loose job refs; packing them (git pack-refs --all)", rs.common, loose)
+        with contextlib.suppress(OSError):
+            self.packing[rs.common] = subprocess.Popen(
+                ["git", "--git-dir", rs.common, "pack-refs", "--all"], cwd=rs.common,
+                env=without_repo_vars(os.environ), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def warn_once(self, rs: RepoState, tip: str, message: str) -> None:
         """Log a problem with a record once per record (tip), not every cycle."""
@@ -343,13 +605,23 @@ class Daemon:
             self.warned.add((rs.key, tip))
             log.warning("%s: %s", rs.common, message)
 
-    def cycle(self) -> None:
-        repos = self.load()
+    def cycle(self, timer: bool = True) -> None:
+        self.stats["cycles"] += 1
+        repos = self.load(timer)
         self.next_deadline = None
         holding: list[scheduler.Holding] = []
         waiting: list[scheduler.Waiting] = []
         jobs: dict[scheduler.JobKey, tuple[RepoState, Job]] = {}
+        self.endings = []
         for rs in repos:
+            for job_id in sorted(rs.tampered - rs.active.keys()):
+                # Ours by the ledger, but someone moved the record (it says it ended).
+                self.warn_once(rs, rs.tips[job_id], f"job {job_id}'s record was moved by "
+                               "someone else (a fetch or a hand edit): it is tampered and is "
+                               "neither run nor written; see git tq doctor")
+                held = self.live_run_gpus(rs, job_id)
+                if held is not None:
+                    holding.append(scheduler.Holding((rs.key, job_id), -(10**9), held, True))
             for job in rs.jobs:
                 key = (rs.key, job.id)
                 if rs.ours(job) is None:
@@ -362,7 +634,13 @@ class Daemon:
                     continue
                 if job.state in (State.RUNNING, State.STOPPING):
                     job = self.reconcile(rs, job)  # may record an ending
-                if job.state in (State.RUNNING, State.STOPPING):
+                if job.state in (State.RUNNING, State.STOPPING) and (
+                        self.endings and self.endings[-1][1] is job
+                        or os.path.exists(RunFiles(self.home, rs.key, job.id).ended)):
+                    # Its processes are gone (the supervisor killed what was left): its
+                    # GPUs are free while the supervisor records what it produced.
+                    jobs[key] = (rs, job)
+                elif job.state in (State.RUNNING, State.STOPPING):
                     holding.append(scheduler.Holding(key, job.spec.priority,
                                                      job.assigned_gpus or (),
                                                      job.state is State.STOPPING))
@@ -387,9 +665,16 @@ class Daemon:
         for s in plan.starts:
             rs, job = jobs[s.key]
             self.start(rs, job, s.gpus)
+        # Endings are recorded after the starts they made room for: storing the log and
+        # writing the record take a dozen milliseconds the next job need not wait.
+        endings, self.endings = self.endings, []
+        for rs, job, rf, outcome, stop in endings:
+            self.finish(rs, job, rf, outcome, stop)
+        if endings:
+            self.dirty = True  # a preempted job is waiting again: plan with it at once
         self.counts = {"running": len(holding) + len(plan.starts), "pending":
                        len(waiting) - len(plan.starts), "repos": len(repos)}
-        self.update_deadline()
+        self.update_deadline(repos)
         # Work that is not on anyone's critical path: remove finished jobs' worktrees,
         # and check out the next waiting jobs' worktrees so that starting them is a fork.
         cleanup, self.cleanup = self.cleanup, []
@@ -398,8 +683,9 @@ class Daemon:
         for rs in repos:
             self.sweep_worktrees(rs)
         for rs in repos:
-            with contextlib.suppress(OSError):
-                rs.local.compact_if_sparse()
+            if rs.ledger_changed:  # its check reads the ledger's new lines
+                with contextlib.suppress(OSError):
+                    rs.local.compact_if_sparse()
         started = {s.key for s in plan.starts}
         for w in scheduler.queue_order(waiting)[:PREPARE_AHEAD]:
             if w.key not in started:
@@ -526,7 +812,8 @@ class Daemon:
             else:
                 return self.record(rs, job, "preempted", rf,
                                    detail="had not started when its daemon stopped")
-        return self.finish(rs, job, rf, outcome, stop)
+        self.endings.append((rs, job, rf, outcome, stop))  # recorded after this cycle's starts
+        return job
 
     def finish(self, rs: RepoState, job: Job, rf: RunFiles, outcome: Mapping[str, Any],
                stop: Optional[Mapping[str, Any]]) -> Job:
@@ -580,6 +867,7 @@ class Daemon:
         except (InvalidTransition, RefRace, NotOurs) as exc:
             log.warning("job %d: could not record %s: %s", job.id, event, exc)
             return job
+        self.remember(rs, new)
         log.info("job %d in %s: %s -> %s", job.id, rs.common, event, new.state.value)
         rf.clear()
         if new.state.finished:
@@ -626,15 +914,17 @@ class Daemon:
         if time.time() >= float(stop["deadline"]):
             kill(target, pgid, reaper)
 
-    def update_deadline(self) -> None:
+    def update_deadline(self, repos: list[RepoState]) -> None:
+        """The nearest stop deadline of a stopping job (the loop wakes for it)."""
         deadlines = []
-        run_root = os.path.join(self.home.path, "run")
-        for folder, _dirs, files in os.walk(run_root):
-            for name in files:
-                if name.endswith(".stop"):
-                    with contextlib.suppress(OSError, ValueError, KeyError), \
-                            open(os.path.join(folder, name), encoding="utf-8") as fh:
-                        deadlines.append(float(json.load(fh)["deadline"]))
+        for rs in repos:
+            for job in rs.active.values():
+                if job.state in (State.RUNNING, State.STOPPING):
+                    rf = RunFiles(self.home, rs.key, job.id)
+                    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                        stop = rf.read(rf.stop)
+                        if stop is not None:
+                            deadlines.append(float(stop["deadline"]))
         self.next_deadline = min(deadlines) + 0.01 if deadlines else None
 
     def request_stop(self, rs: RepoState, job: Job, kind: str, reason: str,
@@ -648,7 +938,7 @@ class Daemon:
                            "signalled": False})
         if job.state is State.RUNNING:
             try:
-                advance(rs, job, "stopping", now_iso(), detail=reason)
+                self.remember(rs, advance(rs, job, "stopping", now_iso(), detail=reason))
             except (InvalidTransition, RefRace, NotOurs) as exc:
                 log.warning("job %d: %s", job.id, exc)
         ident = rf.read(rf.ident)
@@ -684,7 +974,7 @@ class Daemon:
             if ident and stop:
                 self.enforce_stop(rf, job, stop, ident)
             done.append(job_id)
-        self.update_deadline()
+        self.update_deadline(list(self.repos.values()))
         return done
 
     # --- starting a job ---------------------------------------------------------------
@@ -701,7 +991,9 @@ class Daemon:
             job = advance(rs, job, event, now_iso(), assigned_gpus=assigned)
         except (InvalidTransition, RefRace, NotOurs) as exc:
             log.info("job %d not started: %s", job.id, exc)
+            self.read_everything = True  # someone else wrote it: read it again
             return
+        self.remember(rs, job)
         rf = RunFiles(self.home, rs.key, job.id)
         logfile = rs.store.log_path(job)
         try:
@@ -852,10 +1144,9 @@ class Daemon:
         prepared = {p for p, c in self.preparing.items() if c.rs.key == rs.key}
         if not names and not prepared:
             return
-        by_id = {j.id: j for j in rs.jobs}
         keep_failed = rs.config.get("tq.keepworktrees", "false").lower() in ("true", "yes", "1")
         for path in prepared:
-            job = by_id.get(int(os.path.basename(path)))
+            job = self.ended_job(rs, int(os.path.basename(path)))
             if job is not None and not job.state.finished:
                 continue
             if job is not None and rs.ours(job) is None:
@@ -874,10 +1165,11 @@ class Daemon:
                 shutil.rmtree(path, ignore_errors=True)  # a failed checkout git never knew
         busy = set(self.removals.values())
         for name in names:
-            job = by_id.get(int(name)) if name.isascii() and name.isdigit() else None
             path = os.path.join(root, name)
-            if path in busy:
-                continue  # being removed right now
+            if path in busy or path in self.left_alone:
+                continue  # being removed right now, or not ours to remove
+            job = self.ended_job(rs, int(name)) if name.isascii() and name.isdigit() \
+                and len(name) < 19 else None
             if job is None or not job.state.finished or rs.ours(job) is None or \
                     (keep_failed and job.state is State.FAILED) or path in self.left_alone or \
                     os.path.exists(jobtree.kept_record(self.home.path, rs.key, job.id)):

@@ -9,6 +9,8 @@ is ours. Instead, per repository, the tq home holds (0700 folders, 0600 files)::
     <home>/jobs/<repo key>/ledger                  for each of our jobs: its submission
                                                    commit and the tip we last wrote
     <home>/jobs/<repo key>/ledger.lock             serialises our writers (flock)
+    <home>/jobs/<repo key>/last-id                 the highest id we gave a job (so the
+                                                   next id costs one read, not a ref list)
 
 A private record is named by the submission commit that the submitting process
 created itself, never by a trailer. A job is *local* when the ledger knows its
@@ -225,6 +227,22 @@ class LocalJobs:
                 known[job_id] = entry
         self._cache = (st.st_ino, offset + end, known, lines)
         return dict(known)
+
+    def last_id(self) -> Optional[int]:
+        """The highest id this user gave a job here; None when not known (never written,
+        or unreadable: the caller then lists the refs once)."""
+        try:
+            with open(os.path.join(self.folder, "last-id"), "rb") as fh:
+                text = fh.read(32).strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() and len(text) <= 18 else None
+
+    def remember_id(self, job_id: int) -> None:
+        """Note that `job_id` was given (only ever moving up). Hold `locked()`: it is a
+        hint, checked by the compare-and-swap that creates the ref, never trusted alone."""
+        if job_id > (self.last_id() or 0):
+            write_private_file(os.path.join(self.folder, "last-id"), f"{job_id}\n".encode())
 
     def entry(self, job_id: int) -> Optional[LedgerEntry]:
         return self.entries().get(job_id)

@@ -64,7 +64,8 @@ def check_request(req: object, protocol: int) -> dict[str, Any]:
 
     A JSON object; `v` absent or the protocol number; `cmd` one of COMMANDS; for
     `kill`: `repo` a string, `jobs` a non-empty list of job numbers (ints, not
-    bools, above 0), `now` a bool if present. Other fields are ignored.
+    bools, above 0), `now` a bool if present; for `nudge`, optionally `repo` and
+    `jobs` (a list of job numbers, maybe empty): what changed. Other fields are ignored.
     """
     if not isinstance(req, dict):
         raise BadRequest("a request must be a JSON object")
@@ -78,6 +79,13 @@ def check_request(req: object, protocol: int) -> dict[str, Any]:
     cmd = req.get("cmd")
     if not isinstance(cmd, str) or cmd not in COMMANDS:
         raise BadRequest(f"unknown request {_show(cmd)}")
+    if cmd == "nudge" and ("repo" in req or "jobs" in req):
+        named = req.get("jobs")
+        if not isinstance(req.get("repo"), str):
+            raise BadRequest("nudge: repo must be a string")
+        if not isinstance(named, list) or len(named) > 100_000 or \
+                not all(_is_int(j) and 0 < j <= 10**18 for j in named):
+            raise BadRequest("nudge: jobs must be a list of job numbers")
     if cmd == "kill":
         if not isinstance(req.get("repo"), str):
             raise BadRequest("kill: repo must be a string")

@@ -359,7 +359,7 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
     if not req.sweep:
         job = ctx.store.create(draft, snap.tree, before_publish=save_local,
                                after_lost_race=ctx.local.drop_spec)
-        return Submitted(job, snap, snap.warnings, wake_daemon(ctx), (job,))
+        return Submitted(job, snap, snap.warnings, wake_daemon(ctx, (job.id,)), (job,))
     drafts = [draft.evolve(spec=dataclasses.replace(spec, command=words, params=chosen))
               for chosen, words in variants]
 
@@ -379,7 +379,8 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
 
     jobs = ctx.store.create_many(drafts, snap.tree, before_publish=save_all,
                                  after_lost_race=drop_all)
-    return Submitted(jobs[0], snap, snap.warnings, wake_daemon(ctx), tuple(jobs))
+    return Submitted(jobs[0], snap, snap.warnings, wake_daemon(ctx, [j.id for j in jobs]),
+                     tuple(jobs))
 
 
 def _flag(ctx: Context, name: str, default: bool) -> bool:
@@ -389,11 +390,13 @@ def _flag(ctx: Context, name: str, default: bool) -> bool:
     return value.strip().lower() in ("true", "yes", "on", "1")
 
 
-def wake_daemon(ctx: Context) -> Optional[str]:
-    """Nudge the daemon (starting it unless tq.autostart is false); a hint if it is off."""
+def wake_daemon(ctx: Context, jobs: Sequence[int] = ()) -> Optional[str]:
+    """Nudge the daemon (starting it unless tq.autostart is false); a hint if it is off.
+    `jobs`: the jobs whose refs changed (the daemon then reads just those)."""
     from git_tq import client
 
-    return client.nudge(ctx.home, autostart=_flag(ctx, "tq.autostart", True))
+    return client.nudge(ctx.home, autostart=_flag(ctx, "tq.autostart", True),
+                        repo=ctx.repo.common_dir, jobs=jobs)
 
 
 # --- the daemon ----------------------------------------------------------------
@@ -516,7 +519,7 @@ def requeue(ctx: Context, token: str, *, command: Sequence[str] = (),
     notes = () if trust == LOCAL else (
         f"job {old.id} was {trust}: job {job.id} runs its code with your command and your "
         "environment",)
-    return Submitted(job, snap, notes, wake_daemon(ctx))
+    return Submitted(job, snap, notes, wake_daemon(ctx, (job.id,)))
 
 
 @dataclass(frozen=True)

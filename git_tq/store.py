@@ -366,6 +366,16 @@ class JobStore:
             raise RefRace("could not allocate a job id: every id is taken")
         return free
 
+    def first_candidate_id(self) -> int:
+        """Where a new job's id search begins: after the highest id we gave (O(1), a file
+        in the tq home), or after the highest ref when that is not known. The ref's
+        creation is the compare-and-swap that makes it safe either way: an id someone
+        else took meanwhile makes the search go on from the refs."""
+        last = self.local.last_id() if self.local is not None else None
+        if last is None or last >= recordfmt.MAX_ID:
+            return self.next_free_id()
+        return last + 1
+
     def ref_exists(self, ref: str) -> bool:
         """Whether exactly this ref exists (rev-parse would also find refs/tags/<ref>)."""
         p = self.repo.git("show-ref", "--verify", "-q", "--end-of-options", ref, check=False)
@@ -382,7 +392,7 @@ class JobStore:
         another submitter took that id.
         """
         local = self._require_local()
-        job_id = self.next_free_id()
+        job_id = self.first_candidate_id()
         for _ in range(CAS_ATTEMPTS * 4):
             job = draft.evolve(id=job_id, snapshot="")
             commit = self._commit(tree, draft.source, recordfmt.encode(job))
@@ -397,6 +407,8 @@ class JobStore:
                     won = self.repo.update_ref(ref, commit, "0" * len(commit),
                                                f"tq: submit job {job_id}")
                     local.record(job_id, LedgerEntry(commit, commit, None) if won else None)
+                    if won:
+                        local.remember_id(job_id)
             if won:
                 return job.evolve(snapshot=commit, tip=commit)
             if after_lost_race:
@@ -417,7 +429,7 @@ class JobStore:
         local = self._require_local()
         if not drafts:
             return []
-        first_id = self.next_free_id()
+        first_id = self.first_candidate_id()
         for _ in range(CAS_ATTEMPTS):
             jobs = [d.evolve(id=first_id + i, snapshot="") for i, d in enumerate(drafts)]
             commits: list[str] = []
@@ -446,6 +458,8 @@ class JobStore:
                         local.record_many([(j.id, LedgerEntry(c, c, None) if won
                                             else before.get(j.id))
                                            for j, c in zip(jobs, commits)])
+                        if won:
+                            local.remember_id(jobs[-1].id)
             finally:
                 if not won and commits and after_lost_race:
                     after_lost_race(commits)  # also on Ctrl-C: no private record is left
@@ -669,10 +683,21 @@ class JobStore:
                     found[int(head)] = os.path.join(dirpath, name)
         return found
 
+    def _has_folders(self) -> bool:
+        """Whether logs were filed into folders (a folder's link count is 2 plus its
+        subfolders on most file systems; others say 1, and are walked)."""
+        try:
+            return os.stat(self.log_root).st_nlink != 2
+        except OSError:
+            return False
+
     def log_path(self, job: Job, known: Optional[Mapping[int, str]] = None) -> str:
         """Where the job's log is, or will be once it runs."""
+        default = f"{self.log_root}{os.sep}{self.default_log_name(job)}"
+        if known is None and (os.path.exists(default) or not self._has_folders()):
+            return default  # where a log starts, and stays unless filed: no walk of them all
         logs = known if known is not None else self.find_logs()
-        return logs.get(job.id) or f"{self.log_root}{os.sep}{self.default_log_name(job)}"
+        return logs.get(job.id) or default
 
     def category(self, log_path: str) -> Optional[str]:
         """The folder a log is filed under, relative to the log root; None at the root."""

@@ -34,12 +34,16 @@ EXIT_LOCKED = 75
 
 
 
-def nudge(socket_path: str) -> None:
+def nudge(socket_path: str, repo: Optional[str] = None) -> None:
     """Tell the daemon something changed (best effort: it rescans anyway). Nothing is
-    sent to a socket that another user serves."""
+    sent to a socket that another user serves. Naming the repository with no job says
+    that no ref changed: the daemon only looks at its run files."""
+    request: dict[str, Any] = {"cmd": "nudge"}
+    if repo is not None:
+        request.update(repo=repo, jobs=[])
     try:
         with connect_private(socket_path, 0.5) as s:
-            s.sendall(b'{"cmd": "nudge"}\n')
+            s.sendall(json.dumps(request).encode() + b"\n")
             s.recv(64)
     except (OSError, TqError):
         pass
@@ -76,13 +80,13 @@ def run(launch: dict[str, Any]) -> int:
         log.write(f"\n[git tq] {reason}\n".encode())
         write_json(launch["exit"], {"exit_code": 127, "signal": None, "ended_at": now_iso(),
                                     "start_error": reason})
-        nudge(launch["socket"])
+        nudge(launch["socket"], (launch.get("results") or {}).get("common"))
         return 0
     job = ProcessId.of(child.pid) or ProcessId(child.pid, 0.0)
     assert me is not None
     write_json(launch["ident"], {"supervisor": [me.pid, me.started],
                                  "job": [job.pid, job.started], "pgid": child.pid})
-    nudge(launch["socket"])
+    nudge(launch["socket"], (launch.get("results") or {}).get("common"))
     status = _wait_for(child.pid)
     code = os.waitstatus_to_exitcode(status)
     signum = -code if code < 0 else None
@@ -108,12 +112,15 @@ def run(launch: dict[str, Any]) -> int:
     if launch.get("results"):
         if launch.get("ended"):  # from now on the daemon kills nothing of ours
             write_json(launch["ended"], {"at": ended})
+            # ...and the job's GPUs are free: the next job starts while this one's
+            # outputs, metrics and log are collected.
+            nudge(launch["socket"], launch["results"].get("common"))
         outcome["results"] = _collect(launch, log)
     write_json(launch["exit"], outcome)
     # Release the lock before the nudge: the daemon reads "lock free + exit file" as
     # "ended", and must see both when it wakes.
     os.close(lock_fd)
-    nudge(launch["socket"])
+    nudge(launch["socket"], (launch.get("results") or {}).get("common"))
     return 0
 
 

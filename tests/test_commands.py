@@ -343,8 +343,8 @@ def test_rm_forget_deletes_finished_records(repo: Path) -> None:
     tq(repo, "rm", "--forget", str(job_id))
     assert git(repo, "for-each-ref", "refs/tq/jobs") == ""
     assert Path(str(log) + ".forgotten").read_text() == "old run\n"  # kept, detached
-    assert submit(repo, "--cpu", "true") == 1
-    assert not Path(jobs_json(repo)[0]["log"]).exists()  # the new job 1 has no old log
+    assert submit(repo, "--cpu", "true") == 2  # ids are never given twice by this user
+    assert not Path(jobs_json(repo)[0]["log"]).exists()
 
 
 def test_purge(repo: Path) -> None:
