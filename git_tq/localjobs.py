@@ -203,6 +203,15 @@ class LocalJobs:
 
     def entries(self) -> dict[int, LedgerEntry]:
         """Every job of ours by id. Only bytes appended since the last call are read."""
+        return dict(self._current())
+
+    def entries_view(self) -> Mapping[int, LedgerEntry]:
+        """`entries` without the copy, for a reader that keeps it only until its next
+        call (the daemon, each cycle): O(new lines), not O(jobs)."""
+        return self._current()
+
+    def _current(self) -> dict[int, LedgerEntry]:
+        """The cached entries (never handed out: updated in place), brought up to date."""
         try:
             fd = os.open(self.ledger_path, os.O_RDONLY)
         except FileNotFoundError:
@@ -213,8 +222,6 @@ class LocalJobs:
             inode, offset, known, lines = self._cache
             if st.st_ino != inode or st.st_size < offset:
                 offset, known, lines = 0, {}, 0
-            else:
-                known = dict(known)
             data = _read_from(fd, offset)
         finally:
             os.close(fd)
@@ -226,7 +233,7 @@ class LocalJobs:
             else:
                 known[job_id] = entry
         self._cache = (st.st_ino, offset + end, known, lines)
-        return dict(known)
+        return known
 
     def last_id(self) -> Optional[int]:
         """The highest id this user gave a job here; None when not known (never written,
@@ -245,7 +252,7 @@ class LocalJobs:
             write_private_file(os.path.join(self.folder, "last-id"), f"{job_id}\n".encode())
 
     def entry(self, job_id: int) -> Optional[LedgerEntry]:
-        return self.entries().get(job_id)
+        return self._current().get(job_id)
 
     def changes_since(self, mark: Optional[LedgerMark]) \
             -> tuple[LedgerMark, dict[int, Optional[LedgerEntry]], bool]:

@@ -16,6 +16,7 @@ the group to empty, or the stop's deadline (the daemon's `.stop` run file).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -60,7 +61,10 @@ def run(launch: dict[str, Any]) -> int:
     except OSError:
         return EXIT_LOCKED  # another supervisor runs this job: never run it twice
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
+        # Caught by a handler that does nothing, not ignored: exec gives caught signals
+        # their default action back, so the job needs no preexec_fn (which would cost
+        # ~1.7 ms a start: subprocess could not use vfork).
+        signal.signal(sig, _survive)
     become_subreaper()
     me = ProcessId.of(os.getpid())
     # The log holds whatever the job prints, secrets included: 0600 in 0700 folders.
@@ -71,7 +75,6 @@ def run(launch: dict[str, Any]) -> int:
         child = subprocess.Popen(
             launch["argv"], cwd=launch["cwd"], env=launch["env"], stdin=subprocess.DEVNULL,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_default_signals,
         )
     except OSError as exc:
         reason = f"could not start {launch['argv'][0]!r}: {exc.strerror or exc}"
@@ -96,8 +99,12 @@ def run(launch: dict[str, Any]) -> int:
         # The signal went to others than the main process: they get their grace too.
         left_at_deadline = _wait_for_group(child.pid, launch["stop"])
     ended = time.time()
-    # Whatever the job left behind (workers, background children) goes with it.
-    kill(job, child.pid, me)
+    # Whatever the job left behind (workers, background children) goes with it. The
+    # sweep of every process's parent (psutil) is skipped when nothing can be left: the
+    # group is empty and, as the subreaper every orphan of the job comes to, we have no
+    # child left.
+    if _anything_left(child.pid):
+        kill(job, child.pid, me)
     _reap_all()
     text = f"killed by signal {signum}" if signum else f"exited with code {code}"
     forced = signum == signal.SIGKILL or left_at_deadline
@@ -113,7 +120,9 @@ def run(launch: dict[str, Any]) -> int:
         if launch.get("ended"):  # from now on the daemon kills nothing of ours
             write_json(launch["ended"], {"at": ended})
             # ...and the job's GPUs are free: the next job starts while this one's
-            # outputs, metrics and log are collected.
+            # outputs, metrics and log are collected, at a lower priority than its start.
+            with contextlib.suppress(OSError):
+                os.nice(10)
             nudge(launch["socket"], launch["results"].get("common"))
         outcome["results"] = _collect(launch, log)
     write_json(launch["exit"], outcome)
@@ -190,9 +199,8 @@ def _wait_for_group(pgid: int, stop_path: str) -> bool:
     return False
 
 
-def _default_signals() -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
+def _survive(*_: object) -> None:
+    """The supervisor outlives SIGTERM, SIGINT and SIGHUP (see `run`)."""
 
 
 def _wait_for(pid: int) -> int:
@@ -206,6 +214,22 @@ def _wait_for(pid: int) -> int:
             continue
         if got == pid:
             return status
+
+
+def _anything_left(pgid: int) -> bool:
+    """Whether a process of the job may be alive: one in its group, or a child of ours
+    (orphans of the job are re-parented to us). Zombies found on the way are reaped."""
+    if group_alive(pgid):
+        return True
+    while True:
+        try:
+            got, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        except InterruptedError:
+            continue
+        if got == 0:
+            return True
 
 
 def _reap_all() -> None:

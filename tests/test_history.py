@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 from pathlib import Path
 
 from conftest import git, show, submit, tq, tq_json, wait_state, wait_until
@@ -107,3 +109,65 @@ def test_the_daemon_packs_loose_job_refs(repo: Path) -> None:
     # Jobs go on after packing: records are written over packed refs as over loose ones.
     job = submit(repo, "--cpu", "--", "true")
     wait_state(repo, job, "done")
+
+
+def test_daemon_killed_again_and_again_loses_no_job_and_runs_none_twice(
+        repo: Path, tmp_path: Path) -> None:
+    """SIGKILL the daemon while short jobs start, end and are recorded (the next job
+    starts before the last one's ending is written): every job runs once, and every
+    exit status and log is recorded."""
+    ran = tmp_path / "ran"
+    git(repo, "config", "tq.cpuSlots", "2")
+    script = f'echo "$TQ_JOB_ID $TQ_ATTEMPT" >> {ran}; echo out-$TQ_JOB_ID; exit $((TQ_JOB_ID % 3))'
+    values = ",".join(str(i) for i in range(24))
+    tq(repo, "run", "-q", "--cpu", "--sweep", f"i={values}", "--", "sh", "-c", script)
+    tq(repo, "start")
+    for threshold in (3, 7, 11, 15, 19):
+        wait_until(lambda t=threshold: ran.exists() and len(ran.read_text().split("\n")) > t,
+                   timeout=30)
+        os.kill(_daemon_pid(), signal.SIGKILL)
+        tq(repo, "start")
+    wait_until(lambda: all(j["state"] in ("done", "failed")
+                           for j in tq_json(repo, "ls", "--all", "--json")), timeout=60)
+    lines = ran.read_text().split()
+    ids = [int(x) for x in lines[0::2]]
+    assert sorted(ids) == list(range(1, 25))  # each job ran, and once
+    for job in tq_json(repo, "ls", "--all", "--json"):
+        assert job["exit_code"] == job["id"] % 3, job
+        assert f"out-{job['id']}" in tq(repo, "view", "--raw", str(job["id"])).stdout
+
+
+def _daemon_pid() -> int:
+    info = json.loads((Path(os.environ["TQ_HOME"]) / "daemon.json").read_text())
+    pid: int = info["pid"]
+    return pid
+
+
+def test_a_free_slot_start_from_the_spare_worktree_runs_exactly_the_new_code(
+        repo: Path, tmp_path: Path) -> None:
+    (repo / "keep.txt").write_text("same\n")
+    (repo / "gone.txt").write_text("deleted before the second job\n")
+    (repo / "sub").mkdir()
+    (repo / "sub" / "old.txt").write_text("old\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "first")
+    tq(repo, "start")
+    listing = "find . -path ./.git -prune -o -type f -print | sort; cat keep.txt"
+    first = submit(repo, "--cpu", "--", "sh", "-c", listing)
+    wait_state(repo, first, "done")
+    wait_until(lambda: _stats(repo)["cycles"] > 0 and
+               (Path(os.environ["TQ_HOME"]) / "spare").is_dir(), timeout=15)
+    (repo / "gone.txt").unlink()
+    (repo / "sub" / "old.txt").unlink()
+    (repo / "new.txt").write_text("untracked, on disk\n")
+    (repo / "keep.txt").write_text("edited\n")
+    before = _stats(repo)["spare_worktrees_used"]
+    second = submit(repo, "--cpu", "--", "sh", "-c", listing)
+    wait_state(repo, second, "done")
+    assert _stats(repo)["spare_worktrees_used"] == before + 1
+    out = tq(repo, "view", "--raw", str(second)).stdout
+    files = [line for line in out.splitlines() if line.startswith("./")]
+    on_disk = sorted(f"./{p.relative_to(repo)}" for p in repo.rglob("*")
+                     if p.is_file() and ".git" not in p.relative_to(repo).parts)
+    assert files == on_disk and "./new.txt" in files and "./gone.txt" not in files, out
+    assert "edited" in out and "same" not in out
