@@ -703,14 +703,14 @@ class Daemon:
             if rs.ledger_changed:  # its check reads the ledger's new lines
                 with contextlib.suppress(OSError):
                     rs.local.compact_if_sparse()
-        for rs in repos:
-            self.make_spare(rs)
         started = {s.key for s in plan.starts}
         for w in scheduler.queue_order(waiting)[:PREPARE_AHEAD]:
             if w.key not in started:
                 rs, job = jobs[w.key]
                 with contextlib.suppress(TqError, OSError):
                     self.prepare_worktree(rs, job)
+        for rs in repos:
+            self.make_spare(rs)
 
     def machine_gpus(self, repos: list[RepoState]) -> tuple[int, ...]:
         declared = setting(repos, "tq.gpus")
@@ -1062,6 +1062,12 @@ class Daemon:
         if spec is None:
             return
         ensure_private_dir(os.path.dirname(path))
+        if self.take_spare(rs, path, entry.submission, spec):
+            try:  # a few ms here, where a checkout would take the CPU the next start needs
+                jobtree.complete(rs.common, path, spec, rs.config)
+            except (OSError, TqError):
+                self.drop_spare(rs, path)  # its start checks it out the long way
+            return
         proc = subprocess.Popen(
             ["git", *CHECKOUT_OPTIONS, "--git-dir", rs.common, "worktree", "add", "--detach",
              "-f", "--", path, entry.submission], cwd=rs.common,
@@ -1109,8 +1115,9 @@ class Daemon:
         """Check out, in the background, a worktree no job has run in, for the next job
         that finds a free slot: moving it into place and checking out only the files
         that differ (`take_spare`) costs a quarter of a `git worktree add`."""
-        if rs.key in self.spares or rs.last_submission is None:
-            return
+        if rs.key in self.spares or rs.last_submission is None or \
+                any(c.proc.poll() is None for c in self.preparing.values()):
+            return  # the waiting jobs' checkouts first
         path = self.spare_path(rs)
         if os.path.lexists(path):  # left by an earlier daemon: never trusted as pristine
             self.drop_spare(rs, path)
