@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import marshal
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -307,20 +308,65 @@ def _entries(ctx: Context, ids: Sequence[int]) -> dict[int, LedgerEntry]:
 # --- the listings -----------------------------------------------------------------------
 
 
+RACY_NS = 100_000_000  # a file changed this recently may change again in the same tick
+
+
+def _stamp(ctx: Context) -> Optional[tuple[Any, ...]]:
+    """Stat data that changes whenever a job ref or the notes ref is created, moved or
+    deleted (git renames a lock file into the refs folder, or rewrites packed-refs),
+    or our ledger is written; None when one changed too recently to be trusted (git's
+    "racy" case) or refs are not files (reftable)."""
+    common = ctx.repo.common_dir
+    if os.path.exists(os.path.join(common, "reftable")):
+        return None
+    stamps: list[Optional[tuple[int, int, int]]] = []
+    for path in (os.path.join(common, "refs", "tq", "jobs"), os.path.join(common, "packed-refs"),
+                 os.path.join(common, "refs", "notes"), ctx.local.ledger_path):
+        try:
+            st = os.stat(path)
+        except OSError:
+            stamps.append(None)
+            continue
+        stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    newest = max((st[2] for st in stamps if st is not None), default=0)
+    return None if time.time_ns() - newest < RACY_NS else tuple(stamps)
+
+
 def active(ctx: Context) -> Rows:
-    """The active jobs (by id) and the unreadable refs: reads no finished job's row, so it
-    costs the same whatever the number of finished jobs (but git's listing of refs)."""
+    """The active jobs (by id) and the unreadable refs: reads no finished job's row. When
+    no job ref, notes ref or ledger line changed since the last call (`_stamp`), not
+    even the refs are listed: the active jobs' tips and records, the unreadable refs
+    and the active jobs' note blobs come from `active-v1.marshal`, so the cost is the
+    same whatever the number of finished jobs."""
     folder = ctx.store.cache_dir
-    listed, notes_tip = ctx.store.ref_tips()
-    tips = _Tips.load(folder)
-    order, bad = _sorted_tips(ctx, tips, listed, finished=False)
-    jobs = _jobs(ctx, tips, [tip for _, tip in order])
-    chosen = [jobs[tip] for _, tip in order]
+    stamp = _stamp(ctx)
+    snap = _load(os.path.join(folder, "active-v1.marshal")) if stamp is not None else None
+    try:
+        if snap is None or snap[1] != list(stamp or ()):
+            raise TypeError
+        chosen = [_job_from_row(r) for r in snap[2]]
+        bad = [Unreadable(str(n), str(t), str(why)) for n, t, why in snap[3]]
+        blobs = {str(k): str(v) for k, v in snap[4].items()}
+    except (TypeError, IndexError, KeyError, ValueError, AttributeError):
+        listed, notes_tip = ctx.store.ref_tips()
+        tips = _Tips.load(folder)
+        order, bad = _sorted_tips(ctx, tips, listed, finished=False)
+        jobs = _jobs(ctx, tips, [tip for _, tip in order])
+        chosen = [jobs[tip] for _, tip in order]
+        blobs = ctx.store.note_blobs() if notes_tip and chosen else {}
+        tips.save(folder, {tip for tip, _ in listed})
+        if stamp is not None:
+            entries = _entries(ctx, [j.id for j in chosen]) if chosen else {}
+            keys = {k for j in chosen for k in (j.tip, j.snapshot, getattr(
+                entries.get(j.id), "submission", None)) if k}
+            _save(folder, "active-v1.marshal", (
+                VERSION, list(stamp), [_job_to_row(j) for j in chosen],
+                [(u.name, u.tip, u.reason) for u in bad],
+                {k: v for k, v in blobs.items() if k in keys}))
     entries = _entries(ctx, [j.id for j in chosen]) if chosen else {}
-    blobs = ctx.store.note_blobs() if notes_tip and chosen else {}
-    logs = ctx.store.find_logs() if chosen else {}
+    # Each job's log where it starts unless logs were filed into folders (then walked).
+    logs = {j.id: ctx.store.log_path(j) for j in chosen}
     rows = _build(ctx, chosen, entries, blobs, logs)
-    tips.save(folder, {tip for tip, _ in listed})
     return Rows(rows, bad)
 
 

@@ -158,3 +158,47 @@ def test_plain_ls_reads_no_finished_row(repo: Path) -> None:
         assert len(out.splitlines()) == 2
     finally:
         os.chmod(cache_dir(repo), 0o700)
+
+
+def test_plain_ls_lists_no_ref_while_none_changed(repo: Path) -> None:
+    """Once the refs, the notes and the ledger have settled, plain `ls` takes the active
+    jobs from active-v1.marshal; any change to them is seen at once."""
+    from conftest import wait_until
+
+    finished_jobs(repo)
+    tq(repo, "run", "-q", "--cpu", "-t", "second", "--", "echo", "x")
+    snapshot = cache_dir(repo) / "active-v1.marshal"
+
+    def settled_ls() -> str:
+        def saved() -> bool:
+            if snapshot.exists():
+                snapshot.unlink()
+            tq(repo, "ls", "--json")
+            return snapshot.exists()
+        wait_until(saved, timeout=10)
+        out = tq(repo, "ls", "--json").stdout  # from the snapshot
+        shutil.rmtree(cache_dir(repo))
+        assert tq(repo, "ls", "--json").stdout == out  # as with no cache at all
+        return out
+
+    jobs = json.loads(settled_ls())
+    assert [j["id"] for j in jobs] == [3, 4]
+    # A record moved by hand (no git tq command, no nudge): seen by the next `ls`.
+    tip = git(repo, "rev-parse", "refs/tq/jobs/4").strip()
+    message = git(repo, "cat-file", "commit", tip).partition("\n\n")[2]
+    forged = git(repo, "commit-tree", f"{tip}^{{tree}}", "-p", tip, "-m",
+                 message.replace("Tq-Tag: second", "Tq-Tag: moved")).strip()
+    settled_ls()
+    git(repo, "update-ref", "refs/tq/jobs/4", forged)
+    row = json.loads(tq(repo, "ls", "--json").stdout)[1]
+    assert row["tag"] == "moved" and row["trust"] == "tampered"
+    git(repo, "update-ref", "refs/tq/jobs/4", tip)
+    settled_ls()
+    tq(repo, "note", "3", "a note")  # the notes ref moves
+    assert json.loads(tq(repo, "ls", "--json").stdout)[0]["note"] == "a note"
+    settled_ls()
+    tq(repo, "rm", "4")  # the record and the ledger move
+    assert [j["id"] for j in json.loads(tq(repo, "ls", "--json").stdout)] == [3]
+    for garbage in (b"", b"\x00garbage"):
+        snapshot.write_bytes(garbage)
+        assert [j["id"] for j in json.loads(tq(repo, "ls", "--json").stdout)] == [3]
