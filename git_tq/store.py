@@ -598,28 +598,44 @@ class JobStore:
         """
         scratch = f"refs/notes/tq-scratch/{os.getpid()}-{id(self):x}"
         target = self.submission(job)  # a checked object id, never text from a record
+        scratch_left = True
         try:
             for _ in range(CAS_ATTEMPTS):
-                old = self.repo.resolve_ref(ref)
-                if old:
-                    self.repo.git("update-ref", scratch, old)
-                else:
-                    self.repo.git("update-ref", "-d", scratch)
+                # The scratch ref starts as a copy of the notes ref (update-ref reads it);
+                # the old value for the compare-and-swap is then the parent of the commit
+                # `git notes` makes on it. Four git processes, none to read a ref first.
+                copied = self.repo.git("update-ref", scratch, ref, check=False).returncode == 0
+                if not copied:
+                    self.repo.git("update-ref", "-d", scratch)  # no notes yet: a root commit
                 p = self.repo.git("notes", f"--ref={scratch}", *args, "--end-of-options", target,
                                   env=self.commit_env,
                                   input=None if text is None else text.encode(), check=False)
                 if p.returncode != 0:
                     lines = p.stderr.decode(errors="replace").strip().splitlines()
                     raise TqError(f"git notes: {lines[-1] if lines else 'failed'}")
-                new = self.repo.resolve_ref(scratch)
-                if new is None or new == old:
-                    return
-                if self.repo.update_ref(ref, new, old or "0" * len(new),
-                                        f"tq: note on job {job.id}"):
+                # Our own ref names (never options): the new tip, the notes ref now, and
+                # the commit it was copied from (the new tip's parent; absent when
+                # `git notes` made no commit on a root). A name that fails is echoed
+                # as text, so only object ids count.
+                out = self.repo.git("rev-parse", scratch, ref, f"{scratch}^",
+                                    check=False).stdout.decode().split("\n")
+                shown = [ln if is_oid(ln) else None for ln in (out + ["", "", ""])[:3]]
+                new, now, parent = shown
+                if new is None or new == now:
+                    return  # the edit changed nothing
+                old = parent if copied else None
+                if copied and (old is None or now is None):
+                    continue  # the notes ref moved or went away meanwhile: redo it
+                script = (f"update {ref} {new} {old or '0' * len(new)}\n"
+                          f"delete {scratch}\n")
+                if self.repo.git("update-ref", "--stdin", "-m", f"tq: note on job {job.id}",
+                                 input=script.encode(), check=False).returncode == 0:
+                    scratch_left = False  # deleted by the same transaction
                     return
             raise RefRace("notes kept changing under us; try again")
         finally:
-            self.repo.git("update-ref", "-d", scratch, check=False)
+            if scratch_left:
+                self.repo.git("update-ref", "-d", scratch, check=False)
 
     def set_note(self, job: Job, text: str, append: bool = False) -> None:
         if append:

@@ -190,6 +190,15 @@ def test_concurrent_notes_all_land(repo: Path) -> None:
     assert [p.wait(timeout=60) for p in procs] == [0] * 8
     notes = {j["id"]: j["note"] for j in tq_json(repo, "ls", "--all")}  # type: ignore[union-attr]
     assert notes == {i: f"note {i}" for i in range(1, 9)}
+    assert "tq-scratch" not in git(repo, "for-each-ref", "refs/notes")  # none left behind
+    # The same text again changes nothing, and a note can go and come back.
+    tq(repo, "note", "1", "note 1")
+    tq(repo, "note", "--remove", "2")
+    tq(repo, "note", "--remove", "2")  # already gone: nothing to change
+    tq(repo, "note", "2", "back")
+    notes = {j["id"]: j["note"] for j in tq_json(repo, "ls", "--all")}  # type: ignore[union-attr]
+    assert notes[1] == "note 1" and notes[2] == "back" and notes[3] == "note 3"
+    assert "tq-scratch" not in git(repo, "for-each-ref", "refs/notes")
 
 
 def test_foreign_record_is_skipped_with_a_warning(repo: Path) -> None:
