@@ -224,7 +224,7 @@ class Daemon:
         self.gpus_in_use = False
         self.started_at = time.time()
         self.counts: dict[str, int] = {}
-        self.cleanup: list[tuple[RepoState, int]] = []
+        self.cleanup: list[tuple[RepoState, Job]] = []  # ended jobs whose worktrees go
         self.preparing: dict[str, Checkout] = {}  # worktree path -> checkout under way
         self.abandoned: set[str] = set()  # checkouts under way for jobs that left the queue
         self.left_alone: set[str] = set()  # worktrees not ours to remove (warned once)
@@ -695,8 +695,8 @@ class Daemon:
         # Work that is not on anyone's critical path: remove finished jobs' worktrees,
         # and check out the next waiting jobs' worktrees so that starting them is a fork.
         cleanup, self.cleanup = self.cleanup, []
-        for rs, job_id in cleanup:
-            self.remove_in_background(rs, job_id)
+        for rs, ended in cleanup:
+            self.remove_in_background(rs, ended.id, record=ended)
         for rs in repos:
             self.sweep_worktrees(rs)
         for rs in repos:
@@ -898,7 +898,7 @@ class Daemon:
             keep = new.state is State.FAILED and \
                 rs.config.get("tq.keepworktrees", "false").lower() in ("true", "yes", "1")
             if not keep:
-                self.cleanup.append((rs, new.id))  # after this cycle's starts
+                self.cleanup.append((rs, new))  # after this cycle's starts
         hook = {"preempted": "preempt", "cancelled": "finish", "finished": "finish",
                 "start-failed": "finish"}.get(event)
         if hook:
@@ -1169,7 +1169,8 @@ class Daemon:
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
 
-    def remove_in_background(self, rs: RepoState, job_id: int, ran: bool = True) -> None:
+    def remove_in_background(self, rs: RepoState, job_id: int, ran: bool = True,
+                             record: Optional[Job] = None) -> None:
         """`remove_worktree` in a forked child: checking what a job wrote (`git status`)
         and deleting a big worktree take long, and the loop must keep serving the socket
         and starting jobs meanwhile. The child's exit wakes the loop (SIGCHLD)."""
@@ -1186,14 +1187,15 @@ class Daemon:
             for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
             os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # above all, not the daemon's lock
-            self.remove_worktree(rs, job_id, ran)
+            self.remove_worktree(rs, job_id, ran, record)
             code = 0
         except BaseException:  # noqa: BLE001 - a child must never return into the loop
             log.exception("removing %s failed", path)
         finally:
             os._exit(code)
 
-    def remove_worktree(self, rs: RepoState, job_id: int, ran: bool = True) -> None:
+    def remove_worktree(self, rs: RepoState, job_id: int, ran: bool = True,
+                        record: Optional[Job] = None) -> None:
         """Remove a finished job's worktree, unless the job wrote files there that are not
         ignored (nothing records them yet): that worktree is kept, and the reason recorded
         in the tq home for `git tq show` and `git tq gc`. `ran`: False for a job that never
@@ -1203,8 +1205,8 @@ class Daemon:
         path = self.home.worktree_dir(rs.key, job_id)
         if ran and registered_worktree(rs.common, path) is not None:
             entry = rs.entries.get(job_id) or rs.local.entry(job_id)
-            try:
-                outputs = rs.store.load(job_id).outputs
+            try:  # the ending this daemon just recorded, else the record as it is now
+                outputs = (record or rs.store.load(job_id)).outputs
             except TqError:
                 outputs = None
             kept = jobtree.check_kept(path, entry.submission if entry else "", outputs)
