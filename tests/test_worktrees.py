@@ -158,7 +158,9 @@ def test_a_checkout_under_way_for_a_cancelled_job_is_removed_when_done(
     gone = submit(repo, "true")
     wait_until(lambda: job_paths([gone]))  # `git worktree add` has begun
     tq(repo, "rm", str(gone))
-    wait_until(lambda: registered(repo) == job_paths([blocker]) and not job_paths([gone]))
+    # (two slow checkouts may be under way: the job's and the daemon's spare worktree)
+    wait_until(lambda: registered(repo) == job_paths([blocker]) and not job_paths([gone]),
+               timeout=30)
     admin = repo / ".git" / "worktrees"
     spare = str(Path(os.environ["TQ_HOME"]) / "spare")
     jobs_admin = [d for d in admin.iterdir() if spare not in (d / "gitdir").read_text()]
