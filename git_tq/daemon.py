@@ -120,7 +120,7 @@ def open_repo(common: str, local: LocalJobs) -> RepoState:
     repo = Repo(toplevel=None, git_dir=common, common_dir=common, prefix="",
                 index_path=os.path.join(common, "index"))
     stamp = config_stamp(common)
-    config = repo.config(r"^(tq|user)\.|^core\.hookspath$")
+    config = repo.config(r"^(tq|user)\.|^core\.(hookspath|attributesfile)$")
     env = identity_env(config, without_repo_vars(os.environ))
     return RepoState(repo_key(common), common, repo, JobStore(repo, env, local), config,
                      config_stamp=stamp)
@@ -195,6 +195,7 @@ class Spare:
     proc: subprocess.Popen[bytes]
     path: str
     commit: str
+    written_by: Optional[tuple[Any, ...]]  # checkout_settings when it was checked out
 
 
 @dataclass
@@ -363,6 +364,7 @@ class Daemon:
             checkout.linked = True
             try:
                 jobtree.complete(checkout.rs.common, path, checkout.spec, checkout.rs.config)
+                jobtree.mark_complete(path, checkout.spec.submission)
             except (OSError, TqError) as exc:
                 checkout.error = str(exc)
 
@@ -1065,6 +1067,7 @@ class Daemon:
         if self.take_spare(rs, path, entry.submission, spec):
             try:  # a few ms here, where a checkout would take the CPU the next start needs
                 jobtree.complete(rs.common, path, spec, rs.config)
+                jobtree.mark_complete(path, entry.submission)
             except (OSError, TqError):
                 self.drop_spare(rs, path)  # its start checks it out the long way
             return
@@ -1093,7 +1096,18 @@ class Daemon:
             shutil.rmtree(path, ignore_errors=True)  # a failed checkout: try again below
             run_git(["--git-dir", rs.common, "worktree", "prune"], rs.common, check=False)
         elif os.path.isdir(path) and os.listdir(path):
-            return path  # a resumed job: same worktree, checkpoints and all
+            mark, ran = jobtree.completed(path), job.attempt > 1
+            if mark == submission or (mark is None and ran and jobtree.head(path) == submission):
+                return path  # a resumed job: same worktree, checkpoints and all
+            if mark is None and ran:
+                # Maybe its checkpoints, maybe a checkout cut short: never run, never deleted.
+                raise TqError(f"{path} is not a complete checkout of the job's code (a daemon "
+                              "killed while making it?); it is left for you to look at, "
+                              f"`git tq gc --outputs {job.id}` removes it")
+            # A checkout or completion cut short, of a job that never ran: made again.
+            log.warning("job %d: %s is not a complete checkout of its code; checked out "
+                        "again", job.id, path)
+            self.drop_spare(rs, path)
         ensure_private_dir(os.path.dirname(path))
         rs.last_submission = submission  # the next spare worktree starts from it
         if not self.take_spare(rs, path, submission, spec):
@@ -1104,6 +1118,7 @@ class Daemon:
                 raise TqError("git worktree add failed: "
                               + p.stderr.decode(errors="replace").strip().splitlines()[-1])
         jobtree.complete(rs.common, path, spec, rs.config)
+        jobtree.mark_complete(path, submission)
         return path
 
     # --- the spare worktree -------------------------------------------------------
@@ -1128,7 +1143,26 @@ class Daemon:
                  "--detach", "-f", "--", path, rs.last_submission], cwd=rs.common,
                 env=without_repo_vars(os.environ), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            self.spares[rs.key] = Spare(proc, path, rs.last_submission)
+            self.spares[rs.key] = Spare(proc, path, rs.last_submission,
+                                        self.checkout_settings(rs))
+
+    def checkout_settings(self, rs: RepoState) -> Optional[tuple[Any, ...]]:
+        """Stamps of what, besides the commits, decides the bytes a checkout writes: the
+        config files (core.autocrlf, core.eol, filters, core.attributesFile...), the
+        repository's info/attributes and the user's attributes files. None when one
+        changed too recently to tell."""
+        config = config_stamp(rs.common)
+        if config is None:
+            return None
+        xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"),
+                                                                 ".config")
+        files = [os.path.join(rs.common, "info", "attributes"),
+                 os.path.join(xdg, "git", "attributes")]
+        own = rs.config.get("core.attributesfile")
+        if own:
+            files.append(os.path.expanduser(own))
+        stamps = settled(tuple(file_stamp(f) for f in files))
+        return None if stamps is None else (config, stamps)
 
     def take_spare(self, rs: RepoState, path: str, submission: str, spec: LocalSpec) -> bool:
         """Make `path` a checkout of `submission` from the spare worktree, if one is ready
@@ -1141,17 +1175,21 @@ class Daemon:
         del self.spares[rs.key]
         env = without_repo_vars(os.environ)
         try:
+            if spare.written_by != self.checkout_settings(rs) or spare.written_by is None:
+                raise TqError("the attributes or config that decide how files are written "
+                              "changed since it was checked out")
             if spare.commit != submission:
                 changed = run_git(["--git-dir", rs.common, "diff-tree", "-r", "--name-only",
                                    spare.commit, submission, "--", ":(glob)**/.gitattributes"],
                                   rs.common, env=env).stdout
                 if changed.strip():
                     raise TqError("the attributes differ")
+                # In the spare's own place first: a daemon killed here leaves a spare,
+                # which the next daemon never uses, and no job folder.
+                run_git([*jobtree.NO_HOOKS, "checkout", "-q", "--detach", "-f",
+                         "--no-recurse-submodules", submission, "--"], spare.path, env=env)
             run_git([*jobtree.NO_HOOKS, "--git-dir", rs.common, "worktree", "move",
                      spare.path, path], rs.common, env=env)
-            if spare.commit != submission:
-                run_git([*jobtree.NO_HOOKS, "checkout", "-q", "--detach", "-f",
-                         "--no-recurse-submodules", submission, "--"], path, env=env)
             self.stats["spare_worktrees_used"] += 1
             return True
         except (TqError, OSError) as exc:

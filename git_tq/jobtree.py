@@ -53,6 +53,54 @@ def complete(common: str, path: str, spec: LocalSpec, config: Mapping[str, str])
     link_ignored(common, path, spec.source_dir, config)
 
 
+COMPLETE_MARK = "tq-complete"  # in the worktree's admin folder: the commit it holds whole
+
+
+def admin_dir(path: str) -> Optional[str]:
+    """The worktree's admin folder in the repository (`gitdir:` of its `.git` file)."""
+    try:
+        with open(os.path.join(path, ".git"), encoding="utf-8") as fh:
+            line = fh.read(4096).strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not line.startswith("gitdir: "):
+        return None
+    found = line[len("gitdir: "):]
+    return found if os.path.isabs(found) else os.path.normpath(os.path.join(path, found))
+
+
+def mark_complete(path: str, submission: str) -> None:
+    """Say that the worktree at `path` is the whole of `submission`, completed: written
+    last, so a checkout or completion cut short (a killed daemon) is never taken for a
+    job's worktree."""
+    admin = admin_dir(path)
+    if admin is not None:
+        from git_tq.home import write_private_file
+
+        write_private_file(os.path.join(admin, COMPLETE_MARK), submission.encode())
+
+
+def _read(path: Optional[str], name: str) -> Optional[str]:
+    if path is None:
+        return None
+    try:
+        with open(os.path.join(path, name), encoding="ascii") as fh:
+            return fh.read(200).strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def completed(path: str) -> Optional[str]:
+    """The commit the worktree at `path` was marked a complete checkout of (None: no mark,
+    a checkout cut short or one made by an older git tq)."""
+    return _read(admin_dir(path), COMPLETE_MARK)
+
+
+def head(path: str) -> Optional[str]:
+    """The worktree's HEAD as its admin folder holds it (an object id when detached)."""
+    return _read(admin_dir(path), "HEAD")
+
+
 def checkout_nested(path: str, nested: Sequence[tuple[str, str, str]]) -> None:
     """Write each nested repository's snapshot into its folder, outer ones first."""
     for rel, git_dir, commit in nested:
