@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ENV, git, machine, make_repo  # noqa: E402
-from history import STAMP, wait_file  # noqa: E402
+from common import ENV, STAMP, git, machine, make_repo, successor, wait_file  # noqa: E402
 
 
 class Install:
@@ -72,7 +71,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         installs = [Install("before", args.before, tmp), Install("after", args.after, tmp)]
         dispatch: dict[str, list[float]] = {i.name: [] for i in installs}
-        successor: dict[str, list[float]] = {i.name: [] for i in installs}
+        next_job: dict[str, list[float]] = {i.name: [] for i in installs}
         try:
             for i in installs:
                 i.tq("start")
@@ -81,15 +80,12 @@ def main() -> None:
                     mark = i.tmp / f"d{r}"
                     returned = i.tq("run", "-q", "--cpu", "--", "sh", "-c", STAMP.format(mark))
                     dispatch[i.name].append(max(wait_file(mark) - returned, 0.0))
-                    gate, a_end, b_start = i.tmp / f"g{r}", i.tmp / f"ae{r}", i.tmp / f"bs{r}"
-                    wait_a = f"while [ ! -e {gate} ]; do sleep 0.005; done; " + \
-                        STAMP.format(a_end)
-                    i.tq("run", "-q", "--cpu", "--", "sh", "-c", wait_a)
-                    i.tq("run", "-q", "--cpu", "--", "sh", "-c", STAMP.format(b_start))
-                    gate.touch()
-                    successor[i.name].append(wait_file(b_start) - wait_file(a_end))
+                    next_job[i.name].append(successor(
+                        lambda script, i=i: i.tq("run", "-q", "--cpu", "--", "sh", "-c",
+                                                 script),
+                        i.tmp, str(r)))
             for name, data in (("dispatch (run returned -> job runs)", dispatch),
-                               ("successor (job ends -> next runs)", successor)):
+                               ("successor (job ends -> next runs)", next_job)):
                 print(f"{name}, p50:  " + "   ".join(
                     f"{i.name} {statistics.median(data[i.name]) * 1000:6.1f} ms"
                     for i in installs))

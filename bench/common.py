@@ -6,7 +6,7 @@ import os
 import statistics
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ENV = {
@@ -87,3 +87,33 @@ def which_git_tq() -> str:
     finder = Path(path).resolve().parent.parent.glob("lib/python*/site-packages/__editable__*")
     kind = "editable install" if any(finder) else "regular install"
     return f"{path} ({site}, {kind})"
+
+
+# A job's first instruction: the wall-clock time it ran, into a file.
+STAMP = "date +%s.%N > {}"
+
+
+def wait_file(path: Path, timeout: float = 60.0) -> float:
+    """The time a STAMP wrote into `path`, once it has."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            text = path.read_text().strip()
+            if text:
+                return float(text)
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.001)
+
+
+def successor(queue: Callable[[str], object], tmp: Path, name: str) -> float:
+    """One slot: queue (`queue(shell script)`) a job that waits for a gate, then one that
+    stamps its start; open the gate. Seconds from the first job's last instruction to
+    the second's first."""
+    gate, a_end, b_start = tmp / f"g{name}", tmp / f"ae{name}", tmp / f"bs{name}"
+    queue(f"while [ ! -e {gate} ]; do sleep 0.005; done; " + STAMP.format(a_end))
+    queue(STAMP.format(b_start))
+    gate.touch()
+    return wait_file(b_start) - wait_file(a_end)

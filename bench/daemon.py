@@ -24,23 +24,16 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ENV, git, machine, make_repo, which_git_tq  # noqa: E402
-
-STAMP = "date +%s.%N > {}"
-
-
-def wait_file(path: Path, timeout: float = 30.0) -> float:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            text = path.read_text().strip()
-            if text:
-                return float(text)
-        except FileNotFoundError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.001)
+from common import (  # noqa: E402
+    ENV,
+    STAMP,
+    git,
+    machine,
+    make_repo,
+    successor,
+    wait_file,
+    which_git_tq,
+)
 
 
 def ms(values: list[float]) -> str:
@@ -104,21 +97,14 @@ def run_all(repo: Path, env: dict[str, str], tmp: Path, rounds: int, tsp: str | 
     # successor: one slot, job A ends -> job B starts
     tq_next, tsp_next = [], []
     for i in range(rounds):
-        gate, a_end, b_start = tmp / f"g{i}", tmp / f"ae{i}", tmp / f"bs{i}"
-        wait_a = f"while [ ! -e {gate} ]; do sleep 0.005; done; " + STAMP.format(a_end)
-        tq(repo, env, "run", "-q", "--cpu", "--", "sh", "-c", wait_a)
-        tq(repo, env, "run", "-q", "--cpu", "--", "sh", "-c", STAMP.format(b_start))
-        gate.touch()
-        tq_next.append(wait_file(b_start) - wait_file(a_end))
+        tq_next.append(successor(
+            lambda script: tq(repo, env, "run", "-q", "--cpu", "--", "sh", "-c", script),
+            tmp, str(i)))
         if tsp:
-            gate, a_end, b_start = tmp / f"tg{i}", tmp / f"tae{i}", tmp / f"tbs{i}"
-            wait_a = f"while [ ! -e {gate} ]; do sleep 0.005; done; " + STAMP.format(a_end)
-            subprocess.run([tsp, "sh", "-c", wait_a], env=env, check=True,
-                           stdout=subprocess.DEVNULL)
-            subprocess.run([tsp, "sh", "-c", STAMP.format(b_start)], env=env, check=True,
-                           stdout=subprocess.DEVNULL)
-            gate.touch()
-            tsp_next.append(wait_file(b_start) - wait_file(a_end))
+            tsp_next.append(successor(
+                lambda script: subprocess.run([tsp, "sh", "-c", script], env=env, check=True,
+                                              stdout=subprocess.DEVNULL),
+                tmp, f"t{i}"))
     print("successor, one slot (job ends -> next queued job's first instruction):")
     print(f"  git tq                           {ms(tq_next)}")
     if tsp:

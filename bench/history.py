@@ -32,28 +32,21 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from common import ENV, git, machine, make_repo, which_git_tq  # noqa: E402
+from common import (  # noqa: E402
+    ENV,
+    STAMP,
+    git,
+    machine,
+    make_repo,
+    successor,
+    wait_file,
+    which_git_tq,
+)
 from listing import write_jobs  # noqa: E402
-
-STAMP = "date +%s.%N > {}"
 
 
 def med(values: list[float]) -> float:
     return statistics.median(values) * 1000
-
-
-def wait_file(path: Path, timeout: float = 60.0) -> float:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            text = path.read_text().strip()
-            if text:
-                return float(text)
-        except FileNotFoundError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.001)
 
 
 class Setup:
@@ -118,7 +111,7 @@ def submit_and_list(setups: list[Setup], rounds: int, label: str) -> None:
 
 def dispatch_and_successor(setups: list[Setup], rounds: int, tsp: str | None) -> None:
     dispatch: dict[int, list[float]] = {s.count: [] for s in setups}
-    successor: dict[int, list[float]] = {s.count: [] for s in setups}
+    next_job: dict[int, list[float]] = {s.count: [] for s in setups}
     tsp_dispatch: list[float] = []
     tsp_successor: list[float] = []
     for i in range(rounds):
@@ -126,12 +119,9 @@ def dispatch_and_successor(setups: list[Setup], rounds: int, tsp: str | None) ->
             mark = s.tmp / f"d{i}"
             returned = s.tq("run", "-q", "--cpu", "--", "sh", "-c", STAMP.format(mark))
             dispatch[s.count].append(max(wait_file(mark) - returned, 0.0))
-            gate, a_end, b_start = s.tmp / f"g{i}", s.tmp / f"ae{i}", s.tmp / f"bs{i}"
-            wait_a = f"while [ ! -e {gate} ]; do sleep 0.005; done; " + STAMP.format(a_end)
-            s.tq("run", "-q", "--cpu", "--", "sh", "-c", wait_a)
-            s.tq("run", "-q", "--cpu", "--", "sh", "-c", STAMP.format(b_start))
-            gate.touch()
-            successor[s.count].append(wait_file(b_start) - wait_file(a_end))
+            next_job[s.count].append(successor(
+                lambda script, s=s: s.tq("run", "-q", "--cpu", "--", "sh", "-c", script),
+                s.tmp, str(i)))
         if tsp:
             env, tmp = setups[0].env, setups[0].tmp
             mark = tmp / f"td{i}"
@@ -139,17 +129,13 @@ def dispatch_and_successor(setups: list[Setup], rounds: int, tsp: str | None) ->
                            stdout=subprocess.DEVNULL)
             returned = time.time()
             tsp_dispatch.append(wait_file(mark) - returned)
-            gate, a_end, b_start = tmp / f"tg{i}", tmp / f"tae{i}", tmp / f"tbs{i}"
-            wait_a = f"while [ ! -e {gate} ]; do sleep 0.005; done; " + STAMP.format(a_end)
-            subprocess.run([tsp, "sh", "-c", wait_a], env=env, check=True,
-                           stdout=subprocess.DEVNULL)
-            subprocess.run([tsp, "sh", "-c", STAMP.format(b_start)], env=env, check=True,
-                           stdout=subprocess.DEVNULL)
-            gate.touch()
-            tsp_successor.append(wait_file(b_start) - wait_file(a_end))
+            tsp_successor.append(successor(
+                lambda script, env=env: subprocess.run([tsp, "sh", "-c", script], env=env,
+                                                       check=True, stdout=subprocess.DEVNULL),
+                tmp, f"t{i}"))
     print("daemon latencies, p50 (p90):")
     for name, data in (("dispatch (run returned -> job runs)", dispatch),
-                       ("successor (job ends -> next runs)", successor)):
+                       ("successor (job ends -> next runs)", next_job)):
         cells = []
         for s in setups:
             values = data[s.count]

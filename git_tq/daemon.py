@@ -46,7 +46,16 @@ from git_tq.localjobs import LedgerEntry, LocalJobs, LocalSpec
 from git_tq.model import STOP_SIGNALS, Job, State, stop_signal_number
 from git_tq.procs import ProcessId, kill, plan_stop, shell_argv
 from git_tq.server import BadRequest, RequestServer, check_request
-from git_tq.store import JOBS_PREFIX, JobStore, identity_env
+from git_tq.store import (
+    JOBS_PREFIX,
+    JobStore,
+    Stamp,
+    file_stamp,
+    identity_env,
+    jobs_ref_dir,
+    refs_stamp,
+    settled,
+)
 from git_tq.store import _canonical as canonical_id
 
 log = logging.getLogger("git-tq-daemon")
@@ -62,10 +71,8 @@ CHECKOUT_OPTIONS = ("-c", "checkout.workers=0", "-c", "checkout.thresholdForPara
 NAMED_READ_MAX = 64  # a nudge naming more jobs than this reads every ref instead
 READ_CHUNK = 500  # records read by one `git cat-file --batch` when many tips changed
 PACK_REFS_AFTER = 256  # loose job refs that make the daemon run `git pack-refs` (tq.packRefsAfter)
-RACY_NS = 100_000_000  # a file changed this recently may change again within its mtime's tick
 # A record that says it has ended needs no decoding to know the scheduler can skip it.
 FINISHED = re.compile(r"^Tq-State: (?:done|failed|cancelled)$", re.MULTILINE)
-Stamp = Optional[tuple[int, int, int]]
 
 
 
@@ -116,10 +123,12 @@ class RepoState:
         return entry if entry is not None and entry.trusts(job.tip) else None
 
 
-def open_repo(common: str, local: LocalJobs) -> RepoState:
+def open_repo(common: str, local: LocalJobs,
+              stamp: Optional[tuple[Stamp, ...]] = None) -> RepoState:
+    """A repository's state with its config read (`stamp`: its config files' stamps,
+    taken before the read)."""
     repo = Repo(toplevel=None, git_dir=common, common_dir=common, prefix="",
                 index_path=os.path.join(common, "index"))
-    stamp = config_stamp(common)
     config = repo.config(r"^(tq|user)\.|^core\.(hookspath|attributesfile)$")
     env = identity_env(config, without_repo_vars(os.environ))
     return RepoState(repo_key(common), common, repo, JobStore(repo, env, local), config,
@@ -133,31 +142,6 @@ def give_back_memory() -> None:
 
     with contextlib.suppress(OSError, AttributeError, TypeError):
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-
-
-def file_stamp(path: str) -> Stamp:
-    """Inode, size and mtime of a file or folder (None when absent)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def settled(stamps: tuple[Stamp, ...]) -> Optional[tuple[Stamp, ...]]:
-    """`stamps`, or None when one of them changed so recently that another change within
-    the same clock tick would leave it as it is (git's "racy" case): read again."""
-    newest = max((s[2] for s in stamps if s is not None), default=0)
-    return None if time.time_ns() - newest < RACY_NS else stamps
-
-
-def refs_stamp(common: str) -> Optional[tuple[Stamp, ...]]:
-    """Changes whenever a job ref is created, moved or deleted: git writes a loose ref
-    by renaming a lock file in the refs folder, and rewrites packed-refs the same way."""
-    if os.path.exists(os.path.join(common, "reftable")):
-        return None  # no files to watch: read every time
-    return settled((file_stamp(os.path.join(common, *JOBS_PREFIX.strip("/").split("/"))),
-                    file_stamp(os.path.join(common, "packed-refs"))))
 
 
 def config_stamp(common: str) -> Optional[tuple[Stamp, ...]]:
@@ -448,10 +432,11 @@ class Daemon:
             try:
                 rs = self.repos.get(common)
                 fresh = rs is None
-                if rs is None or everything or config_stamp(common) != rs.config_stamp \
-                        or rs.config_stamp is None:
+                configured = config_stamp(common)
+                if rs is None or everything or configured is None or \
+                        configured != rs.config_stamp:
                     local = self.ledgers.setdefault(common, LocalJobs(self.home.path, common))
-                    rs = self.reopen(open_repo(common, local), rs)
+                    rs = self.reopen(open_repo(common, local, configured), rs)
                     self.repos[common] = rs
                 ledger = file_stamp(rs.local.ledger_path)
                 rs.ledger_changed = ledger != rs.ledger_stamp or ledger is None
@@ -606,7 +591,7 @@ class Daemon:
         if after <= 0 or rs.common in self.packing:
             return
         try:
-            loose = len(os.listdir(os.path.join(rs.common, *JOBS_PREFIX.strip("/").split("/"))))
+            loose = len(os.listdir(jobs_ref_dir(rs.common)))
         except OSError:
             return
         if loose < after:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import marshal
 import os
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -39,7 +38,7 @@ from git_tq.localjobs import LOCAL, LedgerEntry
 from git_tq.model import Job, Metric, State
 from git_tq.safetext import json_safe, visible
 from git_tq.service import Context, JobView, job_pid
-from git_tq.store import Unreadable, _canonical, _job_from_row, _job_to_row
+from git_tq.store import Unreadable, _canonical, _job_from_row, _job_to_row, refs_stamp
 
 VERSION = 1
 FEW = 64  # up to this many jobs' ledger entries are looked up one by one
@@ -308,28 +307,11 @@ def _entries(ctx: Context, ids: Sequence[int]) -> dict[int, LedgerEntry]:
 # --- the listings -----------------------------------------------------------------------
 
 
-RACY_NS = 100_000_000  # a file changed this recently may change again in the same tick
-
-
 def _stamp(ctx: Context) -> Optional[tuple[Any, ...]]:
     """Stat data that changes whenever a job ref or the notes ref is created, moved or
-    deleted (git renames a lock file into the refs folder, or rewrites packed-refs),
-    or our ledger is written; None when one changed too recently to be trusted (git's
-    "racy" case) or refs are not files (reftable)."""
+    deleted, or our ledger is written; None when that cannot be told (`refs_stamp`)."""
     common = ctx.repo.common_dir
-    if os.path.exists(os.path.join(common, "reftable")):
-        return None
-    stamps: list[Optional[tuple[int, int, int]]] = []
-    for path in (os.path.join(common, "refs", "tq", "jobs"), os.path.join(common, "packed-refs"),
-                 os.path.join(common, "refs", "notes"), ctx.local.ledger_path):
-        try:
-            st = os.stat(path)
-        except OSError:
-            stamps.append(None)
-            continue
-        stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
-    newest = max((st[2] for st in stamps if st is not None), default=0)
-    return None if time.time_ns() - newest < RACY_NS else tuple(stamps)
+    return refs_stamp(common, os.path.join(common, "refs", "notes"), ctx.local.ledger_path)
 
 
 def active(ctx: Context) -> Rows:

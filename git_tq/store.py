@@ -73,6 +73,47 @@ def _canonical(name: str) -> Optional[int]:
         return None
 
 
+# --- noticing change without reading: stat data of the files git keeps refs in ---
+
+Stamp = Optional[tuple[int, int, int]]  # inode, size, mtime (ns); None: absent
+RACY_NS = 100_000_000  # a file changed this recently may change again within its mtime's tick
+
+
+def file_stamp(path: str) -> Stamp:
+    """Inode, size and mtime of a file or folder (None when absent)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def settled(stamps: tuple[Stamp, ...]) -> Optional[tuple[Stamp, ...]]:
+    """`stamps`, or None when one of them changed so recently that another change within
+    the same clock tick would leave it as it is (git's "racy" case): read again."""
+    import time
+
+    newest = max((s[2] for s in stamps if s is not None), default=0)
+    return None if time.time_ns() - newest < RACY_NS else stamps
+
+
+def jobs_ref_dir(common_dir: str) -> str:
+    """The folder of the loose job refs."""
+    return os.path.join(common_dir, *JOBS_PREFIX.strip("/").split("/"))
+
+
+def refs_stamp(common_dir: str, *also: str) -> Optional[tuple[Stamp, ...]]:
+    """Changes whenever a job ref is created, moved or deleted (git writes a loose ref by
+    renaming a lock file into its folder, and rewrites packed-refs the same way), or one
+    of the files or folders `also` changes; None when that cannot be told now (see
+    `settled`), or ever (a reftable: no files to watch)."""
+    if os.path.exists(os.path.join(common_dir, "reftable")):
+        return None
+    return settled((file_stamp(jobs_ref_dir(common_dir)),
+                    file_stamp(os.path.join(common_dir, "packed-refs")),
+                    *(file_stamp(path) for path in also)))
+
+
 @dataclass
 class JobStore:
     """Reads and writes the job records of one repository.

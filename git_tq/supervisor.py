@@ -103,9 +103,9 @@ def run(launch: dict[str, Any]) -> int:
     # sweep of every process's parent (psutil) is skipped when nothing can be left: the
     # group is empty and, as the subreaper every orphan of the job comes to, we have no
     # child left.
-    if _anything_left(child.pid):
+    if group_alive(child.pid) or _reap_exited():
         kill(job, child.pid, me)
-    _reap_all()
+    _reap_exited()
     text = f"killed by signal {signum}" if signum else f"exited with code {code}"
     forced = signum == signal.SIGKILL or left_at_deadline
     if stop is not None and isinstance(stop.get("signalled_at"), (int, float)):
@@ -185,7 +185,7 @@ def _wait_for_group(pgid: int, stop_path: str) -> bool:
     """Wait, reaping, until the job's process group is empty or the stop's deadline (read
     again each time: `kill --now` moves it) has passed; True if something was left."""
     while group_alive(pgid):
-        _reap_all()
+        _reap_exited()
         if not group_alive(pgid):
             return False
         stop = _read_stop(stop_path) or {}
@@ -216,11 +216,8 @@ def _wait_for(pid: int) -> int:
             return status
 
 
-def _anything_left(pgid: int) -> bool:
-    """Whether a process of the job may be alive: one in its group, or a child of ours
-    (orphans of the job are re-parented to us). Zombies found on the way are reaped."""
-    if group_alive(pgid):
-        return True
+def _reap_exited() -> bool:
+    """Reap every exited child (orphans of the job come to us); whether one still lives."""
     while True:
         try:
             got, _ = os.waitpid(-1, os.WNOHANG)
@@ -230,16 +227,6 @@ def _anything_left(pgid: int) -> bool:
             continue
         if got == 0:
             return True
-
-
-def _reap_all() -> None:
-    while True:
-        try:
-            got, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if got == 0:
-            return
 
 
 def main() -> None:

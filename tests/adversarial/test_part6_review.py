@@ -168,8 +168,9 @@ def test_two_gpu_jobs_back_to_back_never_overlap_on_the_one_gpu(
 # --- stale state: refs changed without a nudge ---------------------------------------------
 
 
-def test_a_pending_job_deleted_by_hand_without_a_nudge_never_runs(
-        repo: Path, tmp_path: Path) -> None:
+def _waiting_behind_a_blocker(repo: Path, tmp_path: Path) -> tuple[Path, Path, int]:
+    """GPU 0 held by a job that ends when `gate` appears, and a job waiting behind it
+    that would create `ran`: (gate, ran, the waiting job)."""
     git(repo, "config", "tq.gpus", "0")
     gate = tmp_path / "gate"
     ran = tmp_path / "ran"
@@ -178,6 +179,12 @@ def test_a_pending_job_deleted_by_hand_without_a_nudge_never_runs(
                      "time.sleep(0.02)\n")
     wait_state(repo, blocker, "running")
     victim = submit(repo, "python", "-c", f"open({str(ran)!r}, 'w').write('ran')")
+    return gate, ran, victim
+
+
+def test_a_pending_job_deleted_by_hand_without_a_nudge_never_runs(
+        repo: Path, tmp_path: Path) -> None:
+    gate, ran, victim = _waiting_behind_a_blocker(repo, tmp_path)
     git(repo, "update-ref", "-d", f"refs/tq/jobs/{victim}")  # no nudge
     after = submit(repo, "python", "-c", "print('after')")
     gate.write_text("")
@@ -188,14 +195,7 @@ def test_a_pending_job_deleted_by_hand_without_a_nudge_never_runs(
 def test_a_pending_record_replaced_by_a_fetch_without_a_nudge_is_not_run(
         repo: Path, make_repo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A fetch moves a waiting job of ours to someone else's record: tampered, not run."""
-    git(repo, "config", "tq.gpus", "0")
-    gate = tmp_path / "gate"
-    ran = tmp_path / "ran"
-    blocker = submit(repo, "python", "-c",
-                     f"import os, time\nwhile not os.path.exists({str(gate)!r}): "
-                     "time.sleep(0.02)\n")
-    wait_state(repo, blocker, "running")
-    victim = submit(repo, "python", "-c", f"open({str(ran)!r}, 'w').write('ran')")
+    gate, ran, victim = _waiting_behind_a_blocker(repo, tmp_path)
     # Someone else's record of the same id, fetched over ours (forced, no nudge).
     other = make_repo("other")
     git(other, "config", "tq.autostart", "false")
