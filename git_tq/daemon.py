@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 from git_tq import __version__, client, gpus, jobtree, recordfmt, results, scheduler, supervisor
 from git_tq.errors import InvalidTransition, NotOurs, RefRace, TqError
@@ -172,6 +172,41 @@ def setting(repos: list[RepoState], name: str) -> Optional[str]:
     return None
 
 
+class Forked:
+    """A forked child of the loop, polled like a Popen (which only runs programs)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            try:
+                done, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = self.pid, 70 << 8  # reaped elsewhere: its result is unknown
+            if done:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+                self.returncode = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                self.returncode = 70
+        return self.returncode
+
+
+class Waitable(Protocol):
+    def poll(self) -> Optional[int]: ...
+    def wait(self) -> int: ...
+
+
+RECYCLE_DECLINED = 10  # a recycling child removed (or kept) the old worktree instead
+
+
 @dataclass
 class Spare:
     """A worktree checked out ahead for the next job that finds a free slot."""
@@ -184,13 +219,15 @@ class Spare:
 
 @dataclass
 class Checkout:
-    """A waiting job's worktree being checked out in the background."""
+    """A waiting job's worktree being checked out in the background: a `git worktree
+    add`, or a finished job's worktree recycled into it (`Daemon.recycle`)."""
 
-    proc: subprocess.Popen[bytes]
+    proc: Waitable
     rs: RepoState
     spec: LocalSpec
     linked: bool = False
     error: Optional[str] = None  # completing the worktree failed: the start will say why
+    recycled_from: Optional[str] = None  # the finished job's worktree being recycled
 
 
 class Daemon:
@@ -220,13 +257,16 @@ class Daemon:
         self.named: dict[str, set[int]] = {}  # jobs a nudge said changed, by repository
         self.packing: dict[str, subprocess.Popen[bytes]] = {}  # `git pack-refs` under way
         self.spares: dict[str, Spare] = {}  # by repository key
+        # Checkout settings of the worktrees our running jobs were started in, for
+        # recycling them once they end (only those: see `recycle_target`).
+        self.made_with: dict[tuple[str, int], tuple[Any, ...]] = {}
         self.ended_records: dict[tuple[str, str], Job] = {}  # ended jobs read for sweeps
         # Attempts whose exit file is there, to record once this cycle's starts are done.
         self.endings: list[tuple[RepoState, Job, RunFiles, Mapping[str, Any],
                                  Optional[Mapping[str, Any]]]] = []
         # Cycles run, and how often they read all refs or just named ones (daemon status).
         self.stats = {"cycles": 0, "ref_reads": 0, "named_reads": 0, "records_read": 0,
-                      "spare_worktrees_used": 0}
+                      "spare_worktrees_used": 0, "worktrees_recycled": 0}
 
     # --- lifecycle of the daemon itself ---------------------------------------
 
@@ -335,17 +375,25 @@ class Daemon:
                 self.dirty = True
         self.hooks = [h for h in self.hooks if h.poll() is None]
         self.packing = {c: p for c, p in self.packing.items() if p.poll() is None}
+        declined = []
         for path, checkout in self.preparing.items():
             if path in self.abandoned:
                 if checkout.proc.poll() is not None:
                     self.dirty = True  # its job was cancelled: the next cycle removes it
             elif checkout.proc.poll() == 0:  # reaped; the status stays for ensure_worktree
                 self.finish_checkout(path, checkout)
+            elif checkout.recycled_from and checkout.proc.poll() is not None:
+                declined.append(path)
+        for path in declined:  # prepared the usual way by the next cycle
+            del self.preparing[path]
+            self.dirty = True
 
     def finish_checkout(self, path: str, checkout: Checkout) -> None:
         """Complete a checked-out worktree (nested repositories, links...), once."""
         if not checkout.linked:
             checkout.linked = True
+            if checkout.recycled_from:
+                self.stats["worktrees_recycled"] += 1
             try:
                 jobtree.complete(checkout.rs.common, path, checkout.spec, checkout.rs.config)
                 jobtree.mark_complete(path, checkout.spec.submission)
@@ -681,21 +729,25 @@ class Daemon:
         self.update_deadline(repos)
         # Work that is not on anyone's critical path: remove finished jobs' worktrees,
         # and check out the next waiting jobs' worktrees so that starting them is a fork.
+        started = {s.key for s in plan.starts}
+        ahead = [jobs[w.key] for w in scheduler.queue_order(waiting)[:PREPARE_AHEAD]
+                 if w.key not in started]
         cleanup, self.cleanup = self.cleanup, []
         for rs, ended in cleanup:
-            self.remove_in_background(rs, ended.id, record=ended)
+            target = self.recycle_target(rs, ended, ahead)
+            if target is not None:
+                self.recycle(rs, ended, *target)
+            else:
+                self.remove_in_background(rs, ended.id, record=ended)
         for rs in repos:
             self.sweep_worktrees(rs)
         for rs in repos:
             if rs.ledger_changed:  # its check reads the ledger's new lines
                 with contextlib.suppress(OSError):
                     rs.local.compact_if_sparse()
-        started = {s.key for s in plan.starts}
-        for w in scheduler.queue_order(waiting)[:PREPARE_AHEAD]:
-            if w.key not in started:
-                rs, job = jobs[w.key]
-                with contextlib.suppress(TqError, OSError):
-                    self.prepare_worktree(rs, job)
+        for rs, job in ahead:
+            with contextlib.suppress(TqError, OSError):
+                self.prepare_worktree(rs, job)
         for rs in repos:
             self.make_spare(rs)
 
@@ -1007,6 +1059,9 @@ class Daemon:
                 raise TqError("its private record in the tq home is missing (submitted by an "
                               "older git tq, or deleted); requeue it")
             worktree = self.ensure_worktree(rs, job, entry.submission, spec)
+            settings = self.checkout_settings(rs)
+            if settings is not None and not spec.nested and not spec.present:
+                self.made_with[(rs.key, job.id)] = settings
             env = self.job_env(job, spec, assigned, logfile, worktree, rf.metrics)
             argv = shell_argv(spec.command[0]) if spec.shell else list(spec.command)
             cwd = safe_join(worktree, spec.cwd)
@@ -1192,13 +1247,115 @@ class Daemon:
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
 
+    # --- recycling a finished job's worktree ------------------------------------------
+
+    def recycling(self) -> set[str]:
+        """Finished jobs' worktrees that a child is recycling right now."""
+        return {c.recycled_from for c in self.preparing.values()
+                if c.recycled_from and c.proc.poll() is None}
+
+    def recycle_target(self, rs: RepoState, ended: Job, ahead: list[tuple[RepoState, Job]]) \
+            -> Optional[tuple[Job, str, LocalSpec]]:
+        """A waiting job (one of `ahead`, taken from it) whose worktree can be made from
+        `ended`'s: ours, started by this daemon in a worktree checked out under the same
+        settings as now, and neither job with nested repositories or sparse files."""
+        made = self.made_with.pop((rs.key, ended.id), None)
+        if made is None or made != self.checkout_settings(rs) or ended.outputs is None:
+            return None
+        for i, (wrs, job) in enumerate(ahead):
+            path = self.home.worktree_dir(rs.key, job.id)
+            if wrs is not rs or path in self.preparing or os.path.lexists(path) or \
+                    os.path.exists(jobtree.kept_record(self.home.path, rs.key, job.id)):
+                continue
+            entry = rs.ours(job)
+            spec = rs.local.load_spec(entry.submission) if entry is not None else None
+            if entry is None or spec is None or spec.nested or spec.present:
+                continue
+            del ahead[i]
+            return job, entry.submission, spec
+        return None
+
+    def recycle(self, rs: RepoState, ended: Job, job: Job, submission: str,
+                spec: LocalSpec) -> None:
+        """Make `job`'s worktree out of `ended`'s in a forked child (`recycle_worktree`):
+        a `git clean` and a checkout of the files that differ cost a fraction of
+        removing one worktree and adding another. The child's exit wakes the loop."""
+        old = self.home.worktree_dir(rs.key, ended.id)
+        new = self.home.worktree_dir(rs.key, job.id)
+        entry = rs.entries.get(ended.id) or rs.local.entry(ended.id)
+        ensure_private_dir(os.path.dirname(new))
+        pid = os.fork()
+        if pid:
+            self.preparing[new] = Checkout(Forked(pid), rs, spec, recycled_from=old)
+            return
+        code = 70
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # above all, not the daemon's lock
+            code = self.recycle_worktree(rs, ended, old, new,
+                                         entry.submission if entry else "", submission)
+        except BaseException:  # noqa: BLE001 - a child must never return into the loop
+            log.exception("recycling %s failed", old)
+        finally:
+            os._exit(code)
+
+    def recycle_worktree(self, rs: RepoState, ended: Job, old: str, new: str,
+                         old_submission: str, submission: str) -> int:
+        """In the child: turn the worktree at `old` into a checkout of `submission` at
+        `new`, exactly what `git worktree add` would give, or else remove (or keep) it as
+        `remove_worktree` does and return RECYCLE_DECLINED.
+
+        It is recycled only when what the job left is all expendable: nothing unsaved
+        (`check_kept`), no index entry marked assume-unchanged or skip-worktree (a
+        checkout would trust such a file as it is), and the same .gitattributes in both
+        commits. Then `git clean -ffdx` removes every untracked and ignored file and
+        `git checkout -f` rewrites every tracked file that differs from `submission`."""
+        from git_tq.gitrepo import registered_worktree
+
+        env = without_repo_vars(os.environ)
+        if registered_worktree(rs.common, old) is None or not old_submission:
+            self.remove_worktree(rs, ended.id, True, ended)
+            return RECYCLE_DECLINED
+        kept = jobtree.check_kept(old, old_submission, ended.outputs)
+        if kept is not None:
+            jobtree.keep(self.home.path, rs.key, ended.id, kept)
+            log.info("job %d in %s: worktree %s %s", ended.id, rs.common, old, kept.reason)
+            return RECYCLE_DECLINED
+        flags = run_git(["ls-files", "-v", "-z"], old, env=env).stdout.split(b"\0")
+        changed = b""
+        if old_submission != submission:
+            changed = run_git(["--git-dir", rs.common, "diff-tree", "-r", "--name-only",
+                               old_submission, submission, "--", ":(glob)**/.gitattributes"],
+                              rs.common, env=env).stdout
+        if changed.strip() or any(f and not f.startswith(b"H ") for f in flags):
+            log.info("job %d in %s: worktree not recycled (%s)", ended.id, rs.common,
+                     "the attributes differ" if changed.strip() else
+                     "index entries marked assume-unchanged or skip-worktree")
+            self.remove_worktree(rs, ended.id, False)  # `check_kept` found nothing to keep
+            return RECYCLE_DECLINED
+        run_git([*jobtree.NO_HOOKS, "clean", "-ffdxq"], old, env=env)
+        admin = jobtree.admin_dir(old)
+        for name in (jobtree.COMPLETE_MARK, "tq-exclude"):
+            if admin is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(admin, name))
+        run_git([*CHECKOUT_OPTIONS, "checkout", "-q", "--detach", "-f",
+                 "--no-recurse-submodules", submission, "--"], old, env=env)
+        run_git([*jobtree.NO_HOOKS, "--git-dir", rs.common, "worktree", "move", old, new],
+                rs.common, env=env)
+        log.debug("job %d in %s: worktree recycled for %s", ended.id, rs.common, new)
+        return 0
+
     def remove_in_background(self, rs: RepoState, job_id: int, ran: bool = True,
                              record: Optional[Job] = None) -> None:
         """`remove_worktree` in a forked child: checking what a job wrote (`git status`)
         and deleting a big worktree take long, and the loop must keep serving the socket
         and starting jobs meanwhile. The child's exit wakes the loop (SIGCHLD)."""
         path = self.home.worktree_dir(rs.key, job_id)
-        if path in self.removals.values():
+        self.made_with.pop((rs.key, job_id), None)
+        if path in self.removals.values() or path in self.recycling():
             return
         pid = os.fork()
         if pid:
@@ -1278,7 +1435,7 @@ class Daemon:
             self.remove_worktree(rs, int(os.path.basename(path)), ran=False)  # never ran: quick
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path, ignore_errors=True)  # a failed checkout git never knew
-        busy = set(self.removals.values())
+        busy = set(self.removals.values()) | self.recycling()
         for name in names:
             path = os.path.join(root, name)
             if path in busy or path in self.left_alone:

@@ -30,7 +30,7 @@ from typing import Optional
 
 from git_tq.errors import TqError
 from git_tq.gitrepo import run_git, without_repo_vars
-from git_tq.localjobs import LocalSpec
+from git_tq.localjobs import LocalSpec, is_oid
 from git_tq.model import Outputs
 
 NO_HOOKS = ("-c", "core.hooksPath=/dev/null")
@@ -418,12 +418,17 @@ def check_kept(path: str, submission: str, recorded: Optional[Outputs] = None) \
 
     `recorded`: what the job's last ending recorded of its outputs. Those in git are
     safe; the ones it left out (over the limits) keep the worktree."""
-    found = unsaved(path, submission)
     if recorded is not None and recorded.error is None:
-        if not recorded.skipped_count and found.head is None:
+        # What the job wrote is in git, as its supervisor's `git status` found it once the
+        # job was gone: only a HEAD moved off the submission (commits held by nothing
+        # else) is left to look for, and the admin folder's HEAD file says it.
+        now = head(path)
+        moved = now if now and is_oid(now) and submission and now != submission else None
+        if not recorded.skipped_count and moved is None:
             return None
         return Kept(path, submission, recorded.skipped_count,
-                    tuple(p for p, _, _ in recorded.skipped), None, found.head, True)
+                    tuple(p for p, _, _ in recorded.skipped), None, moved, True)
+    found = unsaved(path, submission)
     if not found.files and found.head is None and found.error is None:
         return None
     return Kept(path, submission, len(found.files), tuple(found.files[:KEPT_LISTED]),

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import git, show, submit, tq, wait_state, wait_until
+from conftest import git, show, submit, tq, tq_json, wait_state, wait_until
 from test_daemon import WAITER
 
 # Here `git tq run` starts the daemon, as it does for users.
@@ -167,3 +167,62 @@ def test_a_checkout_under_way_for_a_cancelled_job_is_removed_when_done(
     assert len(jobs_admin) == 1  # no half-made worktree left registered
     gate.write_text("0")
     wait_state(repo, blocker, "done")
+
+
+def recycled(repo: Path) -> int:
+    data = tq_json(repo, "daemon", "status")
+    assert isinstance(data, dict)
+    return int(data["stats"]["worktrees_recycled"])
+
+
+def queue_behind_a_blocker(repo: Path, tmp_path: Path, messy: str) -> tuple[Path, int, int]:
+    """One slot, held by a job that waits, then leaves its worktree in the state `messy`
+    makes; behind it three jobs with other code. When it ends, the first starts, the
+    second was prepared ahead, and the third is made out of its worktree if that can be
+    recycled. Returns the folder where the three wrote what they saw, the messy job and
+    the last one."""
+    git(repo, "config", "tq.cpuSlots", "1")
+    (repo / ".gitignore").write_text("*.log\n")
+    (repo / "wait.py").write_text(WAITER)
+    release = tmp_path / "release"
+    messy_job = submit(repo, "--cpu", "sh", "-c", f"python wait.py {release} && {messy}")
+    wait_until(lambda: (tmp_path / "release.started").exists())
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    last = 0
+    for n in range(3):
+        (repo / "README").write_text(f"version {n}\n")
+        (repo / f"added{n}.txt").write_text(f"{n}\n")
+        last = submit(repo, "--cpu", "sh", "-c",
+                      f"ls -A > {marks}/listing{n}; cat README train.py > {marks}/content{n}")
+    release.write_text("0")
+    wait_state(repo, last, "done")
+    return marks, messy_job, last
+
+
+def test_a_finished_jobs_worktree_is_recycled_into_exactly_the_next_jobs_code(
+        repo: Path, tmp_path: Path) -> None:
+    marks, messy, last = queue_behind_a_blocker(
+        repo, tmp_path, "echo junk > run.log && echo new > untracked.txt && echo v9 > README"
+        " && rm train.py && mkdir -p cache && echo c > cache/x.log")
+    assert recycled(repo) == 1
+    assert show(repo, messy)["state"] == "done"
+    # The last job saw its own code, whole, and nothing the messy job left.
+    assert (marks / "content2").read_text() == "version 2\nprint('v1')\n"
+    listing = set((marks / "listing2").read_text().split())
+    assert listing == {".git", ".gitignore", "README", "train.py", "wait.py", "added0.txt",
+                       "added1.txt", "added2.txt"}
+    assert git(repo, "show", f"refs/tq/jobs/{messy}:README") == "v9\n"  # its outputs kept
+    wait_until(lambda: not job_paths([messy, last]))
+
+
+def test_a_worktree_whose_index_hides_a_change_is_never_recycled(
+        repo: Path, tmp_path: Path) -> None:
+    # assume-unchanged makes git status and a checkout trust a file as it is.
+    marks, messy, last = queue_behind_a_blocker(
+        repo, tmp_path, "git update-index --assume-unchanged README && echo tampered > README")
+    assert show(repo, messy)["state"] == "done"
+    log = (Path(os.environ["TQ_HOME"]) / "daemon.log").read_text()
+    assert f"job {messy} in {repo / '.git'}: worktree not recycled (index entries marked " \
+        "assume-unchanged or skip-worktree)" in log
+    assert (marks / "content2").read_text() == "version 2\nprint('v1')\n"
