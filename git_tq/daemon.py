@@ -938,6 +938,8 @@ class Daemon:
                 rs.config.get("tq.keepworktrees", "false").lower() in ("true", "yes", "1")
             if not keep:
                 self.cleanup.append((rs, new))  # after this cycle's starts
+            else:
+                self.made_with.pop((rs.key, job.id), None)
         hook = {"preempted": "preempt", "cancelled": "finish", "finished": "finish",
                 "start-failed": "finish"}.get(event)
         if hook:
