@@ -516,6 +516,15 @@ def edit(ctx: Context, tokens: Sequence[str], req: EditRequest) -> list[Edited]:
         if job.state not in EDITABLE:
             raise InvalidTransition(f"job {job.id} has ended ({job.state.value}): only a "
                                     "pending or running job can be edited")
+        touched = {name for name, given in (
+            ("priority", req.priority), ("grace", req.grace), ("tag", req.tag),
+            ("after", req.after), ("after_any", req.after_any), ("gpus", req.gpu_ids),
+            ("gpus", req.gpu_count), ("gpus", req.cpu or None)) if given is not None}
+        refused = sorted(touched - EDITABLE[job.state])
+        if refused:  # said before checking the values themselves
+            raise InvalidTransition(
+                f"job {job.id} is {job.state.value}: its {', '.join(refused)} can no longer "
+                f"change (only {' and '.join(sorted(EDITABLE[job.state]))})")
         spec = _edited_spec(ctx, job, req, deps_of)
         apply_edit(job, spec, "")  # refuses what its state does not allow
         planned.append((job, spec))
@@ -1256,9 +1265,10 @@ def show_job(ctx: Context, token: str) -> JobDetail:
     logs = ctx.store.find_logs()
     log = ctx.store.log_path(job, logs)
     trust = ctx.store.trust(job)
+    waiting_for, reason = waiting_reasons(ctx, [job]).get(job.id, ((), None))
     view = JobView(job, ctx.store.note(job), log,
                    ctx.store.category(log) if job.id in logs else None, trust,
-                   job_pid(ctx, job, trust))
+                   job_pid(ctx, job, trust), waiting_for, reason)
     from git_tq import jobtree
 
     links = jobtree.outside_links([], ctx.repo.cwd, ctx.store.submission(job))
