@@ -326,9 +326,9 @@ class Daemon:
                     self.dirty = True
         finally:
             log.info("daemon stopping; running jobs keep running")
-            for key in self.told:  # its word on waiting jobs goes with it
+            for repo in self.told:  # its word on waiting jobs goes with it
                 with contextlib.suppress(OSError):
-                    os.unlink(self.home.waiting_file(key))
+                    os.unlink(self.home.waiting_file(repo))
             requests.close_all()
             self.server.close()
             with contextlib.suppress(FileNotFoundError):
