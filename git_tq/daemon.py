@@ -693,7 +693,6 @@ class Daemon:
         per_gpu = int(setting(repos, "tq.jobspergpu") or 1)
         plan = scheduler.plan(waiting, holding, machine, foreign=foreign, cpu_slots=cpu_slots,
                               jobs_per_gpu=per_gpu)
-        self.tell_reasons(repos, plan.reasons, jobs)
         for p in plan.preempts:
             rs, job = jobs[p.victim]
             self.request_stop(rs, job, "preempt", p.reason, now=False)
@@ -710,6 +709,7 @@ class Daemon:
         self.counts = {"running": len(holding) + len(plan.starts), "pending":
                        len(waiting) - len(plan.starts), "repos": len(repos)}
         self.update_deadline(repos)
+        self.tell_reasons(repos, plan.reasons, jobs)
         # Work that is not on anyone's critical path: remove finished jobs' worktrees,
         # and check out the next waiting jobs' worktrees so that starting them is a fork.
         cleanup, self.cleanup = self.cleanup, []

@@ -9,6 +9,7 @@ comes in as `Waiting.waiting_for`.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
@@ -71,9 +72,12 @@ class Plan:
     reasons: dict[JobKey, Reason] = field(default_factory=dict)
 
 
+_QUEUE_KEY = operator.attrgetter("priority", "submitted_at", "key")
+
+
 def queue_order(waiting: Sequence[Waiting]) -> list[Waiting]:
     """Smallest priority number first; within a priority, submission order."""
-    return sorted(waiting, key=lambda w: (w.priority, w.submitted_at, w.key))
+    return sorted(waiting, key=_QUEUE_KEY)
 
 
 def plan(waiting: Sequence[Waiting], holding: Sequence[Holding], gpus: Sequence[int], *,
@@ -118,37 +122,33 @@ def plan(waiting: Sequence[Waiting], holding: Sequence[Holding], gpus: Sequence[
             return Reason("preempting", f"GPU {g} kept for job {reserved[g][1]}")
         return Reason("gpu", f"GPU {g} busy")
 
-    for w in queue_order(waiting):
-        if w.waiting_for:
-            reasons[w.key] = Reason("dependency", "waiting for " + describe_ids(w.waiting_for))
-            continue
+    def place(w: Waiting) -> Optional[Reason]:
+        """Start w, or preempt for it (None); else why it waits, having changed nothing."""
+        nonlocal cpu_used
         req = w.gpus
         if req.cpu_only:
             if cpu_used < cpu_slots:
                 cpu_used += 1
                 result.starts.append(Start(w.key, ()))
-            else:
-                reasons[w.key] = Reason("cpu", "no CPU slot free")
-            continue
+                return None
+            return Reason("cpu", "no CPU slot free")
         if req.ids is not None:
             wanted = [g for g in req.ids if g in load]
             if len(wanted) != len(req.ids):
                 gone = next(g for g in req.ids if g not in load)
-                reasons[w.key] = Reason("machine", f"GPU {gone} is not on this machine")
-                continue
+                return Reason("machine", f"GPU {gone} is not on this machine")
             if all(free(g) for g in wanted):
                 _take(load, w, tuple(wanted), result)
-                continue
+                return None
             if all(free(g) or reclaimable(g, w.priority) for g in wanted):
                 _preempt_for(w, [g for g in wanted if not free(g)], load, reserved,
                              preempted, result)
-            else:
-                reasons[w.key] = busy(next(g for g in wanted if not free(g)))
-            continue
+                return None
+            return busy(next(g for g in wanted if not free(g)))
         candidates = sorted((g for g in load if free(g)), key=lambda g: (len(load[g]), g))
         if len(candidates) >= req.count:
             _take(load, w, tuple(sorted(candidates[: req.count])), result)
-            continue
+            return None
         # Not enough free GPUs: reclaim the ones whose jobs matter least.
         extra = [g for g in load if not free(g) and reclaimable(g, w.priority)]
         extra.sort(key=lambda g: (-max((o.priority for o in load[g]), default=0), g))
@@ -157,9 +157,25 @@ def plan(waiting: Sequence[Waiting], holding: Sequence[Holding], gpus: Sequence[
             for g in candidates:
                 reserved[g] = w.key
             _preempt_for(w, need, load, reserved, preempted, result)
-        else:
-            reasons[w.key] = _short_of(req.count, len(candidates),
-                                       [g for g in load if not free(g)], foreign, busy)
+            return None
+        return _short_of(req.count, len(candidates), [g for g in load if not free(g)],
+                         foreign, busy)
+
+    # A job that only waits changes nothing, so the next one asking the same at the same
+    # priority waits for the same reason: a long queue costs a lookup per job.
+    told: dict[tuple[GpuRequest, int], Reason] = {}
+    for w in queue_order(waiting):
+        if w.waiting_for:
+            reasons[w.key] = Reason("dependency", "waiting for " + describe_ids(w.waiting_for))
+            continue
+        reason = told.get((w.gpus, w.priority))
+        if reason is None:
+            reason = place(w)
+            if reason is None:
+                told.clear()  # something started or is being vacated: ask afresh
+                continue
+            told[(w.gpus, w.priority)] = reason
+        reasons[w.key] = reason
     return result
 
 
