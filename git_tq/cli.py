@@ -431,6 +431,9 @@ def show(job: str, as_json: bool) -> None:
            if detail.view.trust != "local" and not os.path.exists(detail.view.log) else ""),
         f"restore    git tq checkout {j.id}   (or -b BRANCH, --worktree PATH)",
     ]
+    if s.after or s.after_any or detail.view.reason:
+        lines.insert(4, f"depends    {after_text(j)[2:] or '-'}"
+                     + (f"    ({e(detail.view.reason)})" if detail.view.reason else ""))
     if j.metrics:
         lines.append("metrics    " + "  ".join(f"{e(k)}={e(output.metric_text(v))}"
                                                for k, v in j.metrics))

@@ -53,20 +53,22 @@ def detail(repo: Path, job_id: int) -> str:
 # --- refused at submission, no daemon ----------------------------------------------------
 
 
-@pytest.mark.parametrize(("args", "message", "code"), [
+BAD_AFTER = [
     (["--after", "99"], "--after: no job 99", 1),
     (["--after", "abc"], "--after: no job, sweep or tag 'abc'", 1),
     (["--after", "3-1"], "--after: bad job range '3-1': 3 is after 1", 2),
     (["--after", "1-5"], "--after: no job in range 1-5", 1),
     (["--after-any", "0"], "--after-any: ", 1),
-])
-def test_bad_dependencies_are_refused_in_one_line(repo: Path, args: list[str], message: str,
-                                                  code: int) -> None:
+]
+
+
+def test_bad_dependencies_are_refused_in_one_line(repo: Path) -> None:
     submit(repo, "--cpu", "true")
     submit(repo, "--cpu", "true")
-    p = tq(repo, "run", *args, "--", "true", check=False)
-    assert p.returncode == code and message in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    for args, message, code in BAD_AFTER:
+        p = tq(repo, "run", *args, "--", "true", check=False)
+        assert p.returncode == code and message in p.stderr, (args, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
     assert len(tq_json(repo, "ls", "--all")) == 2  # type: ignore[arg-type]
 
 
@@ -235,7 +237,7 @@ def test_edit_changes_a_pending_job_as_a_lifecycle_commit(repo: Path) -> None:
     assert len(show(repo, job)["lifecycle"]) == 3
 
 
-@pytest.mark.parametrize(("args", "message", "code"), [
+BAD_EDITS = [
     (["-p", "x"], "Invalid value for '-p'", 2),
     (["-g", "-1"], "Invalid value for '-g'", 2),
     ([], "nothing to change", 2),
@@ -245,16 +247,18 @@ def test_edit_changes_a_pending_job_as_a_lifecycle_commit(repo: Path) -> None:
     (["--after", "2"], "job 2 cannot wait for itself", 1),
     (["--after", "3"], "job 2 cannot wait for job 3: job 3 already waits", 1),
     (["--after", "99"], "--after: no job 99", 1),
-])
-def test_bad_edits_fail_in_one_line_and_change_nothing(repo: Path, args: list[str],
-                                                       message: str, code: int) -> None:
+]
+
+
+def test_bad_edits_fail_in_one_line_and_change_nothing(repo: Path) -> None:
     submit(repo, "--cpu", "true")
     job = submit(repo, "true")
     submit(repo, "--after", str(job), "true")
     before = git(repo, "rev-parse", f"refs/tq/jobs/{job}")
-    p = tq(repo, "edit", str(job), *args, check=False)
-    assert p.returncode == code and message in p.stderr, p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    for args, message, code in BAD_EDITS:
+        p = tq(repo, "edit", str(job), *args, check=False)
+        assert p.returncode == code and message in p.stderr, (args, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
     assert git(repo, "rev-parse", f"refs/tq/jobs/{job}") == before
 
 
