@@ -679,9 +679,13 @@ class Daemon:
                     jobs[key] = (rs, job)
                 elif job.state is State.PENDING:
                     verdict = verdicts.get(job.id)
-                    waiting.append(scheduler.Waiting(
-                        key, job.spec.priority, job.spec.submitted_at, job.spec.gpus,
-                        verdict.waiting_for if verdict is not None else ()))
+                    # One still here with a broken dependency (its cancellation lost a
+                    # race) waits for the next cycle's judgement, never starts.
+                    blocked = () if verdict is None else verdict.waiting_for if \
+                        verdict.broken is None else (verdict.broken,)
+                    waiting.append(scheduler.Waiting(key, job.spec.priority,
+                                                     job.spec.submitted_at, job.spec.gpus,
+                                                     blocked))
                     jobs[key] = (rs, job)
                     if job.attempt == 0:
                         self.announce(rs, job)

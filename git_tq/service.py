@@ -530,10 +530,14 @@ def edit(ctx: Context, tokens: Sequence[str], req: EditRequest) -> list[Edited]:
         planned.append((job, spec))
     done = []
     for job, spec in planned:
-        def change(current: Job, spec: JobSpec = spec) -> Optional[Job]:
-            new = dataclasses.replace(
-                current.spec, priority=spec.priority, grace=spec.grace, tag=spec.tag,
-                gpus=spec.gpus, after=spec.after, after_any=spec.after_any)
+        # Only what this edit changes, applied to the freshest record (a concurrent
+        # edit of another field stays).
+        fields = {name: getattr(spec, name) for name in
+                  ("priority", "grace", "tag", "gpus", "after", "after_any")
+                  if getattr(spec, name) != getattr(job.spec, name)}
+
+        def change(current: Job, fields: dict[str, Any] = fields) -> Optional[Job]:
+            new = dataclasses.replace(current.spec, **fields)
             what = describe_edit(current.spec, new)
             return apply_edit(current, new, what) if what else None
 
