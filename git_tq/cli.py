@@ -80,6 +80,28 @@ def complete_jobs(ctx: click.Context, param: click.Parameter, incomplete: str) -
     return items
 
 
+def complete_job_list(ctx: click.Context, param: click.Parameter,
+                      incomplete: str) -> list[Any]:
+    """Job ids after the last comma of a job list (`--after 12,1<TAB>`)."""
+    from click.shell_completion import CompletionItem
+
+    done, comma, word = incomplete.rpartition(",")
+    return [CompletionItem(done + comma + item.value, help=item.help)
+            for item in complete_jobs(ctx, param, word)]
+
+
+def after_options(f: F) -> F:
+    """--after and --after-any, as `run` and `edit` take them."""
+    f = click.option("--after-any", "after_any", multiple=True, metavar="JOBS",
+                     shell_complete=complete_job_list,
+                     help="Start only once these jobs have ended, however they ended.")(f)
+    return click.option("--after", "after", multiple=True, metavar="JOBS",
+                        shell_complete=complete_job_list,
+                        help="Start only once these jobs are done (exit 0); cancelled if "
+                             "one fails or is cancelled. Ids, ranges (12-15), sweeps, "
+                             "tags.")(f)
+
+
 def complete_folders(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
     """Log folders for shell completion."""
     from click.shell_completion import CompletionItem
@@ -173,6 +195,7 @@ def cli(ctx: click.Context) -> None:
                    "the command's words takes each value, $TQ_PARAM_NAME too.")
 @click.option("--sweep-name", metavar="NAME",
               help="The sweep's name, usable as a job list [script-date-time].")
+@after_options
 @click.option("-q", "--quiet", is_flag=True, help="Print only the job id (one per line).")
 @click.option("--wait", "wait", is_flag=True,
               help="Wait until the job has ended; exit with its exit status.")
@@ -180,7 +203,8 @@ def cli(ctx: click.Context) -> None:
 def run(priority: Optional[int], grace: Optional[int], tag: Optional[str],
         env_name: Optional[str], gpu_ids: Optional[str], gpu_count: Optional[int], cpu: bool,
         shell: Optional[bool], stop_signal: Optional[str], sweep: tuple[str, ...],
-        sweep_name: Optional[str], quiet: bool, wait: bool, command: tuple[str, ...]) -> None:
+        sweep_name: Optional[str], after: tuple[str, ...], after_any: tuple[str, ...],
+        quiet: bool, wait: bool, command: tuple[str, ...]) -> None:
     """Snapshot the work tree and queue COMMAND as a job.
 
     Options end at the first word that is not an option (or at `--`). With --wait,
@@ -196,7 +220,8 @@ def run(priority: Optional[int], grace: Optional[int], tag: Optional[str],
         priority=DEFAULT_PRIORITY if priority is None else priority,
         grace=DEFAULT_GRACE if grace is None else grace,
         tag=tag, env=env_name, gpu_ids=gpu_ids, gpu_count=gpu_count, cpu=cpu, shell=shell,
-        stop_signal=stop_signal, sweep=sweep, sweep_name=sweep_name,
+        stop_signal=stop_signal, sweep=sweep, sweep_name=sweep_name, after=after,
+        after_any=after_any,
     )
     result = service.submit(ctx, req)
     for w in result.warnings:
@@ -210,7 +235,8 @@ def run(priority: Optional[int], grace: Optional[int], tag: Optional[str],
             click.echo("\n".join(str(j.id) for j in jobs))
         else:
             say(f"sweep {job.spec.sweep}: {len(jobs)} jobs queued ({jobs[0].id}-{jobs[-1].id}, "
-                f"priority {job.spec.priority}, gpus {job.spec.gpus.describe()})")
+                f"priority {job.spec.priority}, gpus {job.spec.gpus.describe()}"
+                f"{after_text(job)})")
             for j in jobs:
                 say(f"  job {j.id}: " + " ".join(f"{k}={v}" for k, v in j.spec.params))
             src = job.source[:10] if job.source else "no commit yet"
@@ -224,10 +250,19 @@ def run(priority: Optional[int], grace: Optional[int], tag: Optional[str],
     else:
         src = job.source[:10] if job.source else "no commit yet"
         say(f"job {job.id} queued (priority {job.spec.priority}, gpus "
-            f"{job.spec.gpus.describe()}): {job.spec.command_line()}")
+            f"{job.spec.gpus.describe()}{after_text(job)}): {job.spec.command_line()}")
         click.echo(f"  code: {src} + {job.changes.describe()}; snapshot {job.snapshot[:10]}")
     if wait:
         wait_for_submitted(ctx, job, quiet)
+
+
+def after_text(job: Job) -> str:
+    """`, after 12,14` for a job with dependencies, as `run` and `edit` print it."""
+    from git_tq.recordfmt import encode_ids
+
+    s = job.spec
+    return (f", after {encode_ids(s.after)}" if s.after else "") + \
+        (f", after any {encode_ids(s.after_any)}" if s.after_any else "")
 
 
 def wait_for_sweep(ctx: Context, jobs: list[Job], quiet: bool) -> None:
@@ -322,21 +357,23 @@ def ls_cmd(show_all: bool, states: tuple[str, ...], tags: tuple[str, ...],
         return
     rows, styles = [], []
     with_params = any(r.params for r in jobs)
+    with_reason = any(r.reason for r in jobs)
     metric_text = output.metric_text
     for r in jobs:
         c = r.cells  # ID STATE PRI GPUS TAG PARAMS COMMAND TIME NOTE, already visible
         metric = dict(r.metrics) if shown else {}
         rows.append([c[0], c[1], "" if r.pid is None else str(r.pid), c[2], c[3], c[4],
                      *([c[5]] if with_params else []), c[6], c[7],
+                     *([r.reason] if with_reason else []),
                      *[metric_text(metric.get(name), 16) for name in shown], c[8]])
         styles.append(output.STATE_STYLES.get(r.state) if r.trust == "local" else "dim")
     headers = ["ID", "STATE", "PID", "PRI", "GPUS", "TAG", *(["PARAMS"] if with_params else []),
-               "COMMAND", "TIME", *shown, "NOTE"]
+               "COMMAND", "TIME", *(["REASON"] if with_reason else []), *shown, "NOTE"]
     if show_all:
         for u in unreadable:
             rows.append([u.name, f"(unreadable: {u.reason})"] + [""] * (len(headers) - 2))
             styles.append("red")
-    first_metric = headers.index("TIME") + 1
+    first_metric = headers.index("TIME") + 1 + with_reason
     output.print_table(headers, rows, styles,
                        right=range(first_metric, first_metric + len(shown)))
 
@@ -394,6 +431,9 @@ def show(job: str, as_json: bool) -> None:
            if detail.view.trust != "local" and not os.path.exists(detail.view.log) else ""),
         f"restore    git tq checkout {j.id}   (or -b BRANCH, --worktree PATH)",
     ]
+    if s.after or s.after_any or detail.view.reason:
+        lines.insert(4, f"depends    {after_text(j)[2:] or '-'}"
+                     + (f"    ({e(detail.view.reason)})" if detail.view.reason else ""))
     if j.metrics:
         lines.append("metrics    " + "  ".join(f"{e(k)}={e(output.metric_text(v))}"
                                                for k, v in j.metrics))
@@ -422,7 +462,7 @@ def show(job: str, as_json: bool) -> None:
     for commit, rec in detail.lifecycle:
         at = rec.spec.submitted_at if rec.event == "submitted" else \
             (rec.ended_at if rec.state.finished else rec.started_at) or ""
-        if rec.event in ("preempted", "cancelled", "stopping"):
+        if rec.event in ("preempted", "cancelled", "stopping", "edited"):
             at = ""
         extra = f"  {e(rec.detail)}" if rec.detail else ""
         lines.append(f"  {e(commit[:10])}  {e(rec.event):<12} -> {rec.state.value:<9} "
@@ -902,6 +942,36 @@ def kill_cmd(jobs: tuple[str, ...], now: bool) -> None:
 
     ids = service.kill_jobs(open_context(), jobs, now=now)
     click.echo(f"stopping job{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}")
+
+
+@cli.command("edit", context_settings=CONTEXT)
+@click.argument("jobs", nargs=-1, required=True, shell_complete=complete_jobs)
+@click.option("-p", "--priority", type=int, default=None,
+              help="New priority (pending or running: may preempt, or be preempted, at once).")
+@click.option("-g", "--grace", type=click.IntRange(min=0), default=None,
+              help="New grace period in seconds (pending or running).")
+@click.option("-t", "--tag", default=None, help="New tag ('' removes it; pending only).")
+@after_options
+@click.option("--gpu", "gpu_ids", metavar="IDS", help="Exactly these GPUs (pending only).")
+@click.option("--gpus", "gpu_count", type=click.IntRange(min=0), metavar="N",
+              help="Any N free GPUs (pending only).")
+@click.option("--cpu", is_flag=True, help="No GPU: a CPU slot (pending only).")
+def edit_cmd(jobs: tuple[str, ...], priority: Optional[int], grace: Optional[int],
+             tag: Optional[str], after: tuple[str, ...], after_any: tuple[str, ...],
+             gpu_ids: Optional[str], gpu_count: Optional[int], cpu: bool) -> None:
+    """Change the options of pending jobs (of running ones: priority and grace).
+
+    --after and --after-any replace the job's list (`none` empties it). Each change
+    is recorded as an `edited` lifecycle commit.
+    """
+    from git_tq import service
+
+    req = service.EditRequest(priority=priority, grace=grace, tag=tag,
+                              after=after or None, after_any=after_any or None,
+                              gpu_ids=gpu_ids, gpu_count=gpu_count, cpu=cpu)
+    for edited in service.edit(open_context(), jobs, req):
+        say(f"job {edited.job.id}: {edited.changes}" if edited.changes
+            else f"job {edited.job.id}: unchanged")
 
 
 @cli.command("wait", context_settings=CONTEXT)

@@ -50,6 +50,10 @@ HELP: dict[str, dict[str, str]] = {
     "queue": {
         "ls": "list the waiting jobs again",
         "rm N...": "remove waiting jobs by their number here (rm 1 3, rm 1,3)",
+        "p N PRI": "set the priority of waiting job N (p 3 10); may preempt a running job",
+        "g N SECONDS": "set the grace period of waiting job N",
+        "t N TAG": "set the tag of waiting job N ('' removes it)",
+        "edit N OPTIONS": "any `git tq edit` options for waiting job N (edit 2 --after 5)",
         "purge": "remove every waiting job of the selected queue (asks first)",
         "back": "back to Home",
     },
@@ -311,16 +315,19 @@ class Console:
         ctx = service.Context.open()
         wanted = tuple(int(g) for g in self.gpus.split(",")) if self.gpus else None
         pending = service.pending_jobs(ctx, wanted)
+        waits = service.waiting_reasons(ctx, pending)
         self.numbers = {n: j.id for n, j in enumerate(pending, 1)}
         self.show(("bold", f"waiting in queue {self.gpus or 'any'}: {len(pending)}"))
         if pending:
             self.show(("bold", f"{'N':>3}  {'ID':>5}  {'PRI':>4}  {'GRACE':>5}  "
                                f"{'TAG':<12} COMMAND"))
         for n, j in enumerate(pending, 1):
+            reason = waits.get(j.id, ((), None))[1]
             self.show(("yellow", f"{n:>3}"), ("", f"  {j.id:>5}  {j.spec.priority:>4}  "
                                                   f"{j.spec.grace:>5}  "),
                       ("blue", f"{(j.spec.tag or '')[:12]:<12}"),
-                      ("", f" {j.spec.command_line()}"))
+                      ("", f" {j.spec.command_line()}"),
+                      ("dim", f"  ({reason})" if reason else ""))
 
     def _ids(self, args: list[str]) -> Optional[list[str]]:
         ids = []
@@ -336,6 +343,33 @@ class Console:
         if ids:
             run_cli(["rm", *ids])
             self.queue_ls([])
+
+    def queue_edit(self, args: list[str]) -> None:
+        """`edit N OPTIONS`: `git tq edit` of waiting job N; `p N PRI`, `g N S` and
+        `t N TAG` are its short forms."""
+        if len(args) < 2:
+            self.out("git tq: give a job's number and what to change (edit 3 -p 10)")
+            return
+        ids = self._ids(args[:1])
+        if ids:
+            run_cli(["edit", *ids, *args[1:]])
+            self.queue_ls([])
+
+    def _quick_edit(self, option: str, args: list[str]) -> None:
+        if len(args) != 2:
+            self.out(f"git tq: give a job's number and the new value ({option} 3 10 sets "
+                     "job 3's)")
+            return
+        self.queue_edit([args[0], option, args[1]])
+
+    def queue_p(self, args: list[str]) -> None:
+        self._quick_edit("-p", args)
+
+    def queue_g(self, args: list[str]) -> None:
+        self._quick_edit("-g", args)
+
+    def queue_t(self, args: list[str]) -> None:
+        self._quick_edit("-t", args)
 
     def queue_purge(self, args: list[str]) -> None:
         """Purge the selected queue only (all of them when none is selected)."""
@@ -428,7 +462,7 @@ class Console:
                 return [str(g) for g in machine_gpus(service.Context.open().config)] + ["any"]
             except TqError:
                 return []
-        if cmd in ("view", "note", "catg", "rm") and len(before) == 1:
+        if cmd in ("view", "note", "catg", "rm", "p", "g", "t", "edit") and len(before) == 1:
             return [str(n) for n in self.numbers]
         if cmd in ("hist", "lcd") or (cmd == "catg" and len(before) == 2):
             try:

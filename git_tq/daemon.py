@@ -30,7 +30,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
-from git_tq import __version__, client, gpus, jobtree, recordfmt, results, scheduler, supervisor
+from git_tq import (
+    __version__,
+    client,
+    deps,
+    gpus,
+    jobtree,
+    recordfmt,
+    results,
+    scheduler,
+    supervisor,
+)
 from git_tq.errors import InvalidTransition, NotOurs, RefRace, TqError
 from git_tq.gitrepo import Repo, run_git, without_repo_vars
 from git_tq.home import (
@@ -72,7 +82,9 @@ NAMED_READ_MAX = 64  # a nudge naming more jobs than this reads every ref instea
 READ_CHUNK = 500  # records read by one `git cat-file --batch` when many tips changed
 PACK_REFS_AFTER = 256  # loose job refs that make the daemon run `git pack-refs` (tq.packRefsAfter)
 # A record that says it has ended needs no decoding to know the scheduler can skip it.
-FINISHED = re.compile(r"^Tq-State: (?:done|failed|cancelled)$", re.MULTILINE)
+# Its state is all a dependency needs of it (`deps`), so it is kept: one int per job.
+FINISHED = re.compile(r"^Tq-State: (done|failed|cancelled)$", re.MULTILINE)
+ENDED_STATES = {s.value: s for s in State if s.finished}
 
 
 
@@ -99,6 +111,8 @@ class RepoState:
     entries: Mapping[int, LedgerEntry] = field(default_factory=dict)  # ours (the ledger)
     tips: dict[int, str] = field(default_factory=dict)  # every job ref at the last read
     active: dict[int, Job] = field(default_factory=dict)  # waiting/running/stopping records
+    ended: dict[int, State] = field(default_factory=dict)  # how every other readable job ended
+    read_whole_at: int = -1  # the cycle that last read every ref (all tips known then)
     tampered: set[int] = field(default_factory=set)  # ours by the ledger, moved by others
     refs_stamp: Optional[tuple[Stamp, ...]] = None  # None: read the refs next time
     config_stamp: Optional[tuple[Stamp, ...]] = None
@@ -261,6 +275,7 @@ class Daemon:
         # recycling them once they end (only those: see `recycle_target`).
         self.made_with: dict[tuple[str, int], tuple[Any, ...]] = {}
         self.ended_records: dict[tuple[str, str], Job] = {}  # ended jobs read for sweeps
+        self.told: dict[str, dict[str, list[str]]] = {}  # waiting reasons written, by repo
         # Attempts whose exit file is there, to record once this cycle's starts are done.
         self.endings: list[tuple[RepoState, Job, RunFiles, Mapping[str, Any],
                                  Optional[Mapping[str, Any]]]] = []
@@ -351,6 +366,9 @@ class Daemon:
                     self.dirty = True
         finally:
             log.info("daemon stopping; running jobs keep running")
+            for repo in self.told:  # its word on waiting jobs goes with it
+                with contextlib.suppress(OSError):
+                    os.unlink(self.home.waiting_file(repo))
             requests.close_all()
             self.server.close()
             with contextlib.suppress(FileNotFoundError):
@@ -511,6 +529,7 @@ class Daemon:
         """A repository's state with its config read again, keeping what was read."""
         if old is not None:
             new.entries, new.tips, new.active = old.entries, old.tips, old.active
+            new.ended, new.read_whole_at = old.ended, old.read_whole_at
             new.tampered, new.refs_stamp = old.tampered, old.refs_stamp
             new.ledger_stamp, new.last_submission = old.ledger_stamp, old.last_submission
         return new
@@ -532,6 +551,8 @@ class Daemon:
                 tips[job_id] = oid
         for gone in rs.tips.keys() - tips.keys():
             rs.active.pop(gone, None)
+            rs.ended.pop(gone, None)
+        rs.read_whole_at = self.stats["cycles"]
         changed = [(i, t) for i, t in tips.items() if rs.tips.get(i) != t]
         rs.tips = tips
         for start in range(0, len(changed), READ_CHUNK):
@@ -567,6 +588,7 @@ class Daemon:
             if job_id not in found:
                 rs.tips.pop(job_id, None)
                 rs.active.pop(job_id, None)
+                rs.ended.pop(job_id, None)
                 rs.tampered.discard(job_id)
             elif rs.tips.get(job_id) != found[job_id][0]:
                 self.absorb(rs, job_id, *found[job_id])
@@ -576,6 +598,7 @@ class Daemon:
         self.stats["records_read"] += 1
         rs.tips[job_id] = tip
         rs.active.pop(job_id, None)
+        rs.ended.pop(job_id, None)
         entry = rs.entries.get(job_id)
         if entry is not None and not entry.trusts(tip):
             rs.tampered.add(job_id)
@@ -585,8 +608,10 @@ class Daemon:
             self.warn_once(rs, tip, f"refs/tq/jobs/{job_id} is unreadable (not a commit); "
                                     "ignored")
             return
-        if FINISHED.search(message):
-            return  # ended: nothing for the scheduler (and decoding costs ~0.1 ms)
+        ended = FINISHED.search(message)
+        if ended:  # nothing for the scheduler (and decoding costs ~0.1 ms)
+            rs.ended[job_id] = ENDED_STATES[ended.group(1)]
+            return
         try:
             job = recordfmt.decode(message, tip)
         except recordfmt.RecordFormatError as exc:
@@ -604,8 +629,10 @@ class Daemon:
         rs.tips[job.id] = job.tip
         if job.state.active:
             rs.active[job.id] = job
+            rs.ended.pop(job.id, None)
         else:
             rs.active.pop(job.id, None)
+            rs.ended[job.id] = job.state
 
     def ended_job(self, rs: RepoState, job_id: int) -> Optional[Job]:
         """Any job's record: the scheduler's, or an ended one read on demand (a few, for
@@ -666,6 +693,7 @@ class Daemon:
         jobs: dict[scheduler.JobKey, tuple[RepoState, Job]] = {}
         self.endings = []
         for rs in repos:
+            verdicts = self.follow_dependencies(rs)
             for job_id in sorted(rs.tampered - rs.active.keys()):
                 # Ours by the ledger, but someone moved the record (it says it ended).
                 self.warn_once(rs, rs.tips[job_id], f"job {job_id}'s record was moved by "
@@ -698,8 +726,14 @@ class Daemon:
                                                      job.state is State.STOPPING))
                     jobs[key] = (rs, job)
                 elif job.state is State.PENDING:
+                    verdict = verdicts.get(job.id)
+                    # One still here with a broken dependency (its cancellation lost a
+                    # race) waits for the next cycle's judgement, never starts.
+                    blocked = () if verdict is None else verdict.waiting_for if \
+                        verdict.broken is None else (verdict.broken,)
                     waiting.append(scheduler.Waiting(key, job.spec.priority,
-                                                     job.spec.submitted_at, job.spec.gpus))
+                                                     job.spec.submitted_at, job.spec.gpus,
+                                                     blocked))
                     jobs[key] = (rs, job)
                     if job.attempt == 0:
                         self.announce(rs, job)
@@ -727,11 +761,13 @@ class Daemon:
         self.counts = {"running": len(holding) + len(plan.starts), "pending":
                        len(waiting) - len(plan.starts), "repos": len(repos)}
         self.update_deadline(repos)
+        self.tell_reasons(repos, plan.reasons, jobs)
         # Work that is not on anyone's critical path: remove finished jobs' worktrees,
         # and check out the next waiting jobs' worktrees so that starting them is a fork.
         started = {s.key for s in plan.starts}
-        ahead = [jobs[w.key] for w in scheduler.queue_order(waiting)[:PREPARE_AHEAD]
-                 if w.key not in started]
+        # The next jobs that can start (their dependencies met): their worktrees first.
+        ready = [w for w in scheduler.queue_order(waiting) if not w.waiting_for]
+        ahead = [jobs[w.key] for w in ready[:PREPARE_AHEAD] if w.key not in started]
         cleanup, self.cleanup = self.cleanup, []
         for rs, ended in cleanup:
             target = self.recycle_target(rs, ended, ahead)
@@ -750,6 +786,74 @@ class Daemon:
                 self.prepare_worktree(rs, job)
         for rs in repos:
             self.make_spare(rs)
+
+    def follow_dependencies(self, rs: RepoState) -> dict[int, deps.Verdict]:
+        """Where our waiting jobs' dependencies stand. The jobs that can never start (a
+        dependency failed, was cancelled or is gone, or one of theirs did) are cancelled
+        here, each after the one that dooms it, with the reason on its record. All of it
+        follows from the records alone, so a daemon killed half-way through a cascade
+        leaves nothing a restarted one does not finish."""
+        waiting = {j.id: deps.Needs(j.spec.after, j.spec.after_any) for j in rs.jobs
+                   if j.state is State.PENDING and (j.spec.after or j.spec.after_any)
+                   and rs.ours(j) is not None}
+        if not waiting:
+            return {}
+        states: dict[int, State] = {}
+        for needs in waiting.values():
+            for dep in (*needs.after, *needs.after_any):
+                if dep in states:
+                    continue
+                known = rs.active.get(dep)
+                state = known.state if known is not None else rs.ended.get(dep)
+                if state is None and (dep in rs.tips or rs.read_whole_at != self.stats["cycles"]):
+                    # Unreadable, or not seen yet by a read of just the named refs: it
+                    # counts as not ended until a whole read says it is gone.
+                    state = State.PENDING
+                    if dep not in rs.tips:
+                        self.read_everything = self.dirty = True
+                if state is not None:
+                    states[dep] = state
+        verdicts = deps.judge(waiting, states)
+        for job_id in deps.doomed_order(verdicts):
+            job = rs.active.get(job_id)
+            if job is None or job.state is not State.PENDING:
+                continue
+            detail = verdicts[job_id].detail
+            try:
+                stored = rs.store.write(job, apply_event(job, "cancelled", now_iso(),
+                                                         detail=detail),
+                                        f"tq: job {job_id} cancelled: {detail}")
+            except (InvalidTransition, RefRace, NotOurs) as exc:
+                log.warning("job %d: %s", job_id, exc)
+                stored = None
+            if stored is None:  # its record moved (an edit?): judge it again from there
+                self.read_everything = self.dirty = True
+                continue
+            self.remember(rs, stored)
+            log.info("job %d in %s: cancelled (%s)", job_id, rs.common, detail)
+            self.run_hook(rs, stored, "finish")
+        return verdicts
+
+    def tell_reasons(self, repos: list[RepoState],
+                     reasons: Mapping[scheduler.JobKey, scheduler.Reason],
+                     jobs: Mapping[scheduler.JobKey, tuple[RepoState, Job]]) -> None:
+        """Write why each waiting job waits where `ls` reads it (`Home.waiting_file`),
+        for each repository whose reasons changed:
+        {"pid": daemon, "jobs": {id: [tip, kind, text]}}."""
+        by_repo: dict[str, dict[str, list[str]]] = {rs.key: {} for rs in repos}
+        for key, why in reasons.items():
+            rs, job = jobs[key]
+            by_repo[rs.key][str(job.id)] = [job.tip, why.kind, why.text]
+        for rs in repos:
+            told = by_repo[rs.key]
+            if self.told.get(rs.key) == told:
+                continue
+            with contextlib.suppress(OSError):
+                path = self.home.waiting_file(rs.key)
+                ensure_private_dir(os.path.dirname(path))
+                write_private_file(path, json.dumps({"pid": os.getpid(),
+                                                     "jobs": told}).encode())
+                self.told[rs.key] = told
 
     def machine_gpus(self, repos: list[RepoState]) -> tuple[int, ...]:
         declared = setting(repos, "tq.gpus")

@@ -336,6 +336,11 @@ class Home:
             write_private_file(self.socket_dir_record, folder.encode() + b"\n")
         return os.path.join(folder, name)
 
+    def waiting_file(self, key: str) -> str:
+        """Why each waiting job of a repository waits, as the daemon's last plan said
+        (written by the daemon, read by `ls`)."""
+        return os.path.join(self.path, "run", key, "waiting.json")
+
     def worktree_dir(self, key: str, job_id: int) -> str:
         return os.path.join(self.path, "worktrees", key, str(job_id))
 

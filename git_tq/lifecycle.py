@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from git_tq.errors import InvalidTransition
-from git_tq.model import Job, State
+from git_tq.model import Job, JobSpec, State
 
 P, R, S = State.PENDING, State.RUNNING, State.STOPPING
 
@@ -77,3 +77,32 @@ def apply_event(job: Job, event: str, now: str, **fields: Any) -> Job:
     changes.update(fields)
     assert target is not None
     return job.evolve(state=target, **changes)
+
+
+# What an edit may change, by state: a waiting job anything it was submitted with that
+# decides when and where it runs; a running one only what the daemon reads while it runs.
+EDITABLE: dict[State, frozenset[str]] = {
+    P: frozenset({"priority", "grace", "tag", "gpus", "after", "after_any"}),
+    R: frozenset({"priority", "grace"}),
+    S: frozenset({"priority", "grace"}),
+}
+
+
+def apply_edit(job: Job, spec: JobSpec, detail: str) -> Job:
+    """The job with its spec replaced (event `edited`, same state); raises
+    InvalidTransition for a job that has ended or a field its state does not allow."""
+    allowed = EDITABLE.get(job.state)
+    if allowed is None:
+        raise InvalidTransition(f"job {job.id} is {job.state.value}: only a pending or "
+                                "running job can be edited")
+    changed = [name for name in ("priority", "grace", "tag", "gpus", "after", "after_any",
+                                 "command", "shell", "env", "cwd", "stop_signal",
+                                 "stop_target", "params", "sweep", "submitted_at", "user",
+                                 "host")
+               if getattr(job.spec, name) != getattr(spec, name)]
+    refused = [name.replace("_", "-") for name in changed if name not in allowed]
+    if refused:
+        raise InvalidTransition(f"job {job.id} is {job.state.value}: its "
+                                f"{', '.join(refused)} can no longer change (only "
+                                f"{' and '.join(sorted(allowed))})")
+    return job.evolve(spec=spec, event="edited", detail=detail)

@@ -23,7 +23,7 @@ STOP_SIGNALS = ("SIGHUP", "SIGINT", "SIGQUIT", "SIGABRT", "SIGUSR1", "SIGUSR2", 
 
 # Every lifecycle event a record can name (lifecycle.EVENTS, plus the submission).
 EVENT_NAMES = frozenset({"submitted", "started", "resumed", "stopping", "preempted",
-                         "finished", "start-failed", "cancelled"})
+                         "finished", "start-failed", "cancelled", "edited"})
 
 
 class State(str, enum.Enum):
@@ -137,6 +137,14 @@ class JobSpec:
     # the sweep's name; empty and None for a job that is not part of a sweep.
     params: tuple[tuple[str, str], ...] = ()
     sweep: Optional[str] = None
+    # Jobs of this repository it waits for: `after` must end done (exit 0), or this job
+    # is cancelled; `after_any` must end in any way. Sorted ids, () for none.
+    after: tuple[int, ...] = ()
+    after_any: tuple[int, ...] = ()
+
+    @property
+    def dependencies(self) -> tuple[int, ...]:
+        return tuple(sorted({*self.after, *self.after_any}))
 
     def command_line(self) -> str:
         return self.command[0] if self.shell else shlex.join(self.command)
@@ -219,6 +227,12 @@ class Job:
 
     def evolve(self, **changes: Any) -> Job:
         return replace(self, **changes)
+
+
+def describe_ids(ids: tuple[int, ...], shown: int = 3) -> str:
+    """Job ids in a reason: `12, 14`, or `12, 13, 14 and 997 more`."""
+    head = ", ".join(map(str, ids[:shown]))
+    return head if len(ids) <= shown else f"{head} and {len(ids) - shown} more"
 
 
 def job_ref(job_id: int) -> str:

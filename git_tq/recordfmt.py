@@ -92,6 +92,8 @@ def encode(job: Job) -> str:
          None if job.assigned_gpus is None else ",".join(map(str, job.assigned_gpus))),
         ("Sweep", s.sweep),
         ("Params", _json(dict(s.params)) if s.params else None),
+        ("After", encode_ids(s.after) if s.after else None),
+        ("After-Any", encode_ids(s.after_any) if s.after_any else None),
         ("Metrics", _json(dict(job.metrics)) if job.metrics else None),
         ("Outputs", None if job.outputs is None else _json(_outputs_json(job.outputs))),
     ]
@@ -264,6 +266,43 @@ def _seconds(text: Optional[str]) -> Optional[float]:
     return float(text)
 
 
+MAX_DEPENDENCIES = 100_000  # ids one Tq-After field may name (a range counts its ids)
+_IDS = re.compile(r"[1-9][0-9]{0,17}(?:-[1-9][0-9]{0,17})?(?:,[1-9][0-9]{0,17}"
+                  r"(?:-[1-9][0-9]{0,17})?)*\Z")
+
+
+def encode_ids(ids: tuple[int, ...]) -> str:
+    """Sorted job ids as a short list of runs: (3, 4, 5, 9) -> `3-5,9` (a sweep of
+    10,000 jobs is one range, so a field never grows with it)."""
+    runs: list[str] = []
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        runs.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ",".join(runs)
+
+
+def decode_ids(text: Optional[str], name: str = "After") -> tuple[int, ...]:
+    """The ids of `encode_ids`' text: canonical, sorted, no repeats, at most
+    MAX_DEPENDENCIES; RecordFormatError for anything else."""
+    if text is None:
+        return ()
+    if not _IDS.match(text):
+        raise RecordFormatError(f"Tq-{name} {text[:30]!r} is not a list of job ids")
+    ids: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        a, b = int(low), int(high or low)
+        if a > b or (ids and a <= ids[-1]) or len(ids) + b - a >= MAX_DEPENDENCIES:
+            raise RecordFormatError(f"Tq-{name} is not a sorted list of at most "
+                                    f"{MAX_DEPENDENCIES} job ids")
+        ids.extend(range(a, b + 1))
+    return tuple(ids)
+
+
 _PARAM = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 _METRIC = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/@+-]{0,127}\Z")
 MAX_METRICS = 256
@@ -414,6 +453,8 @@ def _decode(message: str, tip: str) -> Job:
         stop_target=_choice(get("Stop-Target"), "Stop-Target", STOP_TARGETS, "main") or "main",
         params=_params(get("Params")),
         sweep=_tag(get("Sweep"), "Sweep"),
+        after=decode_ids(get("After")),
+        after_any=decode_ids(get("After-Any"), "After-Any"),
     )
     state = _STATES.get(f["State"])
     if state is None:

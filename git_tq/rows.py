@@ -37,10 +37,10 @@ from git_tq.home import create_temp_beside, ensure_private_dir
 from git_tq.localjobs import LOCAL, LedgerEntry
 from git_tq.model import Job, Metric, State
 from git_tq.safetext import json_safe, visible
-from git_tq.service import Context, JobView, job_pid
+from git_tq.service import Context, JobView, job_pid, waiting_reasons
 from git_tq.store import Unreadable, _canonical, _job_from_row, _job_to_row, refs_stamp
 
-VERSION = 1
+VERSION = 2  # 2: rows and JSON know dependencies and waiting reasons
 FEW = 64  # up to this many jobs' ledger entries are looked up one by one
 _FINISHED = frozenset(s.value for s in State if s.finished)
 ACTIVE = frozenset(s.value for s in State if s.active)
@@ -71,6 +71,7 @@ class Row:
     named: Optional[bool] = None  # whether the recorded submission names this job
     log: str = ""
     default_log: str = ""
+    reason: str = ""  # why a pending job waits (made visible); made afresh every call
 
     def dump(self) -> tuple[Any, ...]:
         """(id, state, what it was made from, its text fields) for the rows file."""
@@ -262,7 +263,7 @@ def _make(view: JobView, ledger: tuple[str, Optional[str]], note_key: str,
                j.spec.params, view.trust,
                json_safe(json.dumps(view.to_json(), ensure_ascii=False)),
                _cells(view), _line(view), view.pid, j, ledger, note_key, note_blob, named,
-               view.log, default_log)
+               view.log, default_log, visible(view.reason or ""))
 
 
 def _ledger_view(entry: Optional[LedgerEntry], tip: str) -> tuple[str, Optional[str]]:
@@ -285,6 +286,7 @@ def _build(ctx: Context, jobs: Iterable[Job], entries: Mapping[int, LedgerEntry]
         ledgers[j.id] = verdict = _ledger_view(entries.get(j.id), j.tip)
         keys[j.id] = verdict[1] or named.get(j.id) or j.tip
     texts = ctx.store.note_texts(blobs[k] for k in keys.values() if k in blobs)
+    waits = waiting_reasons(ctx, jobs)
     rows = []
     for j in jobs:
         key = keys[j.id]
@@ -292,9 +294,10 @@ def _build(ctx: Context, jobs: Iterable[Job], entries: Mapping[int, LedgerEntry]
         default_log = f"{ctx.store.log_root}{os.sep}{ctx.store.default_log_name(j)}"
         log = logs.get(j.id) or default_log
         trust = ctx.store.trust(j, entries)
+        waiting_for, reason = waits.get(j.id, ((), None))
         view = JobView(j, texts.get(blob) if blob else None, log,
                        ctx.store.category(log) if j.id in logs else None, trust,
-                       job_pid(ctx, j, trust))
+                       job_pid(ctx, j, trust), waiting_for, reason)
         was_named = None if ledgers[j.id][1] or j.snapshot not in blobs else j.id in named
         rows.append(_make(view, ledgers[j.id], key, blob, was_named, default_log))
     return rows

@@ -1,17 +1,20 @@
 """The scheduling policy: a pure function from queue and machine state to actions.
 
 No processes, files or git here: `plan` takes what is pending, what runs, the
-GPUs and which of them a foreign process sits on, and says what to start and
-whom to preempt. The daemon carries the actions out.
+GPUs and which of them a foreign process sits on, and says what to start,
+whom to preempt, and why each other waiting job waits. The daemon carries the
+actions out. What a job's dependencies wait for is decided before (`deps`) and
+comes in as `Waiting.waiting_for`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
-from git_tq.model import GpuRequest
+from git_tq.model import GpuRequest, describe_ids
 
 JobKey = tuple[str, int]  # (repository key, job id): unique across the daemon's repositories
 
@@ -24,6 +27,7 @@ class Waiting:
     priority: int
     submitted_at: str  # ISO 8601; within a priority, earlier first (a preempted job keeps it)
     gpus: GpuRequest
+    waiting_for: tuple[int, ...] = ()  # dependencies not yet ended (ids in its repository)
 
 
 @dataclass(frozen=True)
@@ -50,14 +54,30 @@ class Preempt:
 
 
 @dataclass(frozen=True)
+class Reason:
+    """Why a waiting job was not started. `kind` says what holds it, for whoever shows
+    it (more kinds may come: a paused queue, a time window): "dependency", "gpu" (our
+    jobs hold it), "foreign" (someone else's process), "preempting" (a victim is being
+    stopped for it), "cpu" (no slot), "machine" (it asks for GPUs this machine lacks)."""
+
+    kind: str
+    text: str  # "waiting for 12", "GPU 0 busy", "yielding to pid 4242 on GPU 0"
+
+
+@dataclass(frozen=True)
 class Plan:
     starts: list[Start] = field(default_factory=list)
     preempts: list[Preempt] = field(default_factory=list)
+    # Why each waiting job that is not started waits.
+    reasons: dict[JobKey, Reason] = field(default_factory=dict)
+
+
+_QUEUE_KEY = operator.attrgetter("priority", "submitted_at", "key")
 
 
 def queue_order(waiting: Sequence[Waiting]) -> list[Waiting]:
     """Smallest priority number first; within a priority, submission order."""
-    return sorted(waiting, key=lambda w: (w.priority, w.submitted_at, w.key))
+    return sorted(waiting, key=_QUEUE_KEY)
 
 
 def plan(waiting: Sequence[Waiting], holding: Sequence[Holding], gpus: Sequence[int], *,
@@ -66,6 +86,7 @@ def plan(waiting: Sequence[Waiting], holding: Sequence[Holding], gpus: Sequence[
     """What to do now. `foreign` maps a GPU to a description of the foreign process on it."""
     foreign = foreign or {}
     result = Plan()
+    reasons = result.reasons
     load: dict[int, list[Holding]] = {g: [] for g in gpus}
     cpu_used = 0
     for h in holding:
@@ -80,7 +101,8 @@ def plan(waiting: Sequence[Waiting], holding: Sequence[Holding], gpus: Sequence[
             if not h.stopping and h.key not in preempted:
                 preempted.add(h.key)
                 result.preempts.append(Preempt(h.key, f"yield to {who} on GPU {g}"))
-    reserved: set[int] = set()  # GPUs being vacated for a waiting job: nobody else takes them
+    # GPUs being vacated for a waiting job (which one): nobody else takes them.
+    reserved: dict[int, JobKey] = {}
 
     def free(g: int) -> bool:
         return g not in foreign and g not in reserved and len(load.get(g, [])) < jobs_per_gpu
@@ -92,36 +114,82 @@ def plan(waiting: Sequence[Waiting], holding: Sequence[Holding], gpus: Sequence[
         occupants = load.get(g, [])
         return all(o.stopping or o.priority > priority for o in occupants)
 
-    for w in queue_order(waiting):
+    def busy(g: int) -> Reason:
+        """Why GPU g cannot be had: who sits on it."""
+        if g in foreign:
+            return Reason("foreign", f"yielding to {foreign[g]} on GPU {g}")
+        if g in reserved:
+            return Reason("preempting", f"GPU {g} kept for job {reserved[g][1]}")
+        return Reason("gpu", f"GPU {g} busy")
+
+    def place(w: Waiting) -> Optional[Reason]:
+        """Start w, or preempt for it (None); else why it waits, having changed nothing."""
+        nonlocal cpu_used
         req = w.gpus
         if req.cpu_only:
             if cpu_used < cpu_slots:
                 cpu_used += 1
                 result.starts.append(Start(w.key, ()))
-            continue
+                return None
+            return Reason("cpu", "no CPU slot free")
         if req.ids is not None:
             wanted = [g for g in req.ids if g in load]
             if len(wanted) != len(req.ids):
-                continue  # asks for a GPU this machine no longer has
+                gone = next(g for g in req.ids if g not in load)
+                return Reason("machine", f"GPU {gone} is not on this machine")
             if all(free(g) for g in wanted):
                 _take(load, w, tuple(wanted), result)
-                continue
+                return None
             if all(free(g) or reclaimable(g, w.priority) for g in wanted):
                 _preempt_for(w, [g for g in wanted if not free(g)], load, reserved,
                              preempted, result)
-            continue
+                return None
+            return busy(next(g for g in wanted if not free(g)))
         candidates = sorted((g for g in load if free(g)), key=lambda g: (len(load[g]), g))
         if len(candidates) >= req.count:
             _take(load, w, tuple(sorted(candidates[: req.count])), result)
-            continue
+            return None
         # Not enough free GPUs: reclaim the ones whose jobs matter least.
         extra = [g for g in load if not free(g) and reclaimable(g, w.priority)]
         extra.sort(key=lambda g: (-max((o.priority for o in load[g]), default=0), g))
         if len(candidates) + len(extra) >= req.count:
             need = extra[: req.count - len(candidates)]
-            reserved.update(candidates)
+            for g in candidates:
+                reserved[g] = w.key
             _preempt_for(w, need, load, reserved, preempted, result)
+            return None
+        return _short_of(req.count, len(candidates), [g for g in load if not free(g)],
+                         foreign, busy)
+
+    # A job that only waits changes nothing, so the next one asking the same at the same
+    # priority waits for the same reason: a long queue costs a lookup per job.
+    told: dict[tuple[GpuRequest, int], Reason] = {}
+    for w in queue_order(waiting):
+        if w.waiting_for:
+            reasons[w.key] = Reason("dependency", "waiting for " + describe_ids(w.waiting_for))
+            continue
+        reason = told.get((w.gpus, w.priority))
+        if reason is None:
+            reason = place(w)
+            if reason is None:
+                told.clear()  # something started or is being vacated: ask afresh
+                continue
+            told[(w.gpus, w.priority)] = reason
+        reasons[w.key] = reason
     return result
+
+
+def _short_of(count: int, free_count: int, blockers: list[int], foreign: Mapping[int, str],
+              busy: Callable[[int], Reason]) -> Reason:
+    """Why a job asking for any `count` GPUs waits, when only `free_count` are free."""
+    if count > free_count + len(blockers):
+        return Reason("machine",
+                      f"needs {count} GPUs, this machine has {free_count + len(blockers)}")
+    if len(blockers) == 1 or all(g in foreign for g in blockers):
+        return busy(blockers[0])  # the one GPU it waits for, or the foreign process
+    if count == 1:
+        return Reason("gpu", "every GPU busy")
+    return Reason("gpu", f"{free_count} of the {count} GPUs it needs free")
 
 
 def _take(load: dict[int, list[Holding]], w: Waiting, chosen: tuple[int, ...],
@@ -132,10 +200,14 @@ def _take(load: dict[int, list[Holding]], w: Waiting, chosen: tuple[int, ...],
 
 
 def _preempt_for(w: Waiting, gpus: list[int], load: dict[int, list[Holding]],
-                 reserved: set[int], preempted: set[JobKey], result: Plan) -> None:
-    reserved.update(gpus)
+                 reserved: dict[int, JobKey], preempted: set[JobKey], result: Plan) -> None:
+    victims: list[str] = []
     for g in gpus:
+        reserved[g] = w.key
         for o in load[g]:
             if not o.stopping and o.key not in preempted:
                 preempted.add(o.key)
                 result.preempts.append(Preempt(o.key, f"preempted by job {w.key[1]}", w.key))
+            victims.append(str(o.key[1]))
+    result.reasons[w.key] = Reason(
+        "preempting", "waiting for job " + ", ".join(dict.fromkeys(victims)) + " to stop")

@@ -118,6 +118,8 @@ class SubmitRequest:
     stop_signal: Optional[str] = None  # --signal; None: tq.stopSignal, else SIGTERM
     sweep: tuple[str, ...] = ()  # --sweep NAME=V1,V2 ...: one job per combination
     sweep_name: Optional[str] = None
+    after: tuple[str, ...] = ()  # --after 12,14: start once these are done (exit 0)
+    after_any: tuple[str, ...] = ()  # --after-any 12: start once these have ended
 
 
 @dataclass(frozen=True)
@@ -295,6 +297,7 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
     request = gpu_request(req, ctx.config)
     if not request.cpu_only:
         gpu_inventory.check_request(request, gpu_inventory.machine_gpus(ctx.config))
+    after, after_any = dependencies(ctx, req.after, req.after_any)
     command = tuple(req.command)
     shell = req.shell
     if shell is None:
@@ -315,6 +318,8 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
         host=os.uname().nodename,
         stop_signal=stop_signal,
         stop_target=stop_target,
+        after=after,
+        after_any=after_any,
     )
     variants: list[tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = [((), command)]
     if req.sweep:
@@ -381,6 +386,189 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
                                  after_lost_race=drop_all)
     return Submitted(jobs[0], snap, snap.warnings, wake_daemon(ctx, [j.id for j in jobs]),
                      tuple(jobs))
+
+
+def dependencies(ctx: Context, after: Sequence[str], after_any: Sequence[str], *,
+                 editing: Optional[int] = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The ids `--after` and `--after-any` name (ids, ranges, sweeps, tags), sorted; a
+    job in both counts as `--after`. Refused: a job that does not exist (every id of a
+    range must), one not submitted here by this user (it never runs here), and for
+    `--after` one that already failed or was cancelled (this one could never start)."""
+    if not after and not after_any:
+        return (), ()
+    entries = ctx.local.entries()
+    chosen: dict[str, tuple[int, ...]] = {}
+    for option, tokens in (("--after", after), ("--after-any", after_any)):
+        if not tokens:
+            chosen[option] = ()
+            continue
+        try:
+            jobs = resolve_jobs(ctx, tokens, missing_ok_in_ranges=False)
+        except TqError as exc:
+            raise type(exc)(f"{option}: {exc}") from None
+        for job in jobs:
+            trust = ctx.store.trust(job, entries)
+            if trust != LOCAL:
+                raise NotOurs(f"{option}: job {job.id} was not submitted here by you "
+                              f"({trust}): it never runs here, so nothing could follow it")
+            if job.id == editing:
+                raise BadSpec(f"{option}: job {job.id} cannot wait for itself")
+            if option == "--after" and job.state in (State.FAILED, State.CANCELLED):
+                ended = "failed" if job.state is State.FAILED else "was cancelled"
+                raise BadSpec(f"--after: job {job.id} {ended}, so a job after it could never "
+                              "start (--after-any waits for any ending)")
+        chosen[option] = tuple(sorted(j.id for j in jobs))
+    firm = chosen["--after"]
+    return firm, tuple(i for i in chosen["--after-any"] if i not in set(firm))
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """What `git tq edit` changes; None (or no GPU option) leaves a field as it is."""
+
+    priority: Optional[int] = None
+    grace: Optional[int] = None
+    tag: Optional[str] = None  # "" removes the tag
+    after: Optional[tuple[str, ...]] = None  # ("none",) removes every dependency
+    after_any: Optional[tuple[str, ...]] = None
+    gpu_ids: Optional[str] = None
+    gpu_count: Optional[int] = None
+    cpu: bool = False
+
+
+@dataclass(frozen=True)
+class Edited:
+    job: Job  # as recorded after the edit
+    changes: str  # "priority 100 → 10, grace 180 → 30"
+
+
+def _edited_spec(ctx: Context, job: Job, req: EditRequest,
+                 deps_of: dict[int, tuple[int, ...]]) -> JobSpec:
+    """`job`'s spec with the edit applied, checked as `run` checks its options."""
+    from git_tq.deps import would_cycle
+
+    changes: dict[str, Any] = {}
+    if req.priority is not None:
+        changes["priority"] = req.priority
+    if req.grace is not None:
+        if req.grace < 0:
+            raise BadSpec("grace period (-g) must be 0 seconds or more")
+        changes["grace"] = req.grace
+    if req.tag is not None:
+        changes["tag"] = validate_tag(req.tag) if req.tag else None
+    if req.gpu_ids is not None or req.gpu_count is not None or req.cpu:
+        request = gpu_request(SubmitRequest((), gpu_ids=req.gpu_ids, gpu_count=req.gpu_count,
+                                            cpu=req.cpu), ctx.config)
+        if not request.cpu_only:
+            gpu_inventory.check_request(request, gpu_inventory.machine_gpus(ctx.config))
+        changes["gpus"] = request
+    if req.after is not None or req.after_any is not None:
+        def given(tokens: Optional[tuple[str, ...]]) -> tuple[str, ...]:
+            return () if tokens is None or tuple(tokens) == ("none",) else tokens
+        after, after_any = dependencies(ctx, given(req.after), given(req.after_any),
+                                        editing=job.id)
+        # One option given: the other list keeps what it had (less what moved over).
+        keep_after = tuple(i for i in job.spec.after if i not in set(after_any))
+        keep_any = tuple(i for i in job.spec.after_any if i not in set(after))
+        changes["after"] = after if req.after is not None else keep_after
+        changes["after_any"] = after_any if req.after_any is not None else keep_any
+        new = tuple(sorted({*changes["after"], *changes["after_any"]}))
+        looping = would_cycle(job.id, new, deps_of)
+        if looping is not None:
+            raise BadSpec(f"job {job.id} cannot wait for job {looping}: job {looping} "
+                          f"already waits (directly or not) for job {job.id}")
+        deps_of[job.id] = new
+    return dataclasses.replace(job.spec, **changes)
+
+
+def describe_edit(old: JobSpec, new: JobSpec) -> str:
+    """What an edit changed, for its record: "priority 100 → 10, gpus any 1 → 0,1"."""
+    from git_tq.recordfmt import encode_ids
+
+    words: dict[str, Callable[[JobSpec], str]] = {
+        "priority": lambda s: str(s.priority), "grace": lambda s: f"{s.grace}s",
+        "tag": lambda s: s.tag or "none", "gpus": lambda s: s.gpus.describe(),
+        "after": lambda s: encode_ids(s.after) or "none",
+        "after-any": lambda s: encode_ids(s.after_any) or "none",
+    }
+    changed = [f"{name} {show(old)} → {show(new)}" for name, show in words.items()
+               if show(old) != show(new)]
+    return ", ".join(changed)
+
+
+def edit(ctx: Context, tokens: Sequence[str], req: EditRequest) -> list[Edited]:
+    """Change waiting (or running) jobs' options, each as an `edited` lifecycle commit.
+
+    A pending job may change priority, grace, tag, GPUs and dependencies; a running
+    one only priority and grace (the daemon reads them at its next plan and stop). Every
+    job is checked before anything is written, so a bad one changes nothing. The
+    daemon is told at once: a raised priority may preempt a running job."""
+    from git_tq.lifecycle import EDITABLE, apply_edit
+
+    if req == EditRequest():
+        raise UsageError("nothing to change: give -p, -g, -t, --after, --after-any, --gpu, "
+                         "--gpus or --cpu")
+    jobs = resolve_jobs(ctx, tokens)
+    deps_of = {j.id: j.spec.dependencies for j in ctx.store.list_jobs() if j.state.active}
+    planned: list[tuple[Job, JobSpec]] = []
+    for job in jobs:
+        ctx.store.require_ours(job, "edited")
+        if job.state not in EDITABLE:
+            raise InvalidTransition(f"job {job.id} has ended ({job.state.value}): only a "
+                                    "pending or running job can be edited")
+        touched = {name for name, given in (
+            ("priority", req.priority), ("grace", req.grace), ("tag", req.tag),
+            ("after", req.after), ("after_any", req.after_any), ("gpus", req.gpu_ids),
+            ("gpus", req.gpu_count), ("gpus", req.cpu or None)) if given is not None}
+        refused = sorted(touched - EDITABLE[job.state])
+        if refused:  # said before checking the values themselves
+            raise InvalidTransition(
+                f"job {job.id} is {job.state.value}: its {', '.join(refused)} can no longer "
+                f"change (only {' and '.join(sorted(EDITABLE[job.state]))})")
+        spec = _edited_spec(ctx, job, req, deps_of)
+        apply_edit(job, spec, "")  # refuses what its state does not allow
+        planned.append((job, spec))
+    done = []
+    for job, spec in planned:
+        # Only what this edit changes, applied to the freshest record (a concurrent
+        # edit of another field stays).
+        fields = {name: getattr(spec, name) for name in
+                  ("priority", "grace", "tag", "gpus", "after", "after_any")
+                  if getattr(spec, name) != getattr(job.spec, name)}
+
+        def change(current: Job, fields: dict[str, Any] = fields) -> Optional[Job]:
+            new = dataclasses.replace(current.spec, **fields)
+            what = describe_edit(current.spec, new)
+            return apply_edit(current, new, what) if what else None
+
+        stored = ctx.store.update(job.id, change, f"tq: edit job {job.id}")
+        done.append(Edited(stored, describe_edit(job.spec, stored.spec)
+                           if stored.event == "edited" and stored.tip != job.tip else ""))
+    from git_tq import client
+
+    changed = [e.job.id for e in done if e.changes]
+    if changed:
+        client.nudge(ctx.home, autostart=False, repo=ctx.repo.common_dir, jobs=changed)
+    return done
+
+
+# The console's and top's short edits of a waiting job by its number: `p 3 10`.
+QUICK_EDITS = {"p": "priority", "g": "grace", "t": "tag"}
+
+
+def quick_edit_request(letter: str, value: str) -> EditRequest:
+    """The edit `p 3 10` (or g, t) asks for; UsageError for a bad value."""
+    field_name = QUICK_EDITS.get(letter)
+    if field_name is None:
+        raise UsageError(f"unknown edit {letter!r}: p (priority), g (grace) or t (tag)")
+    if field_name == "tag":
+        return EditRequest(tag=value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise UsageError(f"{field_name} {value[:20]!r} is not a whole number") from None
+    return EditRequest(priority=number) if field_name == "priority" else \
+        EditRequest(grace=number)
 
 
 def _flag(ctx: Context, name: str, default: bool) -> bool:
@@ -476,8 +664,9 @@ def requeue(ctx: Context, token: str, *, command: Sequence[str] = (),
     if trust != LOCAL and not command:
         raise UsageError(f"job {old.id} was not written here by you ({trust}): its command is "
                          f"not trusted; give one: git tq requeue {old.id} -- COMMAND...")
+    # Its dependencies have ended long since (one may have failed): the copy has none.
     spec = dataclasses.replace(old.spec, submitted_at=now or now_iso(), user=_user_name(),
-                               host=os.uname().nodename)
+                               host=os.uname().nodename, after=(), after_any=())
     if command:
         if not any(w.strip() for w in command):
             raise UsageError("empty command")
@@ -773,6 +962,8 @@ class JobView:
     category: Optional[str]
     trust: str = LOCAL  # localjobs.LOCAL, FETCHED or TAMPERED
     pid: Optional[int] = None  # the job's process, while a local job runs
+    waiting_for: tuple[int, ...] = ()  # a pending job's dependencies not yet ended
+    reason: Optional[str] = None  # why a pending job waits ("GPU 0 busy"), when known
 
     def to_json(self) -> dict[str, Any]:
         j, s = self.job, self.job.spec
@@ -815,6 +1006,10 @@ class JobView:
             "stop_seconds": j.stop_seconds,
             "sweep": s.sweep,
             "params": dict(s.params),
+            "after": list(s.after),
+            "after_any": list(s.after_any),
+            "waiting_for": list(self.waiting_for),
+            "reason": self.reason,
             "metrics": dict(j.metrics),
             "outputs": None if j.outputs is None else outputs_json(j.outputs),
         }
@@ -870,7 +1065,7 @@ def stopped_attempts(lifecycle: Iterable[tuple[str, Job]]) -> list[StoppedAttemp
     """Each attempt a stop ended, from the records of a job's lifecycle (oldest first)."""
     return [StoppedAttempt(r.attempt, r.event, r.stop, r.stop_seconds, r.exit_code, r.signal,
                            r.spec.stop_signal)
-            for _, r in lifecycle if r.stop is not None]
+            for _, r in lifecycle if r.stop is not None and r.event != "edited"]
 
 
 def _views(ctx: Context, jobs: Iterable[Job]) -> list[JobView]:
@@ -879,14 +1074,79 @@ def _views(ctx: Context, jobs: Iterable[Job]) -> list[JobView]:
     entries = ctx.local.entries()
     jobs = list(jobs)
     keys = _note_keys(ctx, jobs, entries, notes)
+    waits = waiting_reasons(ctx, jobs)
     views = []
     for job in jobs:
         log = ctx.store.log_path(job, logs)
         category = ctx.store.category(log) if job.id in logs else None
         trust = ctx.store.trust(job, entries)
+        waiting_for, reason = waits.get(job.id, ((), None))
         views.append(JobView(job, notes.get(keys[job.id]), log, category, trust,
-                             job_pid(ctx, job, trust)))
+                             job_pid(ctx, job, trust), waiting_for, reason))
     return views
+
+
+def waiting_reasons(ctx: Context, jobs: Sequence[Job]) \
+        -> dict[int, tuple[tuple[int, ...], Optional[str]]]:
+    """Why each pending job among `jobs` waits: (dependencies not yet ended, reason).
+    Dependencies are judged here from the records (`deps`), so `ls` is right even
+    with no daemon; the rest ("GPU 0 busy", "yielding to pid 4242 on GPU 0") is what
+    the running daemon's last plan said of the job's current record."""
+    from git_tq import deps
+
+    pending = [j for j in jobs if j.state is State.PENDING]
+    if not pending:
+        return {}
+    states = {j.id: j.state for j in jobs}
+    wanted = {d for j in pending for d in j.spec.dependencies if d not in states}
+    if wanted:
+        states.update(_states_of(ctx, wanted))
+    verdicts = deps.judge({j.id: deps.Needs(j.spec.after, j.spec.after_any)
+                           for j in pending}, states)
+    told = _daemon_reasons(ctx)
+    result: dict[int, tuple[tuple[int, ...], Optional[str]]] = {}
+    for job in pending:
+        verdict = verdicts.get(job.id)
+        if verdict is not None and not verdict.ready:
+            result[job.id] = (verdict.waiting_for, verdict.reason)
+            continue
+        said = told.get(str(job.id))
+        # The daemon's word holds for the record it planned with, and its dependency
+        # reasons are judged here afresh.
+        if isinstance(said, list) and len(said) == 3 and said[0] == job.tip \
+                and said[1] != "dependency" and isinstance(said[2], str):
+            result[job.id] = ((), said[2])
+    return result
+
+
+def _states_of(ctx: Context, ids: Collection[int]) -> dict[int, State]:
+    """The recorded states of these jobs (those that exist): one listing of the refs,
+    one read of the records not at hand."""
+    from git_tq.store import _canonical
+
+    listed, _ = ctx.store.ref_tips()
+    tips = [tip for tip, name in listed if _canonical(name) in ids]
+    found, _bad = ctx.store.records(tips)
+    return {job.id: job.state for job in found.values() if job.id in ids}
+
+
+def _daemon_reasons(ctx: Context) -> dict[str, Any]:
+    """The daemon's last word on this repository's waiting jobs; {} when it is not
+    running (its pid gone), so a stale word is never shown."""
+    import json
+
+    from git_tq.home import repo_key
+
+    try:
+        with open(ctx.home.waiting_file(repo_key(ctx.repo.common_dir)), "rb") as fh:
+            data = json.loads(fh.read())
+        pid, jobs = data["pid"], data["jobs"]
+        if not isinstance(pid, int) or pid <= 0 or not isinstance(jobs, dict):
+            return {}
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # no file, a daemon that is gone (or someone else's pid)
+    return jobs
 
 
 def _note_keys(ctx: Context, jobs: Sequence[Job], entries: Mapping[int, LedgerEntry],
@@ -1009,9 +1269,10 @@ def show_job(ctx: Context, token: str) -> JobDetail:
     logs = ctx.store.find_logs()
     log = ctx.store.log_path(job, logs)
     trust = ctx.store.trust(job)
+    waiting_for, reason = waiting_reasons(ctx, [job]).get(job.id, ((), None))
     view = JobView(job, ctx.store.note(job), log,
                    ctx.store.category(log) if job.id in logs else None, trust,
-                   job_pid(ctx, job, trust))
+                   job_pid(ctx, job, trust), waiting_for, reason)
     from git_tq import jobtree
 
     links = jobtree.outside_links([], ctx.repo.cwd, ctx.store.submission(job))
@@ -2038,6 +2299,7 @@ class BoardJob:
     here: bool  # in the repository `top` runs in
     job: Job
     last_line: str = ""  # a running job's last log line (of the repositories shown)
+    reason: Optional[str] = None  # why a pending job waits (waiting_reasons)
 
 
 @dataclass(frozen=True)
@@ -2103,6 +2365,7 @@ def dashboard(ctx: Context, recent: int = 5, *, everywhere: bool = False) -> Das
         except (TqError, OSError):
             continue  # a repository that went away or broke: nothing of it to show
         name = repo_name(c.repo.common_dir)
+        waits = waiting_reasons(c, jobs) if is_here or everywhere else {}
         for j in jobs:
             active = j.state in (State.RUNNING, State.STOPPING)
             if not (is_here or everywhere):
@@ -2110,7 +2373,8 @@ def dashboard(ctx: Context, recent: int = 5, *, everywhere: bool = False) -> Das
                     running.append(BoardJob(name, False, j))
                 continue
             board_job = BoardJob(name, is_here, j,
-                                 last_line(c.store.log_path(j, logs)) if active else "")
+                                 last_line(c.store.log_path(j, logs)) if active else "",
+                                 waits.get(j.id, ((), None))[1])
             (running if active else shown).append(board_job)
     rows = [GpuRow(g, dict(details.get(g, {})),
                    [b for b in running if g in (b.job.assigned_gpus or ())], foreign.get(g))

@@ -264,3 +264,45 @@ def test_console_colours_like_the_cli_unless_no_color(repo: Path, tmp_path: Path
         assert re.search(sgr(33) + "pending", out), out  # the state in its colour
     finally:
         s.close()
+
+
+def test_queue_mode_edits_a_waiting_job_by_its_number(screen: Screen, repo: Path) -> None:
+    git(repo, "config", "tq.autostart", "false")
+    for i in range(3):
+        assert "queued" in screen.run(f"echo job{i} -t t{i}")
+    screen.run("q", r"\[QUEUE\] >")
+    out = screen.run("p 3 10")
+    assert "job 3: priority 100 → 10" in out
+    assert re.search(r"1\s+3\s+10\s", out)  # listed again: job 3 now comes first
+    assert show(repo, 3)["priority"] == 10 and show(repo, 3)["event"] == "edited"
+    assert "grace 180s → 5s" in screen.run("g 1 5")  # number 1 is job 3 now
+    assert "tag t1 → best" in screen.run("t 3 best")  # number 3 is job 2
+    out = screen.run("edit 1 --after 1")  # job 3 (number 1) after job 1 (an id)
+    assert "job 3: after none → 1" in out and "(waiting for 1)" in out
+    assert "is not a valid integer" in screen.run("p 1 x")
+    assert "no number 9 here" in screen.run("p 9 1")
+    assert "give a job's number and the new value" in screen.run("p 1")
+
+
+def test_top_edits_a_waiting_job(repo: Path) -> None:
+    for i in range(2):
+        tq(repo, "run", "-q", "-t", f"t{i}", "true")
+    env = {**os.environ, "TERM": "xterm", "NO_COLOR": "1"}
+    child = pexpect.spawn("git", ["tq", "top"], cwd=str(repo), env=env, encoding="utf-8",
+                          timeout=20, dimensions=(40, 140))
+    try:
+        child.expect("queue \\(2\\)")
+        child.send("p 2 5")
+        child.expect("edit: p 2 5_")
+        child.send("\r")
+        child.expect("job 2: priority 100 → 5")
+        child.send("g 9 1\r")
+        child.expect("no waiting job #9")
+        child.send("p 1 x\r")
+        child.expect("is not a whole number")
+        child.send("q")
+        child.expect(pexpect.EOF)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+    assert show(repo, 2)["priority"] == 5

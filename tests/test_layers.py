@@ -30,7 +30,7 @@ LAYERS: list[set[str]] = [
     {"jobtree"},
     {"store", "snapshot"},
     {"localjobs"},  # the trust boundary: what this user submitted here
-    {"lifecycle", "recordfmt", "home", "gpus", "gitrepo", "procs", "envs"},
+    {"lifecycle", "recordfmt", "home", "gpus", "gitrepo", "procs", "envs", "deps"},
     {"model", "errors", "safetext", "__init__"},
 ]
 UI_LIBRARIES = {"click", "rich", "prompt_toolkit"}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from git_tq.model import GpuRequest
-from git_tq.scheduler import Holding, Preempt, Start, Waiting, plan, queue_order
+from git_tq.scheduler import Holding, Preempt, Reason, Start, Waiting, plan, queue_order
 
 ANY1 = GpuRequest.any(1)
 
@@ -93,3 +93,54 @@ def test_jobs_per_gpu_shares_a_gpu() -> None:
 
 def test_a_gpu_that_disappeared_is_not_given() -> None:
     assert plan([w(1, gpus=GpuRequest.exact((5,)))], [], [0, 1]).starts == []
+
+
+# --- dependencies and waiting reasons -----------------------------------------------------
+
+
+def test_a_job_waiting_for_dependencies_is_skipped_and_says_why() -> None:
+    blocked = Waiting(("r", 1), 1, "2026-01-01T00:00:01", ANY1, waiting_for=(7, 9))
+    p = plan([blocked, w(2, pri=50)], [h(8, 100, (0,))], [0, 1])
+    assert p.starts == [Start(("r", 2), (1,))]
+    assert p.preempts == []  # a blocked job preempts nobody, and reserves nothing
+    assert p.reasons[("r", 1)] == Reason("dependency", "waiting for 7, 9")
+    many = Waiting(("r", 3), 1, "x", ANY1, waiting_for=tuple(range(10, 20)))
+    assert plan([many], [], [0]).reasons[("r", 3)].text == "waiting for 10, 11, 12 and 7 more"
+
+
+def test_every_waiting_job_that_is_not_started_gets_a_reason() -> None:
+    cpu = GpuRequest.any(0)
+    p = plan([w(1, gpus=GpuRequest.exact((0,))), w(2, gpus=GpuRequest.exact((5,))),
+              w(3, gpus=cpu), w(4, gpus=GpuRequest.any(4)), w(5, gpus=GpuRequest.any(2)),
+              w(6), w(7, gpus=GpuRequest.any(2))],
+             [h(8, 100, (0,)), h(7, 100, (1,)), h(9, 100, ())], [0, 1, 2], cpu_slots=1)
+    reasons = {k[1]: r.text for k, r in p.reasons.items()}
+    assert p.starts == [Start(("r", 6), (2,))]
+    assert reasons == {1: "GPU 0 busy", 2: "GPU 5 is not on this machine",
+                       3: "no CPU slot free", 4: "needs 4 GPUs, this machine has 3",
+                       5: "1 of the 2 GPUs it needs free", 7: "0 of the 2 GPUs it needs free"}
+    assert plan([w(1)], [h(8, 1, (0,)), h(9, 1, (1,))], [0, 1]).reasons[("r", 1)].text == \
+        "every GPU busy"
+
+
+def test_reasons_name_the_foreign_process_and_the_preemption() -> None:
+    p = plan([w(1, gpus=GpuRequest.exact((0,)))], [], [0, 1], foreign={0: "pid 4242"})
+    assert p.reasons[("r", 1)] == Reason("foreign", "yielding to pid 4242 on GPU 0")
+    p = plan([w(1, pri=1), w(2, gpus=GpuRequest.exact((0,)))], [h(9, 100, (0,))], [0])
+    assert p.reasons[("r", 1)] == Reason("preempting", "waiting for job 9 to stop")
+    assert p.reasons[("r", 2)] == Reason("preempting", "GPU 0 kept for job 1")
+    assert ("r", 1) not in plan([w(1)], [], [0]).reasons  # started: no reason
+
+
+def test_plan_with_ten_thousand_waiting_jobs_is_fast() -> None:
+    """The bench (bench/plan.py) measures it; this only keeps it from growing wild."""
+    import time
+
+    waiting = [Waiting(("r", i), i % 7, f"2026-01-01T00:{i // 60 % 60:02d}:{i % 60:02d}",
+                       ANY1 if i % 3 else GpuRequest.exact((i % 8,)),
+                       (i - 1,) if i % 4 == 0 else ()) for i in range(1, 10_001)]
+    holding = [h(20_000 + g, 3, (g,)) for g in range(8)]
+    t0 = time.perf_counter()
+    p = plan(waiting, holding, list(range(8)))
+    assert time.perf_counter() - t0 < 1.0
+    assert len(p.reasons) + len(p.starts) == 10_000
