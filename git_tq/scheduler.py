@@ -53,6 +53,20 @@ class Preempt:
 class Plan:
     starts: list[Start] = field(default_factory=list)
     preempts: list[Preempt] = field(default_factory=list)
+    # Why a waiting job was held back when the reason is not just a busy machine
+    # ("queue paused", "GPU 0 paused"), by job.
+    reasons: dict[JobKey, str] = field(default_factory=dict)
+
+
+def paused_reason(gpus: GpuRequest, paused: frozenset[int] | set[int],
+                  all_paused: bool) -> Optional[str]:
+    """Why a pause holds a job asking for `gpus` outright: every job while the whole
+    queue is paused; one asking for a paused GPU by its id. (A job asking for any N
+    GPUs is only kept off the paused ones: `plan` says when that held it.)"""
+    if all_paused:
+        return "queue paused"
+    held = [g for g in gpus.ids or () if g in paused]
+    return f"GPU {','.join(map(str, held))} paused" if held else None
 
 
 def queue_order(waiting: Sequence[Waiting]) -> list[Waiting]:
@@ -62,8 +76,13 @@ def queue_order(waiting: Sequence[Waiting]) -> list[Waiting]:
 
 def plan(waiting: Sequence[Waiting], holding: Sequence[Holding], gpus: Sequence[int], *,
          foreign: Mapping[int, str] | None = None, cpu_slots: int = 1,
-         jobs_per_gpu: int = 1) -> Plan:
-    """What to do now. `foreign` maps a GPU to a description of the foreign process on it."""
+         jobs_per_gpu: int = 1, paused: frozenset[int] = frozenset(),
+         all_paused: bool = False) -> Plan:
+    """What to do now. `foreign` maps a GPU to a description of the foreign process on it.
+
+    `paused` GPUs take no new job, and with `all_paused` nothing starts at all (`git tq
+    pause`): a job held by that neither starts nor preempts; running and stopping jobs
+    are left as they are, and so are the yields to foreign processes."""
     foreign = foreign or {}
     result = Plan()
     load: dict[int, list[Holding]] = {g: [] for g in gpus}
@@ -82,18 +101,23 @@ def plan(waiting: Sequence[Waiting], holding: Sequence[Holding], gpus: Sequence[
                 result.preempts.append(Preempt(h.key, f"yield to {who} on GPU {g}"))
     reserved: set[int] = set()  # GPUs being vacated for a waiting job: nobody else takes them
 
-    def free(g: int) -> bool:
-        return g not in foreign and g not in reserved and len(load.get(g, [])) < jobs_per_gpu
+    def free(g: int, even_paused: bool = False) -> bool:
+        return g not in foreign and g not in reserved and len(load.get(g, [])) < jobs_per_gpu \
+            and (even_paused or g not in paused)
 
-    def reclaimable(g: int, priority: int) -> bool:
+    def reclaimable(g: int, priority: int, even_paused: bool = False) -> bool:
         """GPU g could be freed for a job of `priority` by preempting lower-priority jobs."""
-        if g in foreign or g in reserved:
+        if g in foreign or g in reserved or (g in paused and not even_paused):
             return False
         occupants = load.get(g, [])
         return all(o.stopping or o.priority > priority for o in occupants)
 
     for w in queue_order(waiting):
         req = w.gpus
+        held = paused_reason(req, paused, all_paused)
+        if held is not None:
+            result.reasons[w.key] = held
+            continue
         if req.cpu_only:
             if cpu_used < cpu_slots:
                 cpu_used += 1
@@ -121,6 +145,12 @@ def plan(waiting: Sequence[Waiting], holding: Sequence[Holding], gpus: Sequence[
             need = extra[: req.count - len(candidates)]
             reserved.update(candidates)
             _preempt_for(w, need, load, reserved, preempted, result)
+            continue
+        # It waits, kept off the paused GPUs: say so when one of them would have served it.
+        would = [g for g in sorted(paused) if g in load
+                 and (free(g, True) or reclaimable(g, w.priority, True))]
+        if would:
+            result.reasons[w.key] = f"GPU {','.join(map(str, would))} paused"
     return result
 
 
