@@ -392,7 +392,7 @@ def show(job: str, as_json: bool) -> None:
              "at": (r.ended_at or r.started_at or r.spec.submitted_at)
              if r.event != "submitted" else r.spec.submitted_at,
              "attempt": r.attempt, "exit_code": r.exit_code, "signal": r.signal,
-             "stop": r.stop, "stop_seconds": r.stop_seconds}
+             "stop": r.stop, "stop_seconds": r.stop_seconds, "ran_seconds": r.ran_seconds}
             for c, r in detail.lifecycle
         ]
         data["stops"] = [st.to_json() for st in stops]
@@ -423,6 +423,7 @@ def show(job: str, as_json: bool) -> None:
         + (f"    started {e(j.started_at)}" if j.started_at else "")
         + (f"    ended {e(j.ended_at)}" if j.ended_at else "")
         + (f"    pid {detail.view.pid}" if detail.view.pid is not None else ""),
+        *([service.limits_text(j)] if s.time_limit or s.retries else []),
         f"log        {e(detail.view.log)}"
         + (f"  [{e(detail.view.category)}]" if detail.view.category else "")
         + ("  (not on this machine: the job ran elsewhere)"
@@ -690,7 +691,7 @@ def rm(jobs: tuple[str, ...], forget: bool, logs: bool, yes: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.option("--gpu", "gpu_ids", metavar="IDS",
+@click.option("--gpu", "gpu_ids", metavar="IDS", shell_complete=complete_gpus,
               help="Only GPU queue IDS: the jobs that asked for exactly these GPUs (--gpu).")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 def purge(gpu_ids: Optional[str], yes: bool) -> None:

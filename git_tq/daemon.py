@@ -866,6 +866,11 @@ class Daemon:
         # its exit code (a checkpointing job exits 0 after saving); a killed one is
         # cancelled. Both record how the attempt ended, and how the stop went.
         stopped = stop_outcome(stop, outcome)
+        used_up = self.time_up(job, rf) if stopped and stop and \
+            stop.get("kind") == "preempt" else None
+        if used_up:  # preempted with its time used up: a resume would only stop again
+            return self.record(rs, job, "timed-out", rf, detail=used_up, exit_code=code,
+                               signal=sig, **stopped, **produced)
         if stopped and stop and stop.get("kind") == "preempt":
             return self.record(rs, job, "preempted", rf, detail=stop.get("reason"),
                                exit_code=code, signal=sig, **stopped, **produced)
@@ -891,15 +896,20 @@ class Daemon:
         failed = sig is not None or (code is not None and code != 0)
         if not failed or (stop and (stop.get("signalled") or stop.get("kind") != "preempt")):
             return None
-        launch = rf.read(rf.launch) or {}
-        retries, limit = launch.get("retries"), launch.get("time_limit")
-        if not isinstance(retries, int) or job.retried >= retries:
-            return None
-        due = job.time_limit_due(limit if isinstance(limit, int) else None)
-        if due is not None and time.time() >= due:
-            return None  # its time is up: another attempt would be stopped at once
+        retries = (rf.read(rf.launch) or {}).get("retries")
+        if not isinstance(retries, int) or job.retried >= retries or self.time_up(job, rf):
+            return None  # none left, or its time is up: another attempt would only stop
         cause = f"signal {sig}" if sig is not None else f"exit {code}"
         return f"retry {job.retried + 1} of {retries} after {cause}"
+
+    def time_up(self, job: Job, rf: RunFiles) -> Optional[str]:
+        """`time limit 2h reached` when the attempt that just ended used up the job's
+        time limit (from its launch file); None otherwise."""
+        limit = (rf.read(rf.launch) or {}).get("time_limit")
+        due = job.time_limit_due(limit if isinstance(limit, int) else None)
+        if limit is None or due is None or time.time() < due:
+            return None
+        return f"time limit {format_duration(limit)} reached"
 
     def time_limit(self, rs: RepoState, job: Job) -> Optional[int]:
         """The running attempt's time limit in seconds, from its launch file (written from

@@ -1935,6 +1935,18 @@ def exit_status(job: Job) -> int:
     return 1
 
 
+def limits_text(job: Job) -> str:
+    """`limits     time 2h (ran 1h3m)    retries 1 of 3 used`, for `show`."""
+    from git_tq.model import format_duration
+
+    s = job.spec
+    ran = format_duration(job.running_seconds(time.time()))
+    parts = [f"time {format_duration(s.time_limit)} (ran {ran})"] if s.time_limit else []
+    if s.retries:
+        parts.append(f"retries {job.retried} of {s.retries} used")
+    return "limits     " + "    ".join(parts)
+
+
 def describe_ending(job: Job) -> str:
     """`job 7 failed (exit 3)`, `job 8 cancelled`, `job 9 still running`."""
     if job.state.active:

@@ -93,3 +93,51 @@ def test_jobs_per_gpu_shares_a_gpu() -> None:
 
 def test_a_gpu_that_disappeared_is_not_given() -> None:
     assert plan([w(1, gpus=GpuRequest.exact((5,)))], [], [0, 1]).starts == []
+
+
+# --- git tq pause ---------------------------------------------------------------------
+
+
+def test_a_paused_queue_starts_nothing_and_preempts_nobody() -> None:
+    cpu = GpuRequest.any(0)
+    p = plan([w(1, pri=1), w(2, gpus=cpu)], [h(9, 100, (0,))], [0, 1], all_paused=True,
+             cpu_slots=4)
+    assert p.starts == [] and p.preempts == []
+    assert p.reasons == {("r", 1): "queue paused", ("r", 2): "queue paused"}
+
+
+def test_decided_preemptions_and_yields_stay_under_a_pause() -> None:
+    # A victim already stopping stays so (nothing here undoes it); a foreign process still
+    # makes our job there yield.
+    p = plan([w(1, pri=1)], [h(8, 100, (0,), stopping=True), h(9, 100, (1,))], [0, 1],
+             foreign={1: "foreign process 42"}, all_paused=True)
+    assert p.starts == []
+    assert p.preempts == [Preempt(("r", 9), "yield to foreign process 42 on GPU 1")]
+
+
+def test_a_paused_gpu_holds_the_jobs_that_asked_for_it() -> None:
+    exact0, exact1 = GpuRequest.exact((0,)), GpuRequest.exact((0, 1))
+    p = plan([w(1, gpus=exact0), w(2, gpus=exact1), w(3), w(4, gpus=GpuRequest.any(0))],
+             [], [0, 1], paused=frozenset({0}))
+    assert p.starts == [Start(("r", 3), (1,)), Start(("r", 4), ())]
+    assert p.reasons == {("r", 1): "GPU 0 paused", ("r", 2): "GPU 0 paused"}
+
+
+def test_any_gpu_jobs_keep_off_paused_gpus_and_say_so_when_that_held_them() -> None:
+    p = plan([w(1), w(2)], [], [0, 1], paused=frozenset({1}))
+    assert p.starts == [Start(("r", 1), (0,))]
+    assert p.reasons == {("r", 2): "GPU 1 paused"}  # GPU 1 was free: the pause held it
+    busy = plan([w(1, pri=10)], [h(8, 100, (0,)), h(9, 5, (1,))], [0, 1],
+                paused=frozenset({0}))
+    assert busy.starts == [] and busy.preempts == []  # its victim would be on GPU 0
+    assert busy.reasons == {("r", 1): "GPU 0 paused"}
+    unrelated = plan([w(1)], [h(8, 100, (0,))], [0, 1], paused=frozenset({1}),
+                     jobs_per_gpu=1)
+    assert unrelated.starts == [] and unrelated.reasons == {("r", 1): "GPU 1 paused"}
+    two = plan([w(1, gpus=GpuRequest.any(2))], [], [0, 1, 2], paused=frozenset({2}))
+    assert two.starts == [Start(("r", 1), (0, 1))] and two.reasons == {}
+
+
+def test_without_a_pause_plans_are_as_before() -> None:
+    p = plan([w(1), w(2)], [h(9, 100, (0,))], [0, 1])
+    assert p.starts == [Start(("r", 1), (1,))] and p.reasons == {}
