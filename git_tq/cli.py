@@ -919,7 +919,7 @@ def daemon_status(as_json: bool) -> None:
     if status is None:
         say(f"daemon: not running (home {home.path}); start it with `git tq start`")
         if paused.active:
-            say(f"queue:  {paused.describe()}")
+            say(f"pause:  {paused.describe()}")
         sys.exit(1)
     counts = status.get("counts", {})
     say(f"daemon: running, pid {status['pid']}, version {status['version']}, up "
@@ -929,7 +929,7 @@ def daemon_status(as_json: bool) -> None:
     say(f"jobs:   {counts.get('running', 0)} running, {counts.get('pending', 0)} "
         f"pending, in {counts.get('repos', 0)} repositories")
     if paused.active:
-        say(f"queue:  {paused.describe()}")
+        say(f"pause:  {paused.describe()}")
     for gpu, who in sorted(status.get("foreign", {}).items()):
         # `who` names a foreign process: its name is whatever that process chose
         say(f"GPU {gpu}: held by a {who}; nothing of ours runs there")

@@ -61,15 +61,15 @@ def events(repo: Path, job_id: int) -> list[str]:
 def test_a_time_limit_stops_a_job_that_traps_sigterm(repo: Path, tmp_path: Path) -> None:
     (repo / "traps.py").write_text(TRAPS_TERM)
     out = tmp_path / "job"
-    job = submit(repo, "--cpu", "--time", "2s", "-g", "1", "python", "traps.py",
+    job = submit(repo, "--cpu", "--time", "3s", "-g", "1", "python", "traps.py",
                  env={"OUT": str(out)})
-    assert show(repo, job)["time_limit"] == 2
+    assert show(repo, job)["time_limit"] == 3
     data = wait_state(repo, job, "failed", timeout=30)
-    assert data["event"] == "timed-out" and data["detail"] == "time limit 2s reached"
+    assert data["event"] == "timed-out" and data["detail"] == "time limit 3s reached"
     assert data["outcome"] == "time limit"
     assert data["stop"] == "forced" and data["signal"] == signal.SIGKILL  # after the grace
     assert Path(f"{out}.term").read_text() == "x"  # its stop signal, once
-    assert data["ran_seconds"] >= 2
+    assert data["ran_seconds"] >= 3
     assert Path(f"{out}.up").read_text() == "1\n"  # never requeued or retried
     assert events(repo, job)[-2:] == ["stopping", "timed-out"]
     assert f"{job}   failed (time limit)" in tq(repo, "ls", "-a").stdout
@@ -107,14 +107,14 @@ def test_a_time_limit_stop_begun_before_kill_9_is_carried_through(repo: Path,
                                                                   tmp_path: Path) -> None:
     (repo / "traps.py").write_text(TRAPS_TERM)
     out = tmp_path / "job"
-    job = submit(repo, "--cpu", "--time", "1s", "-g", "2", "python", "traps.py",
+    job = submit(repo, "--cpu", "--time", "3s", "-g", "3", "python", "traps.py",
                  env={"OUT": str(out)})
     wait_until(lambda: Path(f"{out}.term").exists(), timeout=20)  # the stop has begun
     os.kill(daemon_pid(), signal.SIGKILL)  # in the middle of its grace
     assert show(repo, job)["state"] == "stopping"
     tq(repo, "start")
     data = wait_state(repo, job, "failed", timeout=30)
-    assert data["event"] == "timed-out" and data["detail"] == "time limit 1s reached"
+    assert data["event"] == "timed-out" and data["detail"] == "time limit 3s reached"
     assert Path(f"{out}.term").read_text() == "x"  # signalled once across the restart
 
 
@@ -168,6 +168,33 @@ def test_a_retry_succeeds_on_the_second_attempt(repo: Path, tmp_path: Path) -> N
     assert "RETRIED: attempt 2" in log
 
 
+def test_a_retry_decided_after_kill_9_of_the_daemon_is_recorded_once(repo: Path,
+                                                                     tmp_path: Path) -> None:
+    import psutil
+
+    gate = tmp_path / "gate"
+    (repo / "gated.py").write_text(
+        "import os, sys, time\n"
+        "n = os.environ['TQ_ATTEMPT']\n"
+        "open(os.environ['OUT'], 'a').write(n + '\\n')\n"
+        "while n == '1' and not os.path.exists(sys.argv[1]):\n"
+        "    time.sleep(0.02)\n"
+        "sys.exit(3 if n == '1' else 0)\n")
+    out = tmp_path / "attempts"
+    job = submit(repo, "--cpu", "--retry", "2", "python", "gated.py", str(gate),
+                 env={"OUT": str(out)})
+    wait_until(out.exists)
+    os.kill(daemon_pid(), signal.SIGKILL)
+    gate.write_text("")  # attempt 1 fails while no daemon runs
+    wait_until(lambda: not any(str(gate) in " ".join(p.info["cmdline"] or [])
+                               for p in psutil.process_iter(["cmdline"])))
+    assert show(repo, job)["state"] == "running"  # nobody recorded it yet
+    tq(repo, "start")
+    wait_state(repo, job, "done")
+    assert out.read_text() == "1\n2\n"
+    assert events(repo, job) == ["submitted", "started", "retry", "started", "finished"]
+
+
 def test_retries_run_out_and_a_signal_counts(repo: Path, tmp_path: Path) -> None:
     (repo / "attempts.py").write_text(ATTEMPTS)
     out = tmp_path / "attempts"
@@ -195,8 +222,7 @@ def test_a_killed_or_timed_out_job_is_not_retried(repo: Path, tmp_path: Path) ->
     timed = submit(repo, "--cpu", "--retry", "3", "--time", "1s", "-g", "0", "python",
                    "traps.py", env={"OUT": str(out2)})
     data = wait_state(repo, timed, "failed", timeout=30)
-    assert data["event"] == "timed-out" and data["retried"] == 0
-    assert Path(f"{out2}.up").read_text() == "1\n"
+    assert data["event"] == "timed-out" and data["retried"] == 0 and data["attempt"] == 1
 
 
 def test_a_preempted_job_is_resumed_not_retried(repo: Path, tmp_path: Path) -> None:

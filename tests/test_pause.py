@@ -68,7 +68,7 @@ def test_pause_holds_new_starts_while_running_jobs_go_on(repo: Path, tmp_path: P
     assert listing[0].startswith("queue paused since ") and "git tq resume" in listing[0]
     assert any(f"{waiting}" in line and "pending (queue paused)" in line for line in listing)
     text = tq(repo, "daemon", "status").stdout
-    assert "queue:  queue paused since" in text
+    assert "pause:  queue paused since" in text
     assert status()["paused"]["everything"] is True
     gate.write_text("")  # the running job goes on to its end
     wait_state(repo, running, "done")
