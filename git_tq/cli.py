@@ -102,6 +102,26 @@ def after_options(f: F) -> F:
                              "tags.")(f)
 
 
+def complete_gpus(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """This machine's GPU ids (tq.gpus, else NVML), after the last comma."""
+    from click.shell_completion import CompletionItem
+
+    try:
+        from git_tq import gpus
+
+        try:
+            config = open_context().config
+        except Exception:  # outside a repository: the machine's GPUs
+            config = {}
+        ids = gpus.machine_gpus(config)
+    except Exception:  # completion must never fail loudly
+        return []
+    done, _, word = incomplete.rpartition(",")
+    taken = set(done.split(",")) if done else set()
+    return [CompletionItem(f"{done},{g}" if done else str(g)) for g in ids
+            if str(g).startswith(word) and str(g) not in taken]
+
+
 def complete_folders(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
     """Log folders for shell completion."""
     from click.shell_completion import CompletionItem
@@ -181,7 +201,8 @@ def cli(ctx: click.Context) -> None:
               help="Seconds between the stop signal and SIGKILL when preempted [180].")
 @click.option("-t", "--tag", help="A short label (also used in the log file name).")
 @click.option("-e", "--env", "env_name", help="Conda env name, or a virtualenv/conda prefix path.")
-@click.option("--gpu", "gpu_ids", metavar="IDS", help="Exactly these GPUs, e.g. 0 or 0,1.")
+@click.option("--gpu", "gpu_ids", metavar="IDS", shell_complete=complete_gpus,
+              help="Exactly these GPUs, e.g. 0 or 0,1.")
 @click.option("--gpus", "gpu_count", type=click.IntRange(min=0), metavar="N",
               help="Any N free GPUs.")
 @click.option("--cpu", is_flag=True, help="No GPU: run in a CPU slot.")
@@ -196,6 +217,13 @@ def cli(ctx: click.Context) -> None:
 @click.option("--sweep-name", metavar="NAME",
               help="The sweep's name, usable as a job list [script-date-time].")
 @after_options
+@click.option("--time", "time_limit", metavar="DURATION",
+              help="Stop it (stop signal, grace, SIGKILL; recorded failed) once it has run "
+                   "this long over all its attempts: 90s, 45m, 2h, 1d12h, none "
+                   "[tq.defaultTime, else none].")
+@click.option("--retry", "retries", type=int, default=0, metavar="N",
+              help="Queue it again, up to N times, when an attempt fails by itself "
+                   "(non-zero exit, or a signal git tq did not send) [0].")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the job id (one per line).")
 @click.option("--wait", "wait", is_flag=True,
               help="Wait until the job has ended; exit with its exit status.")
@@ -204,7 +232,8 @@ def run(priority: Optional[int], grace: Optional[int], tag: Optional[str],
         env_name: Optional[str], gpu_ids: Optional[str], gpu_count: Optional[int], cpu: bool,
         shell: Optional[bool], stop_signal: Optional[str], sweep: tuple[str, ...],
         sweep_name: Optional[str], after: tuple[str, ...], after_any: tuple[str, ...],
-        quiet: bool, wait: bool, command: tuple[str, ...]) -> None:
+        time_limit: Optional[str], retries: int, quiet: bool, wait: bool,
+        command: tuple[str, ...]) -> None:
     """Snapshot the work tree and queue COMMAND as a job.
 
     Options end at the first word that is not an option (or at `--`). With --wait,
@@ -221,7 +250,7 @@ def run(priority: Optional[int], grace: Optional[int], tag: Optional[str],
         grace=DEFAULT_GRACE if grace is None else grace,
         tag=tag, env=env_name, gpu_ids=gpu_ids, gpu_count=gpu_count, cpu=cpu, shell=shell,
         stop_signal=stop_signal, sweep=sweep, sweep_name=sweep_name, after=after,
-        after_any=after_any,
+        after_any=after_any, time_limit=time_limit, retries=retries,
     )
     result = service.submit(ctx, req)
     for w in result.warnings:
@@ -351,6 +380,9 @@ def ls_cmd(show_all: bool, states: tuple[str, ...], tags: tuple[str, ...],
     if as_json:
         output.print_json_text(cached.json_text(jobs))
         return
+    paused = service.queue_pause(ctx.home)
+    if paused.active:
+        say(paused.describe())
     if not jobs and not (show_all and unreadable):
         output.echo("no jobs" if show_all or states or tags else
                     "no active jobs (git tq ls --all shows finished ones)")
@@ -362,7 +394,9 @@ def ls_cmd(show_all: bool, states: tuple[str, ...], tags: tuple[str, ...],
     for r in jobs:
         c = r.cells  # ID STATE PRI GPUS TAG PARAMS COMMAND TIME NOTE, already visible
         metric = dict(r.metrics) if shown else {}
-        rows.append([c[0], c[1], "" if r.pid is None else str(r.pid), c[2], c[3], c[4],
+        held = service.held_reason(paused, r.job) if paused.active and r.job else None
+        rows.append([c[0], f"{c[1]} ({held})" if held else c[1],
+                     "" if r.pid is None else str(r.pid), c[2], c[3], c[4],
                      *([c[5]] if with_params else []), c[6], c[7],
                      *([r.reason] if with_reason else []),
                      *[metric_text(metric.get(name), 16) for name in shown], c[8]])
@@ -394,7 +428,7 @@ def show(job: str, as_json: bool) -> None:
              "at": (r.ended_at or r.started_at or r.spec.submitted_at)
              if r.event != "submitted" else r.spec.submitted_at,
              "attempt": r.attempt, "exit_code": r.exit_code, "signal": r.signal,
-             "stop": r.stop, "stop_seconds": r.stop_seconds}
+             "stop": r.stop, "stop_seconds": r.stop_seconds, "ran_seconds": r.ran_seconds}
             for c, r in detail.lifecycle
         ]
         data["stops"] = [st.to_json() for st in stops]
@@ -425,6 +459,7 @@ def show(job: str, as_json: bool) -> None:
         + (f"    started {e(j.started_at)}" if j.started_at else "")
         + (f"    ended {e(j.ended_at)}" if j.ended_at else "")
         + (f"    pid {detail.view.pid}" if detail.view.pid is not None else ""),
+        *([service.limits_text(j)] if s.time_limit or s.retries else []),
         f"log        {e(detail.view.log)}"
         + (f"  [{e(detail.view.category)}]" if detail.view.category else "")
         + ("  (not on this machine: the job ran elsewhere)"
@@ -695,7 +730,7 @@ def rm(jobs: tuple[str, ...], forget: bool, logs: bool, yes: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.option("--gpu", "gpu_ids", metavar="IDS",
+@click.option("--gpu", "gpu_ids", metavar="IDS", shell_complete=complete_gpus,
               help="Only GPU queue IDS: the jobs that asked for exactly these GPUs (--gpu).")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 def purge(gpu_ids: Optional[str], yes: bool) -> None:
@@ -915,11 +950,15 @@ def daemon_status(as_json: bool) -> None:
 
     home = service.home_for()
     status = service.daemon_status(home)
+    paused = service.queue_pause(home)
     if as_json:
-        output.print_json(status or {"running": False, "home": home.path})
+        output.print_json(status or {"running": False, "home": home.path,
+                                     "paused": paused.to_json()})
         return
     if status is None:
         say(f"daemon: not running (home {home.path}); start it with `git tq start`")
+        if paused.active:
+            say(f"pause:  {paused.describe()}")
         sys.exit(1)
     counts = status.get("counts", {})
     say(f"daemon: running, pid {status['pid']}, version {status['version']}, up "
@@ -928,9 +967,46 @@ def daemon_status(as_json: bool) -> None:
     say(f"socket: {status['socket']}")
     say(f"jobs:   {counts.get('running', 0)} running, {counts.get('pending', 0)} "
         f"pending, in {counts.get('repos', 0)} repositories")
+    if paused.active:
+        say(f"pause:  {paused.describe()}")
     for gpu, who in sorted(status.get("foreign", {}).items()):
         # `who` names a foreign process: its name is whatever that process chose
         say(f"GPU {gpu}: held by a {who}; nothing of ours runs there")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--gpu", "gpu_ids", metavar="IDS", shell_complete=complete_gpus,
+              help="Only the queues of these GPUs: jobs that would start there wait.")
+def pause(gpu_ids: Optional[str]) -> None:
+    """Hold the queue: nothing new starts (running jobs go on) until `git tq resume`."""
+    from git_tq import service
+
+    change = service.change_pause(gpu_ids, hold=True)
+    if change.gpus is not None and change.before.everything:
+        say(f"the whole queue is paused already: {change.after.describe()}")
+    else:
+        say(change.after.describe())
+    if change.daemon_hint:
+        say(f"git tq: {change.daemon_hint}", err=True)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--gpu", "gpu_ids", metavar="IDS", shell_complete=complete_gpus,
+              help="Only the queues of these GPUs.")
+def resume(gpu_ids: Optional[str]) -> None:
+    """Release the queue held by `git tq pause` (all of it, or these GPUs' queues)."""
+    from git_tq import service
+
+    change = service.change_pause(gpu_ids, hold=False)
+    if not change.before.active:
+        say("the queue was not paused")
+    elif change.gpus is not None and not set(change.gpus) & set(change.before.gpus):
+        say(f"GPU {','.join(map(str, change.gpus))} was not paused; "
+            f"{change.after.describe()}")
+    else:
+        say("queue resumed" if not change.after.active else change.after.describe())
+    if change.daemon_hint:
+        say(f"git tq: {change.daemon_hint}", err=True)
 
 
 @cli.command("kill", context_settings=CONTEXT)
@@ -956,10 +1032,14 @@ def kill_cmd(jobs: tuple[str, ...], now: bool) -> None:
 @click.option("--gpus", "gpu_count", type=click.IntRange(min=0), metavar="N",
               help="Any N free GPUs (pending only).")
 @click.option("--cpu", is_flag=True, help="No GPU: a CPU slot (pending only).")
+@click.option("--time", "time_limit", metavar="DURATION",
+              help="New time limit over all attempts (90s, 45m, 2h, 1d12h; none removes "
+                   "it; pending or running).")
 def edit_cmd(jobs: tuple[str, ...], priority: Optional[int], grace: Optional[int],
              tag: Optional[str], after: tuple[str, ...], after_any: tuple[str, ...],
-             gpu_ids: Optional[str], gpu_count: Optional[int], cpu: bool) -> None:
-    """Change the options of pending jobs (of running ones: priority and grace).
+             gpu_ids: Optional[str], gpu_count: Optional[int], cpu: bool,
+             time_limit: Optional[str]) -> None:
+    """Change the options of pending jobs (of running ones: priority, grace and time).
 
     --after and --after-any replace the job's list (`none` empties it). Each change
     is recorded as an `edited` lifecycle commit.
@@ -968,7 +1048,8 @@ def edit_cmd(jobs: tuple[str, ...], priority: Optional[int], grace: Optional[int
 
     req = service.EditRequest(priority=priority, grace=grace, tag=tag,
                               after=after or None, after_any=after_any or None,
-                              gpu_ids=gpu_ids, gpu_count=gpu_count, cpu=cpu)
+                              gpu_ids=gpu_ids, gpu_count=gpu_count, cpu=cpu,
+                              time_limit=time_limit)
     for edited in service.edit(open_context(), jobs, req):
         say(f"job {edited.job.id}: {edited.changes}" if edited.changes
             else f"job {edited.job.id}: unchanged")

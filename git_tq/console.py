@@ -25,7 +25,8 @@ from git_tq.output import STATE_STYLES
 from git_tq.safetext import visible
 
 RUN_OPTIONS_WITH_VALUE = {"-p", "--priority", "-g", "--grace", "-t", "--tag", "-e", "--env",
-                          "--gpu", "--gpus", "--signal", "--sweep", "--sweep-name"}
+                          "--gpu", "--gpus", "--signal", "--sweep", "--sweep-name", "--time",
+                          "--retry"}
 RUN_FLAGS = {"--cpu", "--sh", "-q", "--quiet"}
 TRAILING = {"-p", "-g", "-t", "-e"}
 GPU_CHOICES = {"--gpu", "--gpus", "--cpu"}  # a job's own choice: the selected queue yields
@@ -35,6 +36,8 @@ HELP: dict[str, dict[str, str]] = {
         "use IDS": "select the GPU queue new jobs go to (use 0, use 0,1; `use any` clears it;"
                    " --gpu/--gpus/--cpu on a line override it)",
         "start / stop": "start or stop the daemon",
+        "pause / resume": "hold the selected queue (pause IDS, pause all: those): nothing "
+                          "new starts there, running jobs go on; resume releases it",
         "st": "every queue: running and waiting jobs (git tq st)",
         "q": "Queue mode: the waiting jobs of the selected queue",
         "hist [FOLDER]": "Logs mode: the log tree",
@@ -169,17 +172,30 @@ class Console:
         if cwd == home or cwd.startswith(home + os.sep):
             cwd = "~" + cwd[len(home):]
         try:
-            on = service.daemon_status(service.home_for()) is not None
+            status = service.daemon_status(service.home_for())
         except (TqError, OSError):
-            on = False
+            status = None
+        held = self.selected_paused(status)
         parts = [("cyan", f"({env}) ")] if env else []
         parts += [("bold", cwd), ("", " (tq:"), ("yellow", self.gpus or "any"), ("", "|"),
-                  ("bold green", "ON") if on else ("bold red", "OFF"), ("", ")")]
+                  ("bold red", "OFF") if status is None else ("bold yellow", "PAUSED")
+                  if held else ("bold green", "ON"), ("", ")")]
         if self.mode == "queue":
             parts.append(("bold magenta", " [QUEUE]"))
         elif self.mode == "logs":
             parts.append(("bold magenta", f" [LOGS:{self.folder or '/'}]"))
         return self.styled([*parts, ("", " > ")])
+
+    def selected_paused(self, status: Optional[dict[str, object]]) -> bool:
+        """Whether `git tq pause` holds the selected queue (the whole queue for `any`)."""
+        paused = (status or {}).get("paused")
+        if not isinstance(paused, dict) or not paused.get("paused"):
+            return False
+        if paused.get("everything"):
+            return True
+        gpus = paused.get("gpus")
+        chosen = {int(g) for g in self.gpus.split(",")} if self.gpus else set()
+        return isinstance(gpus, list) and bool(chosen & set(gpus))
 
     # --- dispatch -----------------------------------------------------------------
 
@@ -259,6 +275,21 @@ class Console:
 
     def home_stop(self, args: list[str]) -> None:
         run_cli(["stop"])
+
+    def home_pause(self, args: list[str]) -> None:
+        run_cli(["pause", *self.queue_args(args)])
+
+    def home_resume(self, args: list[str]) -> None:
+        run_cli(["resume", *self.queue_args(args)])
+
+    def queue_args(self, args: list[str]) -> list[str]:
+        """The queue `pause`/`resume` act on: the selected one unless named (`pause 0,1`,
+        `pause all`, or the command's own options)."""
+        if not args:
+            return ["--gpu", self.gpus] if self.gpus else []
+        if args == ["all"]:
+            return []
+        return args if args[0].startswith("-") else ["--gpu", ",".join(args)]
 
     def home_st(self, args: list[str]) -> None:
         run_cli(["ls", *args])
@@ -451,7 +482,7 @@ class Console:
     def words_for(self, before: list[str]) -> Iterable[str]:
         if not before:
             names = {u.split()[0] for u in HELP[self.mode] if u != "anything else"}
-            names |= {"start", "stop", "cd", "pwd", "help", "man", "exit"} \
+            names |= {"start", "stop", "pause", "resume", "cd", "pwd", "help", "man", "exit"} \
                 if self.mode == "home" else {"help", "man", "exit"}
             return sorted(n for n in names if n.isidentifier())
         cmd = before[0]

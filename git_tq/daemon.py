@@ -41,6 +41,7 @@ from git_tq import (
     scheduler,
     supervisor,
 )
+from git_tq import pause as pausing
 from git_tq.errors import InvalidTransition, NotOurs, RefRace, TqError
 from git_tq.gitrepo import Repo, run_git, without_repo_vars
 from git_tq.home import (
@@ -53,7 +54,7 @@ from git_tq.home import (
 )
 from git_tq.lifecycle import apply_event, now_iso
 from git_tq.localjobs import LedgerEntry, LocalJobs, LocalSpec
-from git_tq.model import STOP_SIGNALS, Job, State, stop_signal_number
+from git_tq.model import STOP_SIGNALS, Job, State, format_duration, stop_signal_number
 from git_tq.procs import ProcessId, kill, plan_stop, shell_argv
 from git_tq.server import BadRequest, RequestServer, check_request
 from git_tq.store import (
@@ -282,6 +283,8 @@ class Daemon:
         # Cycles run, and how often they read all refs or just named ones (daemon status).
         self.stats = {"cycles": 0, "ref_reads": 0, "named_reads": 0, "records_read": 0,
                       "spare_worktrees_used": 0, "worktrees_recycled": 0}
+        self.pause = pausing.Pause()  # `git tq pause`: read from the tq home when it changed
+        self.pause_stamp: Optional[tuple[Stamp, ...]] = None
 
     # --- lifecycle of the daemon itself ---------------------------------------
 
@@ -451,7 +454,8 @@ class Daemon:
                     "started": self.started_at, "socket": self.socket_file,
                     "home": self.home.path, "repos": self.home.registered_repos(),
                     "counts": self.counts, "stats": self.stats, "foreign": {str(k): v for k, v in
-                                                       self.last_foreign.items()}}
+                                                       self.last_foreign.items()},
+                    "paused": self.pause.to_json()}
         if cmd == "kill":
             try:
                 done = self.kill_jobs(req["repo"], list(req["jobs"]), req.get("now", False))
@@ -714,6 +718,9 @@ class Daemon:
                     continue
                 if job.state in (State.RUNNING, State.STOPPING):
                     job = self.reconcile(rs, job)  # may record an ending
+                if job.state is State.RUNNING and not (self.endings and
+                                                       self.endings[-1][1] is job):
+                    job = self.enforce_time_limit(rs, job)
                 if job.state in (State.RUNNING, State.STOPPING) and (
                         self.endings and self.endings[-1][1] is job
                         or os.path.exists(RunFiles(self.home, rs.key, job.id).ended)):
@@ -743,8 +750,10 @@ class Daemon:
         self.last_foreign = foreign
         cpu_slots = int(setting(repos, "tq.cpuslots") or max(1, (os.cpu_count() or 2) // 2))
         per_gpu = int(setting(repos, "tq.jobspergpu") or 1)
+        self.read_pause()
         plan = scheduler.plan(waiting, holding, machine, foreign=foreign, cpu_slots=cpu_slots,
-                              jobs_per_gpu=per_gpu)
+                              jobs_per_gpu=per_gpu, paused=frozenset(self.pause.gpus),
+                              all_paused=self.pause.everything)
         for p in plan.preempts:
             rs, job = jobs[p.victim]
             self.request_stop(rs, job, "preempt", p.reason, now=False)
@@ -759,7 +768,8 @@ class Daemon:
         if endings:
             self.dirty = True  # a preempted job is waiting again: plan with it at once
         self.counts = {"running": len(holding) + len(plan.starts), "pending":
-                       len(waiting) - len(plan.starts), "repos": len(repos)}
+                       len(waiting) - len(plan.starts), "repos": len(repos),
+                       "held": sum(1 for r in plan.reasons.values() if r.kind == "paused")}
         self.update_deadline(repos)
         self.tell_reasons(repos, plan.reasons, jobs)
         # Work that is not on anyone's critical path: remove finished jobs' worktrees,
@@ -854,6 +864,16 @@ class Daemon:
                 write_private_file(path, json.dumps({"pid": os.getpid(),
                                                      "jobs": told}).encode())
                 self.told[rs.key] = told
+
+    def read_pause(self) -> None:
+        """The pause as `git tq pause` left it in the tq home; read again only when the
+        file's stat data changed (an idle cycle costs one stat)."""
+        stamp = settled((file_stamp(pausing.pause_file(self.home.path)),))
+        if stamp is None or stamp != self.pause_stamp:
+            paused = pausing.read(self.home.path)
+            if paused != self.pause:
+                log.info("%s", paused.describe() if paused.active else "queue resumed")
+            self.pause, self.pause_stamp = paused, stamp
 
     def machine_gpus(self, repos: list[RepoState]) -> tuple[int, ...]:
         declared = setting(repos, "tq.gpus")
@@ -999,14 +1019,70 @@ class Daemon:
         # its exit code (a checkpointing job exits 0 after saving); a killed one is
         # cancelled. Both record how the attempt ended, and how the stop went.
         stopped = stop_outcome(stop, outcome)
+        used_up = self.time_up(job, rf) if stopped and stop and \
+            stop.get("kind") == "preempt" else None
+        if used_up:  # preempted with its time used up: a resume would only stop again
+            return self.record(rs, job, "timed-out", rf, detail=used_up, exit_code=code,
+                               signal=sig, **stopped, **produced)
         if stopped and stop and stop.get("kind") == "preempt":
             return self.record(rs, job, "preempted", rf, detail=stop.get("reason"),
                                exit_code=code, signal=sig, **stopped, **produced)
         if stopped and stop and stop.get("kind") == "kill":
             return self.record(rs, job, "cancelled", rf, detail=stop.get("reason"),
                                exit_code=code, signal=sig, **stopped, **produced)
+        if stopped and stop and stop.get("kind") == "timeout":
+            return self.record(rs, job, "timed-out", rf, detail=stop.get("reason"),
+                               exit_code=code, signal=sig, **stopped, **produced)
+        retry = self.retry_reason(job, rf, stop, code, sig)
+        if retry is not None:
+            return self.record(rs, job, "retry", rf, detail=retry, exit_code=code, signal=sig,
+                               **produced)
         return self.record(rs, job, "finished", rf, exit_code=code, signal=sig, **stopped,
                            **produced)
+
+    def retry_reason(self, job: Job, rf: RunFiles, stop: Optional[Mapping[str, Any]],
+                     code: Optional[int], sig: Optional[int]) -> Optional[str]:
+        """`retry 1 of 3 after exit 137` when this attempt failed by itself (a non-zero
+        exit, or a signal git tq did not send) and the job may be retried (`--retry N`,
+        from its launch file) with time left; None otherwise. A stop of ours (a kill, a
+        time limit, a preemption under way) is never retried."""
+        failed = sig is not None or (code is not None and code != 0)
+        if not failed or (stop and (stop.get("signalled") or stop.get("kind") != "preempt")):
+            return None
+        retries = (rf.read(rf.launch) or {}).get("retries")
+        if not isinstance(retries, int) or job.retried >= retries or self.time_up(job, rf):
+            return None  # none left, or its time is up: another attempt would only stop
+        cause = f"signal {sig}" if sig is not None else f"exit {code}"
+        return f"retry {job.retried + 1} of {retries} after {cause}"
+
+    def time_up(self, job: Job, rf: RunFiles) -> Optional[str]:
+        """`time limit 2h reached` when the attempt that just ended used up the job's
+        time limit (from its launch file); None otherwise."""
+        limit = (rf.read(rf.launch) or {}).get("time_limit")
+        due = job.time_limit_due(limit if isinstance(limit, int) else None)
+        if limit is None or due is None or time.time() < due:
+            return None
+        return f"time limit {format_duration(limit)} reached"
+
+    def time_limit(self, rs: RepoState, job: Job) -> Optional[int]:
+        """The job's time limit in seconds: from its record, which is ours (the callers
+        check), as its priority and grace are, so `git tq edit --time` takes effect at
+        the next cycle."""
+        limit = job.spec.time_limit
+        return limit if isinstance(limit, int) and limit > 0 else None
+
+    def enforce_time_limit(self, rs: RepoState, job: Job) -> Job:
+        """Begin stopping a running job whose running time, summed over its attempts, has
+        reached its time limit: its stop signal, its grace, SIGKILL (a `.stop` of kind
+        timeout, so a restarted daemon carries it through). Its end is recorded failed."""
+        limit = self.time_limit(rs, job)
+        due = job.time_limit_due(limit)
+        if limit is None or due is None or time.time() < due or \
+                os.path.exists(RunFiles(self.home, rs.key, job.id).ended):
+            return job  # not due, or its processes are gone already
+        self.request_stop(rs, job, "timeout", f"time limit {format_duration(limit)} reached",
+                          now=False)
+        return rs.active.get(job.id, job)
 
     def record(self, rs: RepoState, job: Job, event: str, rf: RunFiles,
                tree: Optional[str] = None, log_blob: Optional[str] = None,
@@ -1045,7 +1121,7 @@ class Daemon:
             else:
                 self.made_with.pop((rs.key, job.id), None)
         hook = {"preempted": "preempt", "cancelled": "finish", "finished": "finish",
-                "start-failed": "finish"}.get(event)
+                "start-failed": "finish", "timed-out": "finish"}.get(event)
         if hook:
             self.run_hook(rs, new, hook)
         return new
@@ -1079,7 +1155,8 @@ class Daemon:
             kill(target, pgid, reaper)
 
     def update_deadline(self, repos: list[RepoState]) -> None:
-        """The nearest stop deadline of a stopping job (the loop wakes for it)."""
+        """The nearest stop deadline of a stopping job, or time limit of a running one (the
+        loop wakes for it)."""
         deadlines = []
         for rs in repos:
             for job in rs.active.values():
@@ -1089,6 +1166,10 @@ class Daemon:
                         stop = rf.read(rf.stop)
                         if stop is not None:
                             deadlines.append(float(stop["deadline"]))
+                if job.state is State.RUNNING and rs.ours(job) is not None:
+                    due = job.time_limit_due(self.time_limit(rs, job))
+                    if due is not None:
+                        deadlines.append(due)
         self.next_deadline = min(deadlines) + 0.01 if deadlines else None
 
     def request_stop(self, rs: RepoState, job: Job, kind: str, reason: str,
@@ -1127,7 +1208,7 @@ class Daemon:
             job = rs.store.load(job_id)
             rf = RunFiles(self.home, rs.key, job_id)
             old = rf.read(rf.stop)
-            if old and old.get("kind") == "preempt":  # a kill outranks a preemption
+            if old and old.get("kind") in ("preempt", "timeout"):  # a kill outranks them
                 rf.write(rf.stop, {**old, "kind": "kill", "reason": "killed by the user",
                                    "deadline": time.time() if now else old["deadline"]})
             elif old is None:
@@ -1150,7 +1231,8 @@ class Daemon:
         if entry is None:
             return
         spec = rs.local.load_spec(entry.submission)
-        event = "resumed" if job.attempt > 0 else "started"
+        # A retry's next attempt is a start again; after a preemption it is a resume.
+        event = "resumed" if job.attempt > 0 and job.event != "retry" else "started"
         try:
             job = advance(rs, job, event, now_iso(), assigned_gpus=assigned)
         except (InvalidTransition, RefRace, NotOurs) as exc:
@@ -1179,6 +1261,7 @@ class Daemon:
                 "lock": rf.lock, "ident": rf.ident, "exit": rf.exit, "stop": rf.stop,
                 "ended": rf.ended,
                 "stop_signal": spec.stop_signal, "stop_target": spec.stop_target,
+                "time_limit": spec.time_limit, "retries": spec.retries,
                 "socket": self.home.socket_path(),
                 "results": {"common": rs.common, "worktree": worktree,
                             "submission": entry.submission, "metrics_file": rf.metrics,
@@ -1674,7 +1757,8 @@ def banner(job: Job, rs: RepoState, worktree: str, assigned: tuple[int, ...]) ->
     s = job.spec
     when = now_iso()
     if job.attempt > 1:
-        return (f"\n{'=' * 72}\n[git tq] job {job.id} RESUMED: attempt {job.attempt} at {when}"
+        what = "RETRIED" if job.event == "started" else "RESUMED"
+        return (f"\n{'=' * 72}\n[git tq] job {job.id} {what}: attempt {job.attempt} at {when}"
                 f" on GPUs {','.join(map(str, assigned)) or 'none (cpu)'}\n{'=' * 72}\n")
     lines = [
         f"[git tq] job {job.id}" + (f" [{s.tag}]" if s.tag else ""),

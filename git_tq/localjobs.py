@@ -41,7 +41,13 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from git_tq.home import ensure_private_dir, repo_key, write_private_file
-from git_tq.model import DEFAULT_STOP_SIGNAL, STOP_SIGNALS, STOP_TARGETS
+from git_tq.model import (
+    DEFAULT_STOP_SIGNAL,
+    MAX_RETRIES,
+    MAX_TIME_LIMIT,
+    STOP_SIGNALS,
+    STOP_TARGETS,
+)
 
 _OID = r"[0-9a-f]{40}(?:[0-9a-f]{24})?"
 _LINES = re.compile(rf"^([1-9][0-9]{{0,17}}) (?:({_OID}) ({_OID}|-) ({_OID}|-)|-)$".encode(),
@@ -88,13 +94,17 @@ class LocalSpec:
     # name) to the main process, or to the whole process group.
     stop_signal: str = DEFAULT_STOP_SIGNAL
     stop_target: str = "main"
+    # Its time limit in seconds (None: none) and how often a failed attempt is retried.
+    time_limit: Optional[int] = None
+    retries: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"format": 2, "submission": self.submission, "command": list(self.command),
                 "shell": self.shell, "cwd": self.cwd, "env_name": self.env_name,
                 "source_dir": self.source_dir, "environ": self.environ,
                 "nested": [list(n) for n in self.nested], "present": list(self.present),
-                "stop_signal": self.stop_signal, "stop_target": self.stop_target}
+                "stop_signal": self.stop_signal, "stop_target": self.stop_target,
+                "time_limit": self.time_limit, "retries": self.retries}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LocalSpec:
@@ -114,11 +124,19 @@ class LocalSpec:
         stop_target = data.get("stop_target", "main")
         if stop_signal not in STOP_SIGNALS or stop_target not in STOP_TARGETS:
             raise ValueError("bad stop signal")
+        time_limit, retries = data.get("time_limit"), data.get("retries", 0)
+        if not (time_limit is None or _count(time_limit, 1, MAX_TIME_LIMIT)) \
+                or not _count(retries, 0, MAX_RETRIES):
+            raise ValueError("bad time limit or retries")
         return cls(str(data["submission"]), tuple(command), bool(data["shell"]),
                    str(data["cwd"]), None if env_name is None else str(env_name),
                    str(data["source_dir"]), dict(environ), nested,
                    tuple(str(p) for p in data.get("present", [])), str(stop_signal),
-                   str(stop_target))
+                   str(stop_target), time_limit, retries)
+
+
+def _count(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 LedgerMark = tuple[int, int, bytes]  # see LocalJobs.changes_since

@@ -6,6 +6,7 @@ Plain frozen values; nothing here touches git, files or processes.
 from __future__ import annotations
 
 import enum
+import re
 import shlex
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Union
@@ -23,7 +24,10 @@ STOP_SIGNALS = ("SIGHUP", "SIGINT", "SIGQUIT", "SIGABRT", "SIGUSR1", "SIGUSR2", 
 
 # Every lifecycle event a record can name (lifecycle.EVENTS, plus the submission).
 EVENT_NAMES = frozenset({"submitted", "started", "resumed", "stopping", "preempted",
-                         "finished", "start-failed", "cancelled", "edited"})
+                         "finished", "start-failed", "cancelled", "retry", "timed-out",
+                         "edited"})
+MAX_RETRIES = 1000  # `--retry N`: at most this many
+MAX_TIME_LIMIT = 10**9  # seconds (~31 years): what a record's Tq-Time-Limit may hold
 
 
 class State(str, enum.Enum):
@@ -145,6 +149,10 @@ class JobSpec:
     @property
     def dependencies(self) -> tuple[int, ...]:
         return tuple(sorted({*self.after, *self.after_any}))
+    # The most seconds it may run, summed over its attempts (`--time`, tq.defaultTime),
+    # and how often an attempt that failed by itself is queued again (`--retry`).
+    time_limit: Optional[int] = None
+    retries: int = 0
 
     def command_line(self) -> str:
         return self.command[0] if self.shell else shlex.join(self.command)
@@ -197,6 +205,10 @@ class Job:
     # its last attempt's end; and what that end recorded of the files it wrote.
     metrics: tuple[tuple[str, Metric], ...] = ()
     outputs: Optional[Outputs] = None
+    # Seconds its ended attempts ran (summed; the running one not included), and how many
+    # of its attempts were retried after failing by themselves.
+    ran_seconds: float = 0.0
+    retried: int = 0
 
     @property
     def ref(self) -> str:
@@ -219,6 +231,8 @@ class Job:
             return None
         if self.event == "start-failed":
             return "not started"
+        if self.event == "timed-out":
+            return "time limit"
         if self.signal is not None:
             return f"signal {self.signal}"
         if self.exit_status is not None:
@@ -227,6 +241,63 @@ class Job:
 
     def evolve(self, **changes: Any) -> Job:
         return replace(self, **changes)
+
+    def running_seconds(self, now: float) -> float:
+        """Seconds it has run, over every attempt, as of `now` (epoch seconds)."""
+        if self.state not in (State.RUNNING, State.STOPPING):
+            return self.ran_seconds
+        return self.ran_seconds + max(0.0, now - (epoch(self.started_at) or now))
+
+    def time_limit_due(self, limit: Optional[int]) -> Optional[float]:
+        """When (epoch seconds) a running job reaches a time limit of `limit` seconds,
+        summed over its attempts; None without a limit or when it is not running."""
+        begun = epoch(self.started_at)
+        if limit is None or begun is None or self.state not in (State.RUNNING, State.STOPPING):
+            return None
+        return begun + limit - self.ran_seconds
+
+
+def epoch(stamp: Optional[str]) -> Optional[float]:
+    """Epoch seconds of a record's time stamp (ISO 8601 with an offset); None if none."""
+    if not stamp:
+        return None
+    import datetime as dt
+
+    try:
+        return dt.datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return None
+
+
+_DURATION = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?\Z")
+_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
+def parse_duration(text: str) -> int:
+    """Seconds of a duration written `90s`, `45m`, `2h`, `1d12h` (units d h m s, largest
+    first); ValueError with a one-line reason for anything else, and for 0."""
+    word = text.strip().lower()
+    m = _DURATION.match(word)
+    if not word or m is None or not any(m.groups()):
+        raise ValueError(f"{text.strip()[:20]!r} is not a duration: write it like 90s, 45m, "
+                         "2h or 1d12h")
+    seconds = sum(int(n) * unit for n, (_, unit) in zip(m.groups(), _UNITS) if n)
+    if seconds <= 0:
+        raise ValueError(f"{text.strip()[:20]!r}: a time limit must be more than 0")
+    if seconds > MAX_TIME_LIMIT:
+        raise ValueError(f"{text.strip()[:20]!r} is longer than {MAX_TIME_LIMIT} seconds")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """`2h`, `1h30m`, `1d12h`, `90s` -> `1m30s`: the shortest text parse_duration reads."""
+    left = int(round(seconds))
+    parts = []
+    for name, unit in _UNITS:
+        if left >= unit:
+            parts.append(f"{left // unit}{name}")
+            left %= unit
+    return "".join(parts) or "0s"
 
 
 def describe_ids(ids: tuple[int, ...], shown: int = 3) -> str:

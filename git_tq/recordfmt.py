@@ -30,6 +30,8 @@ from typing import Optional
 from git_tq.model import (
     DEFAULT_STOP_SIGNAL,
     EVENT_NAMES,
+    MAX_RETRIES,
+    MAX_TIME_LIMIT,
     OUTPUTS_LISTED,
     STOP_SIGNALS,
     STOP_TARGETS,
@@ -94,6 +96,10 @@ def encode(job: Job) -> str:
         ("Params", _json(dict(s.params)) if s.params else None),
         ("After", encode_ids(s.after) if s.after else None),
         ("After-Any", encode_ids(s.after_any) if s.after_any else None),
+        ("Time-Limit", None if s.time_limit is None else str(s.time_limit)),
+        ("Retries", str(s.retries) if s.retries else None),
+        ("Ran-Seconds", f"{job.ran_seconds:.1f}" if job.ran_seconds else None),
+        ("Retried", str(job.retried) if job.retried else None),
         ("Metrics", _json(dict(job.metrics)) if job.metrics else None),
         ("Outputs", None if job.outputs is None else _json(_outputs_json(job.outputs))),
     ]
@@ -258,11 +264,11 @@ def _choice(text: Optional[str], name: str, allowed: tuple[str, ...],
     return text
 
 
-def _seconds(text: Optional[str]) -> Optional[float]:
+def _seconds(text: Optional[str], name: str = "Stop-Seconds") -> Optional[float]:
     if text is None:
         return None
     if not _SECONDS.match(text):
-        raise RecordFormatError(f"Tq-Stop-Seconds {text[:20]!r} is not a number of seconds")
+        raise RecordFormatError(f"Tq-{name} {text[:20]!r} is not a number of seconds")
     return float(text)
 
 
@@ -436,6 +442,7 @@ def _decode(message: str, tip: str) -> Job:
     if shell_text not in (None, "yes"):
         raise RecordFormatError("Tq-Shell is not yes")
     shell = shell_text == "yes"
+    limit = get("Time-Limit")
     spec = JobSpec(
         command=_command(f["Command"], shell),
         shell=shell,
@@ -455,6 +462,8 @@ def _decode(message: str, tip: str) -> Job:
         sweep=_tag(get("Sweep"), "Sweep"),
         after=decode_ids(get("After")),
         after_any=decode_ids(get("After-Any"), "After-Any"),
+        time_limit=None if limit is None else _int(limit, "Time-Limit", 1, MAX_TIME_LIMIT),
+        retries=_int(get("Retries", "0"), "Retries", 0, MAX_RETRIES),
     )
     state = _STATES.get(f["State"])
     if state is None:
@@ -487,4 +496,6 @@ def _decode(message: str, tip: str) -> Job:
         stop_seconds=_seconds(get("Stop-Seconds")),
         metrics=_metrics(get("Metrics")),
         outputs=_outputs(get("Outputs")),
+        ran_seconds=_seconds(get("Ran-Seconds"), "Ran-Seconds") or 0.0,
+        retried=_int(get("Retried", "0"), "Retried", 0, 10**9),
     )

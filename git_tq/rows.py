@@ -40,7 +40,7 @@ from git_tq.safetext import json_safe, visible
 from git_tq.service import Context, JobView, job_pid, waiting_reasons
 from git_tq.store import Unreadable, _canonical, _job_from_row, _job_to_row, refs_stamp
 
-VERSION = 2  # 2: rows and JSON know dependencies and waiting reasons
+VERSION = 3  # 2: dependencies and waiting reasons; 3: time_limit, retries, retried, ran_seconds
 FEW = 64  # up to this many jobs' ledger entries are looked up one by one
 _FINISHED = frozenset(s.value for s in State if s.finished)
 ACTIVE = frozenset(s.value for s in State if s.active)
@@ -232,7 +232,9 @@ def _cells(view: JobView) -> tuple[str, ...]:
     else:
         when = output.since(j.spec.submitted_at) + " ago"
     state = j.state.value
-    if j.state is State.FAILED:  # (3), (sig 9), (not started), (lost)
+    if j.event == "timed-out":
+        state += f" ({j.outcome})"
+    elif j.state is State.FAILED:  # (3), (sig 9), (not started), (lost)
         state += f" ({j.exit_status})" if j.exit_status is not None else \
             f" (sig {j.signal})" if j.signal is not None else f" ({j.outcome})"
     if view.trust != LOCAL:

@@ -58,7 +58,8 @@ class Reason:
     """Why a waiting job was not started. `kind` says what holds it, for whoever shows
     it (more kinds may come: a paused queue, a time window): "dependency", "gpu" (our
     jobs hold it), "foreign" (someone else's process), "preempting" (a victim is being
-    stopped for it), "cpu" (no slot), "machine" (it asks for GPUs this machine lacks)."""
+    stopped for it), "cpu" (no slot), "machine" (it asks for GPUs this machine lacks),
+    "paused" (`git tq pause` holds the queue or the GPUs it would get)."""
 
     kind: str
     text: str  # "waiting for 12", "GPU 0 busy", "yielding to pid 4242 on GPU 0"
@@ -75,6 +76,17 @@ class Plan:
 _QUEUE_KEY = operator.attrgetter("priority", "submitted_at", "key")
 
 
+def paused_reason(gpus: GpuRequest, paused: frozenset[int] | set[int],
+                  all_paused: bool) -> Optional[str]:
+    """Why a pause holds a job asking for `gpus` outright: every job while the whole
+    queue is paused; one asking for a paused GPU by its id. (A job asking for any N
+    GPUs is only kept off the paused ones: `plan` says when that held it.)"""
+    if all_paused:
+        return "queue paused"
+    held = [g for g in gpus.ids or () if g in paused]
+    return f"GPU {','.join(map(str, held))} paused" if held else None
+
+
 def queue_order(waiting: Sequence[Waiting]) -> list[Waiting]:
     """Smallest priority number first; within a priority, submission order."""
     return sorted(waiting, key=_QUEUE_KEY)
@@ -82,8 +94,13 @@ def queue_order(waiting: Sequence[Waiting]) -> list[Waiting]:
 
 def plan(waiting: Sequence[Waiting], holding: Sequence[Holding], gpus: Sequence[int], *,
          foreign: Mapping[int, str] | None = None, cpu_slots: int = 1,
-         jobs_per_gpu: int = 1) -> Plan:
-    """What to do now. `foreign` maps a GPU to a description of the foreign process on it."""
+         jobs_per_gpu: int = 1, paused: frozenset[int] = frozenset(),
+         all_paused: bool = False) -> Plan:
+    """What to do now. `foreign` maps a GPU to a description of the foreign process on it.
+
+    `paused` GPUs take no new job, and with `all_paused` nothing starts at all (`git tq
+    pause`): a job held by that neither starts nor preempts; running and stopping jobs
+    are left as they are, and so are the yields to foreign processes."""
     foreign = foreign or {}
     result = Plan()
     reasons = result.reasons
@@ -104,12 +121,13 @@ def plan(waiting: Sequence[Waiting], holding: Sequence[Holding], gpus: Sequence[
     # GPUs being vacated for a waiting job (which one): nobody else takes them.
     reserved: dict[int, JobKey] = {}
 
-    def free(g: int) -> bool:
-        return g not in foreign and g not in reserved and len(load.get(g, [])) < jobs_per_gpu
+    def free(g: int, even_paused: bool = False) -> bool:
+        return g not in foreign and g not in reserved and len(load.get(g, [])) < jobs_per_gpu \
+            and (even_paused or g not in paused)
 
-    def reclaimable(g: int, priority: int) -> bool:
+    def reclaimable(g: int, priority: int, even_paused: bool = False) -> bool:
         """GPU g could be freed for a job of `priority` by preempting lower-priority jobs."""
-        if g in foreign or g in reserved:
+        if g in foreign or g in reserved or (g in paused and not even_paused):
             return False
         occupants = load.get(g, [])
         return all(o.stopping or o.priority > priority for o in occupants)
@@ -126,6 +144,9 @@ def plan(waiting: Sequence[Waiting], holding: Sequence[Holding], gpus: Sequence[
         """Start w, or preempt for it (None); else why it waits, having changed nothing."""
         nonlocal cpu_used
         req = w.gpus
+        held = paused_reason(req, paused, all_paused)
+        if held is not None:
+            return Reason("paused", held)
         if req.cpu_only:
             if cpu_used < cpu_slots:
                 cpu_used += 1
@@ -158,6 +179,11 @@ def plan(waiting: Sequence[Waiting], holding: Sequence[Holding], gpus: Sequence[
                 reserved[g] = w.key
             _preempt_for(w, need, load, reserved, preempted, result)
             return None
+        # It waits, kept off the paused GPUs: say so when one of them would have served it.
+        would = [g for g in sorted(paused) if g in load
+                 and (free(g, True) or reclaimable(g, w.priority, True))]
+        if would:
+            return Reason("paused", f"GPU {','.join(map(str, would))} paused")
         return _short_of(req.count, len(candidates), [g for g in load if not free(g)],
                          foreign, busy)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 from git_tq import gpus as gpu_inventory
+from git_tq import pause as pausing
 from git_tq.errors import (
     BadSpec,
     DirtyWorkTree,
@@ -40,7 +41,9 @@ from git_tq.model import (
     Metric,
     Outputs,
     State,
+    format_duration,
 )
+from git_tq.pause import Pause
 from git_tq.snapshot import Snapshot, nested_in_tree, take_snapshot
 from git_tq.snapshot import located as early_location
 from git_tq.store import JobStore, Unreadable, identity_env, pending_in_queue_order
@@ -120,6 +123,8 @@ class SubmitRequest:
     sweep_name: Optional[str] = None
     after: tuple[str, ...] = ()  # --after 12,14: start once these are done (exit 0)
     after_any: tuple[str, ...] = ()  # --after-any 12: start once these have ended
+    time_limit: Optional[str] = None  # --time 2h (none: no limit); None: tq.defaultTime
+    retries: int = 0  # --retry N
 
 
 @dataclass(frozen=True)
@@ -230,6 +235,35 @@ def stop_settings(config: Mapping[str, str], given: Optional[str] = None) -> tup
     return name, target
 
 
+def time_limit_setting(config: Mapping[str, str], given: Optional[str] = None) -> Optional[int]:
+    """A new job's time limit in seconds: --time (`none`: no limit), else tq.defaultTime,
+    else none."""
+    from git_tq.model import parse_duration
+
+    if given is not None:
+        if given.strip().lower() == "none":
+            return None
+        try:
+            return parse_duration(given)
+        except ValueError as exc:
+            raise UsageError(f"--time: {exc}") from None
+    configured = config.get("tq.defaulttime", "").strip()
+    if not configured or configured.lower() == "none":
+        return None
+    try:
+        return parse_duration(configured)
+    except ValueError as exc:
+        raise BadSpec(f"git config tq.defaultTime: {exc}") from None
+
+
+def check_retries(retries: int) -> int:
+    from git_tq.model import MAX_RETRIES
+
+    if not 0 <= retries <= MAX_RETRIES:
+        raise UsageError(f"--retry {retries}: give a count from 0 to {MAX_RETRIES}")
+    return retries
+
+
 def gpu_queue(ctx: Context, text: str) -> tuple[int, ...]:
     """The GPU ids of a queue (`use 0,1` in the console), refused as `run --gpu` refuses
     them: malformed, or naming a GPU this machine does not have."""
@@ -291,6 +325,8 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
     if req.grace < 0:
         raise BadSpec("grace period (-g) must be 0 seconds or more")
     stop_signal, stop_target = stop_settings(ctx.config, req.stop_signal)
+    time_limit = time_limit_setting(ctx.config, req.time_limit)
+    retries = check_retries(req.retries)
     toplevel = ctx.repo.require_worktree("git tq run")
     if "\n" in ctx.repo.prefix:
         raise BadSpec("the current directory's name contains a newline; run from elsewhere")
@@ -320,6 +356,8 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
         stop_target=stop_target,
         after=after,
         after_any=after_any,
+        time_limit=time_limit,
+        retries=retries,
     )
     variants: list[tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = [((), command)]
     if req.sweep:
@@ -359,7 +397,8 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
     def save_local(commit: str) -> None:
         ctx.local.save_spec(LocalSpec(commit, spec.command, spec.shell, spec.cwd, spec.env,
                                       toplevel, captured, nested, snap.outside_cone,
-                                      spec.stop_signal, spec.stop_target))
+                                      spec.stop_signal, spec.stop_target,
+                                      time_limit=spec.time_limit, retries=spec.retries))
 
     if not req.sweep:
         job = ctx.store.create(draft, snap.tree, before_publish=save_local,
@@ -376,7 +415,8 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
             env = {**captured, **{f"TQ_PARAM_{k}": v for k, v in s.params}}
             ctx.local.save_spec(LocalSpec(commit, s.command, s.shell, s.cwd, s.env, toplevel,
                                           env, nested, snap.outside_cone, s.stop_signal,
-                                          s.stop_target))
+                                          s.stop_target, time_limit=s.time_limit,
+                                          retries=s.retries))
 
     def drop_all(commits: list[str]) -> None:
         for commit in commits:
@@ -434,6 +474,7 @@ class EditRequest:
     gpu_ids: Optional[str] = None
     gpu_count: Optional[int] = None
     cpu: bool = False
+    time_limit: Optional[str] = None  # --time 2h; "none" removes the limit
 
 
 @dataclass(frozen=True)
@@ -456,6 +497,9 @@ def _edited_spec(ctx: Context, job: Job, req: EditRequest,
         changes["grace"] = req.grace
     if req.tag is not None:
         changes["tag"] = validate_tag(req.tag) if req.tag else None
+    if req.time_limit is not None:
+        # A time already run counts: a limit below it stops the job at the next cycle.
+        changes["time_limit"] = time_limit_setting({}, req.time_limit)
     if req.gpu_ids is not None or req.gpu_count is not None or req.cpu:
         request = gpu_request(SubmitRequest((), gpu_ids=req.gpu_ids, gpu_count=req.gpu_count,
                                             cpu=req.cpu), ctx.config)
@@ -490,6 +534,7 @@ def describe_edit(old: JobSpec, new: JobSpec) -> str:
         "tag": lambda s: s.tag or "none", "gpus": lambda s: s.gpus.describe(),
         "after": lambda s: encode_ids(s.after) or "none",
         "after-any": lambda s: encode_ids(s.after_any) or "none",
+        "time": lambda s: format_duration(s.time_limit) if s.time_limit else "none",
     }
     changed = [f"{name} {show(old)} → {show(new)}" for name, show in words.items()
                if show(old) != show(new)]
@@ -499,14 +544,16 @@ def describe_edit(old: JobSpec, new: JobSpec) -> str:
 def edit(ctx: Context, tokens: Sequence[str], req: EditRequest) -> list[Edited]:
     """Change waiting (or running) jobs' options, each as an `edited` lifecycle commit.
 
-    A pending job may change priority, grace, tag, GPUs and dependencies; a running
-    one only priority and grace (the daemon reads them at its next plan and stop). Every
+    A pending job may change priority, grace, tag, time limit, GPUs and dependencies; a
+    running one only priority, grace and time limit (the daemon reads them at its next
+    plan and stop). Every
     job is checked before anything is written, so a bad one changes nothing. The
     daemon is told at once: a raised priority may preempt a running job."""
     from git_tq.lifecycle import EDITABLE, apply_edit
 
     if req == EditRequest():
-        raise UsageError("nothing to change: give -p, -g, -t, --after, --after-any, --gpu, "
+        raise UsageError("nothing to change: give -p, -g, -t, --time, --after, --after-any, "
+                         "--gpu, "
                          "--gpus or --cpu")
     jobs = resolve_jobs(ctx, tokens)
     deps_of = {j.id: j.spec.dependencies for j in ctx.store.list_jobs() if j.state.active}
@@ -518,6 +565,7 @@ def edit(ctx: Context, tokens: Sequence[str], req: EditRequest) -> list[Edited]:
                                     "pending or running job can be edited")
         touched = {name for name, given in (
             ("priority", req.priority), ("grace", req.grace), ("tag", req.tag),
+            ("time_limit", req.time_limit),
             ("after", req.after), ("after_any", req.after_any), ("gpus", req.gpu_ids),
             ("gpus", req.gpu_count), ("gpus", req.cpu or None)) if given is not None}
         refused = sorted(touched - EDITABLE[job.state])
@@ -533,7 +581,7 @@ def edit(ctx: Context, tokens: Sequence[str], req: EditRequest) -> list[Edited]:
         # Only what this edit changes, applied to the freshest record (a concurrent
         # edit of another field stays).
         fields = {name: getattr(spec, name) for name in
-                  ("priority", "grace", "tag", "gpus", "after", "after_any")
+                  ("priority", "grace", "tag", "gpus", "after", "after_any", "time_limit")
                   if getattr(spec, name) != getattr(job.spec, name)}
 
         def change(current: Job, fields: dict[str, Any] = fields) -> Optional[Job]:
@@ -611,12 +659,68 @@ def stop_daemon(home: Home) -> bool:
 
 
 def daemon_status(home: Home) -> Optional[dict[str, Any]]:
+    """The daemon's own account of itself, with the pause as the tq home records it
+    (`paused`); None when no daemon runs."""
     from git_tq import client
 
     try:
-        return client.request(home, "status")
+        status = client.request(home, "status")
     except client.DaemonNotRunning:
         return None
+    status["paused"] = queue_pause(home).to_json()
+    return status
+
+
+# --- pause and resume ------------------------------------------------------------
+
+
+def queue_pause(home: Home) -> Pause:
+    """What `git tq pause` holds now (for every repository of the tq home)."""
+    return pausing.read(home.path)
+
+
+@dataclass(frozen=True)
+class PauseChange:
+    before: Pause
+    after: Pause
+    gpus: Optional[tuple[int, ...]]  # the GPU queues named; None: the whole queue
+    daemon_hint: Optional[str]  # set when no daemon runs (nothing starts anyway)
+
+
+def change_pause(gpu_ids: Optional[str], *, hold: bool,
+                 cwd: Optional[str] = None) -> PauseChange:
+    """`git tq pause [--gpu IDS]` (`hold`) or `git tq resume [--gpu IDS]`: hold or release
+    the whole queue or these GPUs' queues, for every repository of the tq home; the
+    daemon is told (never started: a pause needs none)."""
+    from git_tq import client
+
+    try:
+        ctx: Optional[Context] = Context.open(cwd)
+    except TqError:
+        ctx = None  # outside a repository: the user's tq home, the machine's GPUs
+    home = ctx.home if ctx is not None else Home(default_home({}, os.environ))
+    gpus: Optional[tuple[int, ...]] = None
+    if gpu_ids is not None:
+        gpus = gpu_inventory.parse_gpu_ids(gpu_ids)
+        if hold:  # a GPU the machine lacks is refused as `run --gpu` refuses it
+            gpu_inventory.check_request(GpuRequest.exact(gpus), gpu_inventory.machine_gpus(
+                ctx.config if ctx is not None else {}))
+    if hold:
+        before, after = pausing.pause(home.path, gpus, now_iso())
+    else:
+        before, after = pausing.resume(home.path, gpus)
+    hint = client.nudge(home, autostart=False)
+    return PauseChange(before, after, gpus, hint and "the daemon is not running: nothing "
+                       "starts until `git tq start`")
+
+
+def held_reason(pause: Pause, job: Job) -> Optional[str]:
+    """Why the pause holds a waiting job outright ("queue paused", "GPU 0 paused")."""
+    from git_tq.scheduler import paused_reason
+
+    if job.state is not State.PENDING:
+        return None
+    return paused_reason(job.spec.gpus, set(pause.gpus), pause.everything)
 
 
 def run_daemon(home: Home) -> None:
@@ -679,7 +783,8 @@ def requeue(ctx: Context, token: str, *, command: Sequence[str] = (),
         stop_signal, stop_target = stop_settings(ctx.config)
         spec = dataclasses.replace(spec, env=None, tag=None, priority=DEFAULT_PRIORITY,
                                    grace=DEFAULT_GRACE, stop_signal=stop_signal,
-                                   stop_target=stop_target)
+                                   stop_target=stop_target,
+                                   time_limit=time_limit_setting(ctx.config), retries=0)
         if not spec.gpus.cpu_only:
             gpu_inventory.check_request(spec.gpus, gpu_inventory.machine_gpus(ctx.config))
     detail = f"requeued from job {old.id}" if trust == LOCAL else \
@@ -700,7 +805,8 @@ def requeue(ctx: Context, token: str, *, command: Sequence[str] = (),
     def save_local(commit: str) -> None:
         ctx.local.save_spec(LocalSpec(commit, spec.command, spec.shell, spec.cwd, spec.env,
                                       toplevel, captured, nested, (), spec.stop_signal,
-                                      spec.stop_target))
+                                      spec.stop_target, time_limit=spec.time_limit,
+                                      retries=spec.retries))
 
     job = ctx.store.create(draft, tree, before_publish=save_local,
                            after_lost_race=ctx.local.drop_spec)
@@ -1012,6 +1118,10 @@ class JobView:
             "reason": self.reason,
             "metrics": dict(j.metrics),
             "outputs": None if j.outputs is None else outputs_json(j.outputs),
+            "time_limit": s.time_limit,
+            "retries": s.retries,
+            "retried": j.retried,
+            "ran_seconds": j.ran_seconds,
         }
 
 
@@ -2095,6 +2205,18 @@ def exit_status(job: Job) -> int:
     return 1
 
 
+def limits_text(job: Job) -> str:
+    """`limits     time 2h (ran 1h3m)    retries 1 of 3 used`, for `show`."""
+    from git_tq.model import format_duration
+
+    s = job.spec
+    ran = format_duration(job.running_seconds(time.time()))
+    parts = [f"time {format_duration(s.time_limit)} (ran {ran})"] if s.time_limit else []
+    if s.retries:
+        parts.append(f"retries {job.retried} of {s.retries} used")
+    return "limits     " + "    ".join(parts)
+
+
 def describe_ending(job: Job) -> str:
     """`job 7 failed (exit 3)`, `job 8 cancelled`, `job 9 still running`."""
     if job.state.active:
@@ -2318,6 +2440,7 @@ class Dashboard:
     finished: list[BoardJob]  # most recent first
     daemon: Optional[dict[str, Any]]
     everywhere: bool = False  # the jobs of every repository of the tq home (top --all)
+    pause: Pause = field(default_factory=Pause)  # git tq pause
 
 
 def last_line(path: str, limit: int = 4096) -> str:
@@ -2384,7 +2507,7 @@ def dashboard(ctx: Context, recent: int = 5, *, everywhere: bool = False) -> Das
     queue = sorted((b for b in shown if b.job.state is State.PENDING),
                    key=lambda b: (b.job.spec.priority, b.job.spec.submitted_at, b.job.id))
     return Dashboard(rows, [b for b in running if b.here or everywhere], queue, finished,
-                     status, everywhere)
+                     status, everywhere, queue_pause(ctx.home))
 
 
 def refs_signature(ctx: Context) -> str:

@@ -70,6 +70,8 @@ def render(board: service.Dashboard, title: str, status: str = "") -> Group:
             who = Text(v(", ".join(f"job {b.job.id}{'' if b.here else ' of ' + b.repo} "
                                    f"{b.job.spec.command_line()[:40]}"
                                    for b in row.holders)), style="green")
+        elif board.pause.holds_gpus([row.id]):
+            who = Text("paused", style="yellow")
         else:
             who = Text("free", style="dim")
         gpus.add_row(str(row.id), Text(v(str(d.get("name", "-")))),
@@ -119,12 +121,15 @@ def render(board: service.Dashboard, title: str, status: str = "") -> Group:
                 " — ", style="bold")
     head.append(f"daemon pid {daemon['pid']}" if daemon else
                 "daemon NOT running (git tq start)", style="green" if daemon else "bold red")
+    if board.pause.active:
+        head.append(f"   {board.pause.short().upper()} (git tq resume)", style="bold yellow")
     head.append("   q: quit   p/g/t N VALUE: edit waiting job #N", style="dim")
     if status:
         head.append(f"\n{v(status)}", style="bold")
+    held = f" — {board.pause.short()}" if board.pause.active else ""
     return Group(head, Panel(gpus, title="GPUs"),
                  Panel(running, title=f"running ({len(board.running)})"),
-                 Panel(queue, title=f"queue ({len(board.queue)})"),
+                 Panel(queue, title=v(f"queue ({len(board.queue)}){held}")),
                  Panel(done, title="recent finishes"))
 
 

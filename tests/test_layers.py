@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"results"},  # what a run produced: outputs, metrics, its log
     {"jobtree"},
     {"store", "snapshot"},
-    {"localjobs"},  # the trust boundary: what this user submitted here
+    {"localjobs", "pause"},  # the trust boundary: what this user submitted here · pause
     {"lifecycle", "recordfmt", "home", "gpus", "gitrepo", "procs", "envs", "deps"},
     {"model", "errors", "safetext", "__init__"},
 ]

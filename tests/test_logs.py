@@ -152,10 +152,13 @@ complete_line() {{
 complete_line "git tq vi"
 complete_line "git tq show "
 complete_line "git-tq pu"
+complete_line "git tq pause --gpu "
+complete_line "git-tq resume --gpu 0,"
+complete_line "git tq run --gpu 1"
 """
     out = subprocess.run(["bash", "-c", probe], cwd=repo, capture_output=True, text=True,
                          check=True).stdout.splitlines()
-    assert out == ["view", "1", "purge"]
+    assert out == ["view", "1", "purge", "0 1", "0,1", "1"]
 
 
 def test_completion_files_are_installed_by_setup() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from git_tq.model import GpuRequest
-from git_tq.scheduler import Holding, Preempt, Reason, Start, Waiting, plan, queue_order
+from git_tq.scheduler import Holding, Plan, Preempt, Reason, Start, Waiting, plan, queue_order
 
 ANY1 = GpuRequest.any(1)
 
@@ -144,3 +144,55 @@ def test_plan_with_ten_thousand_waiting_jobs_is_fast() -> None:
     p = plan(waiting, holding, list(range(8)))
     assert time.perf_counter() - t0 < 1.0
     assert len(p.reasons) + len(p.starts) == 10_000
+
+# --- git tq pause ---------------------------------------------------------------------
+
+
+def paused(p: Plan) -> dict[tuple[str, int], str]:
+    """The reasons a pause gave (the others: tests above)."""
+    return {k: r.text for k, r in p.reasons.items() if r.kind == "paused"}
+
+
+def test_a_paused_queue_starts_nothing_and_preempts_nobody() -> None:
+    cpu = GpuRequest.any(0)
+    p = plan([w(1, pri=1), w(2, gpus=cpu)], [h(9, 100, (0,))], [0, 1], all_paused=True,
+             cpu_slots=4)
+    assert p.starts == [] and p.preempts == []
+    assert paused(p) == {("r", 1): "queue paused", ("r", 2): "queue paused"}
+
+
+def test_decided_preemptions_and_yields_stay_under_a_pause() -> None:
+    # A victim already stopping stays so (nothing here undoes it); a foreign process still
+    # makes our job there yield.
+    p = plan([w(1, pri=1)], [h(8, 100, (0,), stopping=True), h(9, 100, (1,))], [0, 1],
+             foreign={1: "foreign process 42"}, all_paused=True)
+    assert p.starts == []
+    assert p.preempts == [Preempt(("r", 9), "yield to foreign process 42 on GPU 1")]
+
+
+def test_a_paused_gpu_holds_the_jobs_that_asked_for_it() -> None:
+    exact0, exact1 = GpuRequest.exact((0,)), GpuRequest.exact((0, 1))
+    p = plan([w(1, gpus=exact0), w(2, gpus=exact1), w(3), w(4, gpus=GpuRequest.any(0))],
+             [], [0, 1], paused=frozenset({0}))
+    assert p.starts == [Start(("r", 3), (1,)), Start(("r", 4), ())]
+    assert paused(p) == {("r", 1): "GPU 0 paused", ("r", 2): "GPU 0 paused"}
+
+
+def test_any_gpu_jobs_keep_off_paused_gpus_and_say_so_when_that_held_them() -> None:
+    p = plan([w(1), w(2)], [], [0, 1], paused=frozenset({1}))
+    assert p.starts == [Start(("r", 1), (0,))]
+    assert paused(p) == {("r", 2): "GPU 1 paused"}  # GPU 1 was free: the pause held it
+    busy = plan([w(1, pri=10)], [h(8, 100, (0,)), h(9, 5, (1,))], [0, 1],
+                paused=frozenset({0}))
+    assert busy.starts == [] and busy.preempts == []  # its victim would be on GPU 0
+    assert paused(busy) == {("r", 1): "GPU 0 paused"}
+    unrelated = plan([w(1)], [h(8, 100, (0,))], [0, 1], paused=frozenset({1}),
+                     jobs_per_gpu=1)
+    assert unrelated.starts == [] and paused(unrelated) == {("r", 1): "GPU 1 paused"}
+    two = plan([w(1, gpus=GpuRequest.any(2))], [], [0, 1, 2], paused=frozenset({2}))
+    assert two.starts == [Start(("r", 1), (0, 1))] and paused(two) == {}
+
+
+def test_without_a_pause_plans_are_as_before() -> None:
+    p = plan([w(1), w(2)], [h(9, 100, (0,))], [0, 1])
+    assert p.starts == [Start(("r", 1), (1,))] and paused(p) == {}
