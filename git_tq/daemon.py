@@ -696,6 +696,7 @@ class Daemon:
         waiting: list[scheduler.Waiting] = []
         jobs: dict[scheduler.JobKey, tuple[RepoState, Job]] = {}
         self.endings = []
+        ending: dict[str, int] = {}  # by repository: attempts over, not yet recorded
         for rs in repos:
             verdicts = self.follow_dependencies(rs)
             for job_id in sorted(rs.tampered - rs.active.keys()):
@@ -727,6 +728,8 @@ class Daemon:
                     # Its processes are gone (the supervisor killed what was left): its
                     # GPUs are free while the supervisor records what it produced.
                     jobs[key] = (rs, job)
+                    if key in self.made_with:  # its worktree may be recycled
+                        ending[rs.key] = ending.get(rs.key, 0) + 1
                 elif job.state in (State.RUNNING, State.STOPPING):
                     holding.append(scheduler.Holding(key, job.spec.priority,
                                                      job.assigned_gpus or (),
@@ -791,7 +794,7 @@ class Daemon:
             if rs.ledger_changed:  # its check reads the ledger's new lines
                 with contextlib.suppress(OSError):
                     rs.local.compact_if_sparse()
-        for rs, job in ahead:
+        for rs, job in self.leave_for_recycling(ahead, ending):
             with contextlib.suppress(TqError, OSError):
                 self.prepare_worktree(rs, job)
         for rs in repos:
@@ -1442,6 +1445,20 @@ class Daemon:
         """Finished jobs' worktrees that a child is recycling right now."""
         return {c.recycled_from for c in self.preparing.values()
                 if c.recycled_from and c.proc.poll() is None}
+
+    def leave_for_recycling(self, ahead: list[tuple[RepoState, Job]],
+                            ending: Mapping[str, int]) -> list[tuple[RepoState, Job]]:
+        """The waiting jobs of `ahead` to check out now: in a repository where attempts
+        are over but not yet recorded, the last of them (as many) are left for those
+        attempts' worktrees to be recycled into once their endings are recorded."""
+        left = dict(ending)
+        keep: list[tuple[RepoState, Job]] = []
+        for rs, job in reversed(ahead):
+            if left.get(rs.key, 0) > 0:
+                left[rs.key] -= 1
+                continue
+            keep.append((rs, job))
+        return keep[::-1]
 
     def recycle_target(self, rs: RepoState, ended: Job, ahead: list[tuple[RepoState, Job]]) \
             -> Optional[tuple[Job, str, LocalSpec]]:

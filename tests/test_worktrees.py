@@ -4,6 +4,7 @@ folders, and jobs taken out of the queue leave no worktree behind. Real daemon, 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,7 @@ def queue_behind_a_blocker(repo: Path, tmp_path: Path, messy: str) -> tuple[Path
     recycled. Returns the folder where the three wrote what they saw, the messy job and
     the last one."""
     git(repo, "config", "tq.cpuSlots", "1")
+    settle_config(repo)
     (repo / ".gitignore").write_text("*.log\n")
     (repo / "wait.py").write_text(WAITER)
     release = tmp_path / "release"
@@ -200,18 +202,29 @@ def queue_behind_a_blocker(repo: Path, tmp_path: Path, messy: str) -> tuple[Path
     return marks, messy_job, last
 
 
+def settle_config(repo: Path) -> None:
+    """Date the config files back: the daemon recycles only worktrees checked out under
+    settings it can tell apart from later ones (a file changed within the last clock
+    tick cannot be)."""
+    old = time.time() - 60
+    for path in (repo / ".git" / "config", Path(os.environ["HOME"]) / ".gitconfig"):
+        if path.exists():
+            os.utime(path, (old, old))
+
+
 def test_a_finished_jobs_worktree_is_recycled_into_exactly_the_next_jobs_code(
         repo: Path, tmp_path: Path) -> None:
     marks, messy, last = queue_behind_a_blocker(
         repo, tmp_path, "echo junk > run.log && echo new > untracked.txt && echo v9 > README"
         " && rm train.py && mkdir -p cache && echo c > cache/x.log")
-    assert recycled(repo) == 1
+    assert recycled(repo) >= 1
     assert show(repo, messy)["state"] == "done"
-    # The last job saw its own code, whole, and nothing the messy job left.
-    assert (marks / "content2").read_text() == "version 2\nprint('v1')\n"
-    listing = set((marks / "listing2").read_text().split())
-    assert listing == {".git", ".gitignore", "README", "train.py", "wait.py", "added0.txt",
-                       "added1.txt", "added2.txt"}
+    # Each job saw its own code, whole, and nothing a job before it left.
+    for n in range(3):
+        assert (marks / f"content{n}").read_text() == f"version {n}\nprint('v1')\n"
+        listing = set((marks / f"listing{n}").read_text().split())
+        assert listing == {".git", ".gitignore", "README", "train.py", "wait.py",
+                           *(f"added{i}.txt" for i in range(n + 1))}
     assert git(repo, "show", f"refs/tq/jobs/{messy}:README") == "v9\n"  # its outputs kept
     wait_until(lambda: not job_paths([messy, last]))
 
