@@ -189,10 +189,18 @@ class Job:
     # its last attempt's end; and what that end recorded of the files it wrote.
     metrics: tuple[tuple[str, Metric], ...] = ()
     outputs: Optional[Outputs] = None
+    # The machine the job came from, `user@host`, when it was fetched (from the name of
+    # its ref, refs/tq/origins/<origin>/jobs/<id>, never from the record); None: local.
+    origin: Optional[str] = None
 
     @property
     def ref(self) -> str:
-        return job_ref(self.id)
+        return job_ref(self.id, self.origin)
+
+    @property
+    def name(self) -> str:
+        """How the job is named on the command line: `7`, or `alice@gpu1:7` if fetched."""
+        return str(self.id) if self.origin is None else f"{self.origin}:{self.id}"
 
     @property
     def exit_status(self) -> Optional[int]:
@@ -221,7 +229,12 @@ class Job:
         return replace(self, **changes)
 
 
-def job_ref(job_id: int) -> str:
+ORIGINS_PREFIX = "refs/tq/origins/"  # <origin>/jobs/<id>: jobs of other machines
+
+
+def job_ref(job_id: int, origin: Optional[str] = None) -> str:
+    if origin is not None:
+        return f"{ORIGINS_PREFIX}{origin}/jobs/{job_id}"
     return f"refs/tq/jobs/{job_id}"
 
 
