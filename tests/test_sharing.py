@@ -202,3 +202,7 @@ def test_auto_push_after_each_job(lab: Any) -> None:
     os.rename(remote, str(remote) + ".gone")
     job2 = alice.run_done("4")
     assert alice.json("show", str(job2))["state"] == "done"
+    daemon_log = Path(alice.env["TQ_HOME"]) / "daemon.log"
+    wait_until(lambda: "tq.autoPush failed (not retried)" in daemon_log.read_text(),
+               timeout=30)
+    assert alice.json("show", str(job2))["state"] == "done"
