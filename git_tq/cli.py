@@ -73,8 +73,8 @@ def complete_jobs(ctx: click.Context, param: click.Parameter, incomplete: str) -
         return []
     items = []
     for v in sorted(views, key=lambda v: (not v.job.state.active, -v.job.id)):
-        if str(v.job.id).startswith(incomplete):
-            items.append(CompletionItem(str(v.job.id),
+        if v.job.name.startswith(incomplete):  # 7, or alice@gpu1:7 when fetched
+            items.append(CompletionItem(v.job.name,
                                         help=visible(f"{v.job.state.value}: "
                                                      f"{v.job.spec.command_line()}")))
     return items
