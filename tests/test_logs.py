@@ -155,7 +155,7 @@ complete_line "git-tq pu"
 """
     out = subprocess.run(["bash", "-c", probe], cwd=repo, capture_output=True, text=True,
                          check=True).stdout.splitlines()
-    assert out == ["view", "1", "purge"]
+    assert out == ["view", "1", "purge push"]
 
 
 def test_completion_files_are_installed_by_setup() -> None:
