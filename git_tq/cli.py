@@ -73,8 +73,8 @@ def complete_jobs(ctx: click.Context, param: click.Parameter, incomplete: str) -
         return []
     items = []
     for v in sorted(views, key=lambda v: (not v.job.state.active, -v.job.id)):
-        if str(v.job.id).startswith(incomplete):
-            items.append(CompletionItem(str(v.job.id),
+        if v.job.name.startswith(incomplete):  # 7, or alice@gpu1:7 when fetched
+            items.append(CompletionItem(v.job.name,
                                         help=visible(f"{v.job.state.value}: "
                                                      f"{v.job.spec.command_line()}")))
     return items
@@ -170,6 +170,13 @@ def metrics_option(f: F) -> F:
                         shell_complete=complete_metrics,
                         help="Metrics to show, e.g. loss,acc ('' for none) [tq.columns, "
                              "else the first three the jobs share].")(f)
+
+
+def origin_options(f: F) -> F:
+    f = click.option("--origin", "origin", metavar="USER@HOST",
+                     help="Only the jobs of this origin (fetched ones, or ours).")(f)
+    return click.option("--mine", is_flag=True, help="Only this machine's jobs (no fetched "
+                        "ones).")(f)
 
 
 def json_option(f: F) -> F:
@@ -349,25 +356,31 @@ def wait_for_submitted(ctx: Context, job: Job, quiet: bool) -> None:
 @click.option("--sort", "sort", metavar="KEY", shell_complete=complete_sort_keys,
               help="Order by id, priority, time (run time) or a metric; -KEY descending "
                    "(jobs without the value last).")
+@origin_options
 @json_option
 def ls_cmd(show_all: bool, states: tuple[str, ...], tags: tuple[str, ...],
-           metrics: tuple[str, ...], sort: Optional[str], as_json: bool) -> None:
-    """List jobs: the active queue by default (alias: st)."""
+           metrics: tuple[str, ...], sort: Optional[str], mine: bool, origin: Optional[str],
+           as_json: bool) -> None:
+    """List jobs: the active queue by default (alias: st); --all adds finished and
+    fetched jobs."""
     from git_tq import output, service
     from git_tq import rows as cached
 
     ctx = open_context()
+    keep = service.origin_filter(ctx, mine, origin)
     if sort is not None:
         listed = service.list_queue(ctx, include_finished=show_all, states=states,
                                     tags=tags, sort=sort, metrics=metrics or None)
         jobs: list[Any] = [cached.from_view(v) for v in listed.views]
         unreadable, shown = listed.unreadable, listed.metrics
+        if keep is not None:
+            jobs = [r for r in jobs if keep(r.origin)]
     else:
         wanted = service.parse_states(states)
         got = cached.every(ctx, text=not as_json) if show_all or wanted else cached.active(ctx)
         jobs = [r for r in got.rows if (r.state in wanted if wanted else
                                         show_all or r.state in cached.ACTIVE)
-                and (not tags or r.tag in tags)]
+                and (not tags or r.tag in tags) and (keep is None or keep(r.origin))]
         if not show_all and not wanted:  # the queue: running, then pending by priority
             jobs = [r for r in jobs if r.state in ("running", "stopping")] + sorted(
                 (r for r in jobs if r.state == "pending"), key=lambda r: (r.priority, r.id))
@@ -440,7 +453,7 @@ def show(job: str, as_json: bool) -> None:
     j, s = detail.view.job, detail.view.job.spec
     e = output.esc
     lines = [
-        f"{output.styled(f'job {j.id}', 'bold')}  "
+        f"{output.styled(f'job {j.name}', 'bold')}  "
         f"{output.styled(j.state.value, output.STATE_STYLES[j.state.value])}"
         + (f"  ({j.outcome})" if j.outcome else ""),  # exit N, signal N, not started, lost
         f"command    {e(s.command_line())}" + ("   [sh -c]" if s.shell else ""),
@@ -450,9 +463,10 @@ def show(job: str, as_json: bool) -> None:
            if (s.stop_signal, s.stop_target) != ("SIGTERM", "main") else ""),
         f"tag        {e(s.tag or '-')}    env {e(s.env or '-')}    cwd {e(s.cwd or '.')}",
         f"submitted  {e(s.submitted_at)} by {e(s.user)}@{e(s.host)}"
-        + {"local": "", "fetched": "   [fetched: read-only, never runs here]",
+        + (f"   [fetched from {j.origin}: read-only, never runs here]" if j.origin else
+           {"local": "", "fetched": "   [fetched: read-only, never runs here]",
            "tampered": "   [TAMPERED: moved by someone else; see git tq doctor]"}.get(
-               detail.view.trust, ""),
+               detail.view.trust, "")),
         f"source     {e(j.source or '(unborn branch)')}",
         f"snapshot   {e(j.snapshot)}  ({j.changes.describe()} vs source)",
         f"attempts   {j.attempt}"
@@ -464,7 +478,7 @@ def show(job: str, as_json: bool) -> None:
         + (f"  [{e(detail.view.category)}]" if detail.view.category else "")
         + ("  (not on this machine: the job ran elsewhere)"
            if detail.view.trust != "local" and not os.path.exists(detail.view.log) else ""),
-        f"restore    git tq checkout {j.id}   (or -b BRANCH, --worktree PATH)",
+        f"restore    git tq checkout {j.name}   (or -b BRANCH, --worktree PATH)",
     ]
     if s.after or s.after_any or detail.view.reason:
         lines.insert(4, f"depends    {after_text(j)[2:] or '-'}"
@@ -511,16 +525,22 @@ def show(job: str, as_json: bool) -> None:
 @cli.command("log", context_settings=CONTEXT)
 @click.argument("revisions", nargs=-1)
 @metrics_option
+@origin_options
 @json_option
-def log_cmd(revisions: tuple[str, ...], metrics: tuple[str, ...], as_json: bool) -> None:
-    """History with the jobs run on each commit (commits without jobs are folded)."""
+def log_cmd(revisions: tuple[str, ...], metrics: tuple[str, ...], mine: bool,
+            origin: Optional[str], as_json: bool) -> None:
+    """History with the jobs run on each commit, fetched ones included (commits without
+    jobs are folded)."""
     from git_tq import output, service
     from git_tq import rows as cached
 
     tq_ctx = open_context()
+    keep = service.origin_filter(tq_ctx, mine, origin)
     got = cached.every(tq_ctx, json=as_json)
     by_source: dict[Optional[str], list[cached.Row]] = {}
     for r in got.rows:
+        if keep is not None and not keep(r.origin):
+            continue
         by_source.setdefault(r.source, []).append(r)
     entries = [(commit, short, subject, when, by_source.get(commit, []))
                for commit, short, subject, when in service.history_commits(tq_ctx, revisions)]
@@ -558,11 +578,11 @@ def log_cmd(revisions: tuple[str, ...], metrics: tuple[str, ...], as_json: bool)
         flush()
         lines.append(f"{output.styled(e(short), 'yellow')} {e(subject)}"
                      + (output.styled(f" ({e(when)})", "dim") if when else ""))
-        for r in sorted(jobs, key=lambda r: r.id):
+        for r in sorted(jobs, key=lambda r: (r.origin or "", r.id)):
             status, runtime, tag, command, changes, note = r.line  # already visible
             if tty:
                 tag, command, note = e(tag), e(command), e(note)
-            bits = [f"  #{r.id:<5}", styled(f"{status:<14}", output.STATE_STYLES[r.state]),
+            bits = [f"  #{r.name:<5}", styled(f"{status:<14}", output.STATE_STYLES[r.state]),
                     f"{runtime:>8}"]
             if tag:
                 bits.append(styled(f"[{tag}]", "blue"))
@@ -640,7 +660,7 @@ def compare(jobs: tuple[str, ...], as_json: bool) -> None:
     if marked:
         footer = "* best" + (f"; lower is better for {', '.join(lower)}" if lower else "") \
             + (f"; higher for {', '.join(higher)}" if higher else "")
-    output.print_segment_table([""] + [f"#{v.job.id}" for v in found.views], rows, footer)
+    output.print_segment_table([""] + [f"#{v.job.name}" for v in found.views], rows, footer)
 
 
 # --- code ----------------------------------------------------------------------
@@ -1159,6 +1179,32 @@ def gc(kept: bool, jobs: tuple[str, ...]) -> None:
     if done.kept:
         say(f"(git tq gc --outputs{' ' + ' '.join(jobs) if jobs else ''} removes "
             f"{'them' if len(done.kept) > 1 else 'it'})")
+
+
+# --- sharing ---------------------------------------------------------------------------
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("remote", required=False)
+@click.option("-n", "--dry-run", is_flag=True, help="Say what would be pushed; change nothing.")
+def push(remote: Optional[str], dry_run: bool) -> None:
+    """Push this machine's jobs, notes and stored logs to REMOTE (default: the current
+    branch's remote, else origin), as refs/tq/origins/USER@HOST/jobs/ID."""
+    from git_tq import service
+
+    say(service.push_jobs(open_context(), remote, dry_run=dry_run).summary())
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("remote", required=False)
+@click.option("-n", "--dry-run", is_flag=True, help="Say what would be fetched; change "
+              "nothing.")
+def fetch(remote: Optional[str], dry_run: bool) -> None:
+    """Fetch everyone else's jobs from REMOTE (named USER@HOST:ID here, read-only) and
+    merge its notes into ours."""
+    from git_tq import service
+
+    say(service.fetch_jobs(open_context(), remote, dry_run=dry_run).summary())
 
 
 # --- entry point -------------------------------------------------------------------

@@ -81,6 +81,7 @@ CHECKOUT_OPTIONS = ("-c", "checkout.workers=0", "-c", "checkout.thresholdForPara
                     *jobtree.NO_HOOKS)
 NAMED_READ_MAX = 64  # a nudge naming more jobs than this reads every ref instead
 READ_CHUNK = 500  # records read by one `git cat-file --batch` when many tips changed
+AUTO_PUSH_TIMEOUT = 600.0  # seconds a background `git tq push` (tq.autoPush) may take
 PACK_REFS_AFTER = 256  # loose job refs that make the daemon run `git pack-refs` (tq.packRefsAfter)
 # A record that says it has ended needs no decoding to know the scheduler can skip it.
 # Its state is all a dependency needs of it (`deps`), so it is kept: one int per job.
@@ -271,6 +272,10 @@ class Daemon:
         self.read_everything = True  # the next cycle reads every repository's refs
         self.named: dict[str, set[int]] = {}  # jobs a nudge said changed, by repository
         self.packing: dict[str, subprocess.Popen[bytes]] = {}  # `git pack-refs` under way
+        # tq.autoPush: the `git tq push` under way per repository (process, start, its
+        # stderr file), and the repositories where a job ended while it ran.
+        self.pushing: dict[str, tuple[subprocess.Popen[bytes], float, str]] = {}
+        self.push_again: set[str] = set()
         self.spares: dict[str, Spare] = {}  # by repository key
         # Checkout settings of the worktrees our running jobs were started in, for
         # recycling them once they end (only those: see `recycle_target`).
@@ -396,6 +401,7 @@ class Daemon:
                 self.dirty = True
         self.hooks = [h for h in self.hooks if h.poll() is None]
         self.packing = {c: p for c, p in self.packing.items() if p.poll() is None}
+        self.reap_pushes()
         declined = []
         for path, checkout in self.preparing.items():
             if path in self.abandoned:
@@ -1123,6 +1129,8 @@ class Daemon:
                 self.cleanup.append((rs, new))  # after this cycle's starts
             else:
                 self.made_with.pop((rs.key, job.id), None)
+            if rs.config.get("tq.autopush", "false").lower() in ("true", "yes", "on", "1"):
+                self.auto_push(rs)
         hook = {"preempted": "preempt", "cancelled": "finish", "finished": "finish",
                 "start-failed": "finish", "timed-out": "finish"}.get(event)
         if hook:
@@ -1674,6 +1682,57 @@ class Daemon:
         })
         env.update(jobtree.job_git_config(worktree, env))
         return env
+
+    # --- tq.autoPush ----------------------------------------------------------------
+
+    def auto_push(self, rs: RepoState) -> None:
+        """Start a best-effort `git tq push` of the repository in the background (its own
+        process and session; the loop never waits for it). One at a time per repository:
+        a job that ends while one runs gets one more push after it, never a retry."""
+        if rs.common in self.pushing:
+            self.push_again.add(rs.common)
+            return
+        err_path = os.path.join(self.home.path, f"push-{rs.key}.err")
+        try:
+            with open(err_path, "wb") as err:  # in the 0700 home: git's words, no secrets
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "git_tq", "push"], cwd=rs.common,
+                    env={**without_repo_vars(os.environ), "GIT_TERMINAL_PROMPT": "0"},
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                    start_new_session=True)
+        except OSError as exc:
+            log.warning("%s: tq.autoPush could not start git tq push: %s", rs.common, exc)
+            return
+        self.pushing[rs.common] = (proc, time.monotonic(), err_path)
+
+    def reap_pushes(self) -> None:
+        """Log the pushes that failed, give up on any that ran too long (killed, not
+        retried), and start the one more push a job's ending asked for meanwhile."""
+        for common, (proc, started, err_path) in list(self.pushing.items()):
+            code = proc.poll()
+            if code is None and time.monotonic() - started > AUTO_PUSH_TIMEOUT:
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                code = proc.wait()
+                log.warning("%s: tq.autoPush: git tq push took over %d s; stopped",
+                            common, AUTO_PUSH_TIMEOUT)
+            if code is None:
+                continue
+            del self.pushing[common]
+            if code != 0:
+                try:
+                    with open(err_path, "rb") as fh:
+                        why = fh.read(4096).decode(errors="replace").strip().splitlines()
+                except OSError:
+                    why = []
+                log.warning("%s: tq.autoPush failed (not retried): %s", common,
+                            why[-1] if why else f"exit {code}")
+            with contextlib.suppress(OSError):
+                os.unlink(err_path)
+            rs = self.repos.get(common)
+            if common in self.push_again and rs is not None:
+                self.push_again.discard(common)
+                self.auto_push(rs)
 
     # --- hooks ---------------------------------------------------------------------
 

@@ -72,3 +72,15 @@ class Interrupted(TqError):
     """Ctrl-C, with a word on what was left as it was (`run --wait`: the job stays queued)."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+class BadOrigin(UsageError):
+    """An origin (`tq.origin`, `--origin`, a `user@host:7` name) that is not `user@host`."""
+
+
+class UnknownRemote(UsageError):
+    """`git tq push/fetch REMOTE` names no remote, URL or path."""
+
+
+class ShareRefused(TqError):
+    """A push or fetch that git refused for some refs (it would rewind a job's history)."""

@@ -209,10 +209,18 @@ class Job:
     # of its attempts were retried after failing by themselves.
     ran_seconds: float = 0.0
     retried: int = 0
+    # The machine the job came from, `user@host`, when it was fetched (from the name of
+    # its ref, refs/tq/origins/<origin>/jobs/<id>, never from the record); None: local.
+    origin: Optional[str] = None
 
     @property
     def ref(self) -> str:
-        return job_ref(self.id)
+        return job_ref(self.id, self.origin)
+
+    @property
+    def name(self) -> str:
+        """How the job is named on the command line: `7`, or `alice@gpu1:7` if fetched."""
+        return str(self.id) if self.origin is None else f"{self.origin}:{self.id}"
 
     @property
     def exit_status(self) -> Optional[int]:
@@ -306,7 +314,12 @@ def describe_ids(ids: tuple[int, ...], shown: int = 3) -> str:
     return head if len(ids) <= shown else f"{head} and {len(ids) - shown} more"
 
 
-def job_ref(job_id: int) -> str:
+ORIGINS_PREFIX = "refs/tq/origins/"  # <origin>/jobs/<id>: jobs of other machines
+
+
+def job_ref(job_id: int, origin: Optional[str] = None) -> str:
+    if origin is not None:
+        return f"{ORIGINS_PREFIX}{origin}/jobs/{job_id}"
     return f"refs/tq/jobs/{job_id}"
 
 

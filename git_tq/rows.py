@@ -38,7 +38,13 @@ from git_tq.localjobs import LOCAL, LedgerEntry
 from git_tq.model import Job, Metric, State
 from git_tq.safetext import json_safe, visible
 from git_tq.service import Context, JobView, job_pid, waiting_reasons
-from git_tq.store import Unreadable, _canonical, _job_from_row, _job_to_row, refs_stamp
+from git_tq.store import (
+    Unreadable,
+    _job_from_row,
+    _job_to_row,
+    refs_stamp,
+    split_name,
+)
 
 VERSION = 3  # 2: dependencies and waiting reasons; 3: time_limit, retries, retried, ran_seconds
 FEW = 64  # up to this many jobs' ledger entries are looked up one by one
@@ -72,6 +78,17 @@ class Row:
     log: str = ""
     default_log: str = ""
     reason: str = ""  # why a pending job waits (made visible); made afresh every call
+    origin: Optional[str] = None  # a fetched job's `user@host` (from its ref name)
+
+    @property
+    def name(self) -> str:
+        return str(self.id) if self.origin is None else f"{self.origin}:{self.id}"
+
+    @property
+    def slot(self) -> str:
+        """Its key in the rows files: the tip, and the origin for a fetched job (the same
+        commit may be fetched under two names; its row names its origin)."""
+        return slot(self.origin, self.tip)
 
     def dump(self) -> tuple[Any, ...]:
         """(id, state, what it was made from, its text fields) for the rows file."""
@@ -90,6 +107,13 @@ def _row_from(tip: str, t: tuple[Any, ...], json_text: str) -> Row:
             and isinstance(row.line, tuple) and len(row.line) == 6):
         raise ValueError("not a row")
     return row
+
+
+def slot(origin: Optional[str], tip: str) -> str:
+    return tip if origin is None else f"{origin} {tip}"
+
+
+Key = tuple[str, int]  # (origin or "", id): local jobs first, then by origin
 
 
 class _NoJson(dict[str, str]):
@@ -196,18 +220,18 @@ def _jobs(ctx: Context, tips: _Tips, wanted: Sequence[str]) -> dict[str, Job]:
 
 
 def _sorted_tips(ctx: Context, tips: _Tips, listed: list[tuple[str, str]], *,
-                 finished: bool) -> tuple[list[tuple[int, str]], list[Unreadable]]:
-    """(id, tip) of the readable jobs listed (finished ones only if `finished`), and the
-    refs that hold no readable record. New tips are read from git."""
+                 finished: bool) -> tuple[list[tuple[Key, str]], list[Unreadable]]:
+    """((origin or "", id), tip) of the readable jobs listed (finished ones only if
+    `finished`), and the refs that hold no readable record. New tips are read from git."""
     new = [tip for tip, _ in listed if tip not in tips.known and tip not in tips.bad]
     if new:
         _jobs(ctx, tips, new)
-    out: list[tuple[int, str]] = []
+    out: list[tuple[Key, str]] = []
     bad: list[Unreadable] = []
     known = tips.known
     for tip, name in listed:
         info = known.get(tip)
-        job_id = _canonical(name)
+        origin, job_id = split_name(name)
         if job_id is None:
             bad.append(Unreadable(name, tip, "the ref name is not a canonical job id"))
         elif info is None:
@@ -215,7 +239,7 @@ def _sorted_tips(ctx: Context, tips: _Tips, listed: list[tuple[str, str]], *,
         elif info[0] != job_id:
             bad.append(Unreadable(name, tip, f"the record says it is job {info[0]}"))
         elif finished or not info[1]:
-            out.append((job_id, tip))
+            out.append(((origin or "", job_id), tip))
     out.sort()
     return out, bad
 
@@ -237,12 +261,12 @@ def _cells(view: JobView) -> tuple[str, ...]:
     elif j.state is State.FAILED:  # (3), (sig 9), (not started), (lost)
         state += f" ({j.exit_status})" if j.exit_status is not None else \
             f" (sig {j.signal})" if j.signal is not None else f" ({j.outcome})"
-    if view.trust != LOCAL:
+    if view.trust != LOCAL and j.origin is None:
         state = f"{view.trust}: {state}"  # not ours: never run, never written
     gpus = ",".join(map(str, j.assigned_gpus)) if j.assigned_gpus else j.spec.gpus.describe()
     params = output.shorten(" ".join(f"{k}={x}" for k, x in j.spec.params), 40)
     return tuple(visible(c) for c in (
-        str(j.id), state, str(j.spec.priority), gpus, j.spec.tag or "", params,
+        j.name, state, str(j.spec.priority), gpus, j.spec.tag or "", params,
         output.shorten(j.spec.command_line(), 60), when, output.shorten(view.note or "", 40)))
 
 
@@ -265,7 +289,7 @@ def _make(view: JobView, ledger: tuple[str, Optional[str]], note_key: str,
                j.spec.params, view.trust,
                json_safe(json.dumps(view.to_json(), ensure_ascii=False)),
                _cells(view), _line(view), view.pid, j, ledger, note_key, note_blob, named,
-               view.log, default_log, visible(view.reason or ""))
+               view.log, default_log, visible(view.reason or ""), j.origin)
 
 
 def _ledger_view(entry: Optional[LedgerEntry], tip: str) -> tuple[str, Optional[str]]:
@@ -280,28 +304,39 @@ def _build(ctx: Context, jobs: Iterable[Job], entries: Mapping[int, LedgerEntry]
            blobs: Mapping[str, str], logs: Mapping[int, str]) -> list[Row]:
     """Rows made from records, as `service._views` sees them."""
     jobs = list(jobs)
-    others = [j for j in jobs if not entries.get(j.id) or not entries[j.id].trusts(j.tip)]
-    named = ctx.store.submissions_named([j for j in others if j.snapshot in blobs])
-    keys: dict[int, str] = {}
-    ledgers: dict[int, tuple[str, Optional[str]]] = {}
+    others: dict[Optional[str], list[Job]] = {}  # by origin: ids are unique within one
     for j in jobs:
-        ledgers[j.id] = verdict = _ledger_view(entries.get(j.id), j.tip)
-        keys[j.id] = verdict[1] or named.get(j.id) or j.tip
+        entry = entries.get(j.id) if j.origin is None else None
+        if (not entry or not entry.trusts(j.tip)) and j.snapshot in blobs:
+            others.setdefault(j.origin, []).append(j)
+    named = {slot(origin, str(i)): commit for origin, group in others.items()
+             for i, commit in ctx.store.submissions_named(group).items()}
+    keys: dict[str, str] = {}
+    ledgers: dict[str, tuple[str, Optional[str]]] = {}
+    for j in jobs:
+        n = slot(j.origin, str(j.id))
+        ledgers[n] = verdict = _ledger_view(entries.get(j.id) if j.origin is None else None,
+                                            j.tip)
+        keys[n] = verdict[1] or named.get(n) or j.tip
     texts = ctx.store.note_texts(blobs[k] for k in keys.values() if k in blobs)
     waits = waiting_reasons(ctx, jobs)
     rows = []
     for j in jobs:
-        key = keys[j.id]
+        n = slot(j.origin, str(j.id))
+        key = keys[n]
         blob = blobs.get(key)
-        default_log = f"{ctx.store.log_root}{os.sep}{ctx.store.default_log_name(j)}"
-        log = logs.get(j.id) or default_log
+        if j.origin is None:
+            default_log = f"{ctx.store.log_root}{os.sep}{ctx.store.default_log_name(j)}"
+            log = logs.get(j.id) or default_log
+        else:  # it ran elsewhere: no log file here, whatever its id
+            default_log = log = ""
         trust = ctx.store.trust(j, entries)
-        waiting_for, reason = waits.get(j.id, ((), None))
+        waiting_for, reason = waits.get(j.id, ((), None)) if j.origin is None else ((), None)
         view = JobView(j, texts.get(blob) if blob else None, log,
-                       ctx.store.category(log) if j.id in logs else None, trust,
-                       job_pid(ctx, j, trust), waiting_for, reason)
-        was_named = None if ledgers[j.id][1] or j.snapshot not in blobs else j.id in named
-        rows.append(_make(view, ledgers[j.id], key, blob, was_named, default_log))
+                       ctx.store.category(log) if j.origin is None and j.id in logs else None,
+                       trust, job_pid(ctx, j, trust), waiting_for, reason)
+        was_named = None if ledgers[n][1] or j.snapshot not in blobs else n in named
+        rows.append(_make(view, ledgers[n], key, blob, was_named, default_log))
     return rows
 
 
@@ -338,7 +373,7 @@ def active(ctx: Context) -> Rows:
         listed, notes_tip = ctx.store.ref_tips()
         tips = _Tips.load(folder)
         order, bad = _sorted_tips(ctx, tips, listed, finished=False)
-        jobs = _jobs(ctx, tips, [tip for _, tip in order])
+        jobs = _jobs(ctx, tips, [tip for _, tip in order])  # local only: no origin
         chosen = [jobs[tip] for _, tip in order]
         blobs = ctx.store.note_blobs() if notes_tip and chosen else {}
         tips.save(folder, {tip for tip, _ in listed})
@@ -363,6 +398,7 @@ def every(ctx: Context, *, text: bool = True, json: bool = True) -> Rows:
     without `json`, no JSON (what `log` needs)."""
     folder = ctx.store.cache_dir
     listed, notes_tip = ctx.store.ref_tips()
+    listed += ctx.store.fetched_tips()  # other machines' jobs (git tq fetch)
     tips = _Tips.load(folder)
     order, bad = _sorted_tips(ctx, tips, listed, finished=True)
     cached = _load(os.path.join(folder, "rows-v1.marshal"))
@@ -383,39 +419,46 @@ def every(ctx: Context, *, text: bool = True, json: bool = True) -> Rows:
         blobs = ctx.store.note_blobs() if notes_tip else {}
     logs = ctx.store.find_logs()
     logs_moved = logs != old_logs
-    kept: dict[int, Row] = {}
-    redo: list[tuple[int, str]] = []
-    for job_id, tip in order:
-        t = stored.get(tip)
+    kept: dict[Key, Row] = {}
+    redo: list[tuple[Key, str]] = []
+    for key, tip in order:
+        origin, job_id = key[0] or None, key[1]
+        t = stored.get(slot(origin, tip))
         if t is None:
-            redo.append((job_id, tip))
+            redo.append((key, tip))
             continue
         try:
             deps = t[2]
-            ok = not logs_moved or (logs.get(job_id) or deps[6]) == deps[5]
-            if ok and (complete or job_id in changed):
+            ok = origin is not None or not logs_moved or (logs.get(job_id) or deps[6]) == deps[5]
+            if ok and origin is None and (complete or job_id in changed):
                 ok = _ledger_view(changed.get(job_id), tip) == (deps[0], deps[1])
             if ok and blobs is not None:
                 ok = blobs.get(deps[2]) == deps[3] and \
                     (deps[1] is not None or deps[4] is not None or deps[7] not in blobs)
             if ok:
-                kept[job_id] = _row_from(tip, t, texts[tip]) if text else \
-                    Row(job_id, tip, t[1], t[3][0], 0, None, (), (), "", texts[tip], (), ())
+                where = slot(origin, tip)
+                row = _row_from(tip, t, texts[where]) if text else \
+                    Row(job_id, tip, t[1], t[3][0], 0, None, (), (), "", texts[where], (), ())
+                row.origin = origin
+                kept[key] = row
         except (TypeError, IndexError, ValueError, KeyError):
             ok = False
         if not ok:
-            redo.append((job_id, tip))
+            redo.append((key, tip))
     if redo:
         jobs = _jobs(ctx, tips, [tip for _, tip in redo])
-        ids = [job_id for job_id, _ in redo]
+        ids = [key[1] for key, _ in redo if not key[0]]
         entries = {i: e for i, e in changed.items() if e is not None} if complete \
             else _entries(ctx, ids)
         if blobs is None:
             blobs = ctx.store.note_blobs() if notes_tip else {}
-        for row in _build(ctx, (jobs[tip] for _, tip in redo), entries, blobs, logs):
-            kept[row.id] = row
-    rows = [kept[job_id] for job_id, _ in order]
-    fresh = {r.tip: r for r in rows if r.state in _FINISHED}
+        # The origin comes from the ref's name, never from the record (cached by tip).
+        made = [jobs[tip] if not key[0] else jobs[tip].evolve(origin=key[0])
+                for key, tip in redo]
+        for row in _build(ctx, made, entries, blobs, logs):
+            kept[(row.origin or "", row.id)] = row
+    rows = [kept[key] for key, _ in order]
+    fresh = {r.slot: r for r in rows if r.state in _FINISHED}
     if redo or notes_moved or logs_moved or new_mark != mark or len(stored) != len(fresh):
         if not json:
             jsons = _load(os.path.join(folder, "json-v1.marshal"))
@@ -423,14 +466,15 @@ def every(ctx: Context, *, text: bool = True, json: bool = True) -> Rows:
         token = os.urandom(8).hex()  # the two files belong together
         try:
             _save(folder, "json-v1.marshal",
-                  (VERSION, token, {tip: r.json if r.job is not None else texts[tip]
-                                    for tip, r in fresh.items()}))
+                  (VERSION, token, {where: r.json if r.job is not None else texts[where]
+                                    for where, r in fresh.items()}))
         except KeyError:  # a row's JSON is not at hand: the rows file is redone next time
             token = ""
         _save(folder, "rows-v1.marshal",
               (VERSION, token, ctx.store.log_root, new_mark, notes_tip, logs,
-               {tip: (r.dump() if r.job is not None or tip not in stored else stored[tip])
-                for tip, r in fresh.items()}))
+               {where: (r.dump() if r.job is not None or where not in stored
+                        else stored[where])
+                for where, r in fresh.items()}))
     tips.save(folder, {tip for tip, _ in listed})
     return Rows(rows, bad)
 

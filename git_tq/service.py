@@ -50,6 +50,7 @@ from git_tq.store import JobStore, Unreadable, identity_env, pending_in_queue_or
 
 if TYPE_CHECKING:
     from git_tq.jobtree import Kept
+    from git_tq.sharing import Shared
 
 _SHELL_CHARS = re.compile(r"[\s|&;<>()$`\\\"'*?~#=]")
 _BAD_TAG = re.compile(r"[\x00-\x20/\\\x7f]")
@@ -762,12 +763,13 @@ def requeue(ctx: Context, token: str, *, command: Sequence[str] = (),
     """
     old = ctx.store.resolve(token)
     if old.state.active:
-        raise InvalidTransition(f"job {old.id} is {old.state.value}; requeue takes a finished job")
+        raise InvalidTransition(f"job {old.name} is {old.state.value}; requeue takes a "
+                                "finished job")
     trust = ctx.store.trust(old)
     toplevel = ctx.repo.require_worktree("git tq requeue")
     if trust != LOCAL and not command:
-        raise UsageError(f"job {old.id} was not written here by you ({trust}): its command is "
-                         f"not trusted; give one: git tq requeue {old.id} -- COMMAND...")
+        raise UsageError(f"job {old.name} was not written here by you ({trust}): its command is "
+                         f"not trusted; give one: git tq requeue {old.name} -- COMMAND...")
     # Its dependencies have ended long since (one may have failed): the copy has none.
     spec = dataclasses.replace(old.spec, submitted_at=now or now_iso(), user=_user_name(),
                                host=os.uname().nodename, after=(), after_any=())
@@ -787,8 +789,8 @@ def requeue(ctx: Context, token: str, *, command: Sequence[str] = (),
                                    time_limit=time_limit_setting(ctx.config), retries=0)
         if not spec.gpus.cpu_only:
             gpu_inventory.check_request(spec.gpus, gpu_inventory.machine_gpus(ctx.config))
-    detail = f"requeued from job {old.id}" if trust == LOCAL else \
-        f"code of job {old.id} ({trust}, by {old.spec.user}@{old.spec.host})"
+    detail = f"requeued from job {old.name}" if trust == LOCAL else \
+        f"code of job {old.name} ({trust}, by {old.spec.user}@{old.spec.host})"
     draft = Job(id=0, spec=spec, state=State.PENDING, event="submitted", attempt=0,
                 snapshot="", source=old.source, changes=old.changes,
                 detail=" ".join(detail.split()))
@@ -812,7 +814,7 @@ def requeue(ctx: Context, token: str, *, command: Sequence[str] = (),
                            after_lost_race=ctx.local.drop_spec)
     snap = Snapshot(tree, old.source, old.changes, ())
     notes = () if trust == LOCAL else (
-        f"job {old.id} was {trust}: job {job.id} runs its code with your command and your "
+        f"job {old.name} was {trust}: job {job.name} runs its code with your command and your "
         "environment",)
     return Submitted(job, snap, notes, wake_daemon(ctx, (job.id,)))
 
@@ -1076,6 +1078,8 @@ class JobView:
         gpus = j.assigned_gpus or s.gpus.ids
         return {
             "id": j.id,
+            "origin": j.origin,  # `user@host` of a fetched job (from its ref); None: local
+            "name": j.name,
             "state": j.state.value,
             "trust": self.trust,
             "priority": s.priority,
@@ -1188,10 +1192,11 @@ def _views(ctx: Context, jobs: Iterable[Job]) -> list[JobView]:
     views = []
     for job in jobs:
         log = ctx.store.log_path(job, logs)
-        category = ctx.store.category(log) if job.id in logs else None
+        category = ctx.store.category(log) if job.origin is None and job.id in logs else None
         trust = ctx.store.trust(job, entries)
-        waiting_for, reason = waits.get(job.id, ((), None))
-        views.append(JobView(job, notes.get(keys[job.id]), log, category, trust,
+        waiting_for, reason = waits.get(job.id, ((), None)) if job.origin is None \
+            else ((), None)
+        views.append(JobView(job, notes.get(keys[job.name]), log, category, trust,
                              job_pid(ctx, job, trust), waiting_for, reason))
     return views
 
@@ -1204,6 +1209,7 @@ def waiting_reasons(ctx: Context, jobs: Sequence[Job]) \
     the running daemon's last plan said of the job's current record."""
     from git_tq import deps
 
+    jobs = [j for j in jobs if j.origin is None]  # fetched ones wait for nothing here
     pending = [j for j in jobs if j.state is State.PENDING]
     if not pending:
         return {}
@@ -1260,22 +1266,24 @@ def _daemon_reasons(ctx: Context) -> dict[str, Any]:
 
 
 def _note_keys(ctx: Context, jobs: Sequence[Job], entries: Mapping[int, LedgerEntry],
-               notes: Mapping[str, str]) -> dict[int, str]:
-    """The commit each job's note hangs on: the ledger's submission for ours; for a
-    record not ours its recorded submission only if that commit is a record of the
-    same job (a fetched job 20 that names job 2's submission must not show job 2's
-    note), else its tip."""
+               notes: Mapping[str, str]) -> dict[str, str]:
+    """The commit each job's note hangs on, by job name (`7`, `alice@gpu1:7`): the
+    ledger's submission for ours; for a record not ours its recorded submission only
+    if that commit is a record of the same job (a fetched job 20 that names job 2's
+    submission must not show job 2's note), else its tip."""
     keys = {}
-    others = []
+    others: dict[Optional[str], list[Job]] = {}
     for job in jobs:
-        entry = entries.get(job.id)
+        entry = entries.get(job.id) if job.origin is None else None
         if entry is not None and entry.trusts(job.tip):
-            keys[job.id] = entry.submission
+            keys[job.name] = entry.submission
         else:
-            keys[job.id] = job.tip
+            keys[job.name] = job.tip
             if job.snapshot in notes:
-                others.append(job)
-    keys.update(ctx.store.submissions_named(others))
+                others.setdefault(job.origin, []).append(job)
+    for origin, group in others.items():  # within one origin, ids are unique
+        for job_id, commit in ctx.store.submissions_named(group).items():
+            keys[str(job_id) if origin is None else f"{origin}:{job_id}"] = commit
     return keys
 
 
@@ -1331,7 +1339,8 @@ def list_queue(ctx: Context, *, include_finished: bool = False, states: Sequence
     plus the refs that hold no readable record, and the metric columns to show (`metrics`
     as asked, else `metric_columns`' choice). `sort`: see `sort_jobs`."""
     wanted = parse_states(states)
-    listing = ctx.store.listing()
+    # The queue is this machine's; a listing of finished jobs shows fetched ones too.
+    listing = ctx.store.listing(fetched=include_finished or bool(wanted))
     jobs = listing.jobs
     if wanted:
         jobs = [j for j in jobs if j.state in wanted]
@@ -1379,10 +1388,11 @@ def show_job(ctx: Context, token: str) -> JobDetail:
     logs = ctx.store.find_logs()
     log = ctx.store.log_path(job, logs)
     trust = ctx.store.trust(job)
-    waiting_for, reason = waiting_reasons(ctx, [job]).get(job.id, ((), None))
+    waiting_for, reason = waiting_reasons(ctx, [job]).get(job.id, ((), None)) \
+        if job.origin is None else ((), None)
     view = JobView(job, ctx.store.note(job), log,
-                   ctx.store.category(log) if job.id in logs else None, trust,
-                   job_pid(ctx, job, trust), waiting_for, reason)
+                   ctx.store.category(log) if job.origin is None and job.id in logs else None,
+                   trust, job_pid(ctx, job, trust), waiting_for, reason)
     from git_tq import jobtree
 
     links = jobtree.outside_links([], ctx.repo.cwd, ctx.store.submission(job))
@@ -1402,7 +1412,7 @@ class HistoryEntry:
 
 def history(ctx: Context, revisions: Sequence[str]) -> list[HistoryEntry]:
     """`git log` of `revisions` (default HEAD), each commit with the jobs run on it."""
-    views = _views(ctx, ctx.store.list_jobs())
+    views = _views(ctx, ctx.store.list_jobs(fetched=True))
     by_source: dict[Optional[str], list[JobView]] = {}
     for v in views:
         by_source.setdefault(v.job.source, []).append(v)
@@ -1762,13 +1772,13 @@ def diff_targets(ctx: Context, first: str, second: Optional[str],
     or two jobs' code-and-outputs."""
     a = ctx.store.resolve(first)
     if outputs and second is None:
-        return job_tree(ctx, a), outputs_tree(ctx, a), f"job {a.id}'s outputs"
+        return job_tree(ctx, a), outputs_tree(ctx, a), f"job {a.name}'s outputs"
     if second is not None:
         b = ctx.store.resolve(second)
         tree = outputs_tree if outputs else job_tree
-        return tree(ctx, a), tree(ctx, b), f"job {a.id} -> job {b.id}"
+        return tree(ctx, a), tree(ctx, b), f"job {a.name} -> job {b.name}"
     now_tree = take_snapshot(ctx.repo).tree
-    return job_tree(ctx, a), now_tree, f"job {a.id} -> work tree"
+    return job_tree(ctx, a), now_tree, f"job {a.name} -> work tree"
 
 
 def job_tree(ctx: Context, job: Job) -> str:
@@ -1827,7 +1837,7 @@ def checkout(ctx: Context, token: str, *, branch: Optional[str] = None,
         jobtree.checkout_nested(path, nested)
         jobtree.checkout_present(path, _changed_paths(repo, job.source, tree))
         where = f"branch {branch} in {path}" if branch else f"{path} (detached)"
-        return f"job {job.id}'s code is checked out at {where}{_nested_note(nested)}{hook}"
+        return f"job {job.name}'s code is checked out at {where}{_nested_note(nested)}{hook}"
     if ctx.store.trust(job) != LOCAL:
         # A record someone else wrote chooses the gitlinks: restore only the
         # submodules this checkout itself tracks, never other nested repositories.
@@ -1846,7 +1856,7 @@ def checkout(ctx: Context, token: str, *, branch: Optional[str] = None,
             repo, ["checkout", *(["-f"] if force else []), "-q", "-b", branch, commit, "--"],
             lambda: repo.resolve_ref(f"refs/heads/{branch}") == commit)
         _restore_nested(toplevel, nested)
-        return (f"switched to new branch {branch} at job {job.id}'s snapshot ({commit[:10]})"
+        return (f"switched to new branch {branch} at job {job.name}'s snapshot ({commit[:10]})"
                 f"{_nested_note(nested)}{hook}")
     repo.git("read-tree", "-u", "--reset", "--end-of-options", commit)
     changed = _changed_paths(repo, job.source, tree)
@@ -1856,7 +1866,7 @@ def checkout(ctx: Context, token: str, *, branch: Optional[str] = None,
         repo.git("checkout-index", "-f", "-z", "--stdin", input=data)
     _restore_nested(toplevel, nested)
     head = repo.head_commit()
-    msg = f"work tree and index of {toplevel} now hold job {job.id}'s code"
+    msg = f"work tree and index of {toplevel} now hold job {job.name}'s code"
     if head != job.source:
         src = job.source[:10] if job.source else "an unborn branch"
         msg += f" (HEAD stays at {head[:10] if head else 'nothing'}; the job ran on {src})"
@@ -1988,7 +1998,7 @@ def resolve_jobs(ctx: Context, tokens: Sequence[str], *,
     sweep or a tag (every job that has it). Unknown names are a one-line error."""
     from git_tq.errors import UnknownJob
 
-    jobs: dict[int, Job] = {}
+    jobs: dict[str, Job] = {}  # by name: a local 7 and alice@gpu1:7 are two jobs
     listing: Optional[list[Job]] = None
     for part in _token_parts(tokens):
         span = _job_range(part)
@@ -1997,7 +2007,7 @@ def resolve_jobs(ctx: Context, tokens: Sequence[str], *,
             found = [j for j in listing if j.id in span]
             if not found or not missing_ok_in_ranges and len(found) != len(span):
                 raise UnknownJob(f"no job in range {part} (see git tq ls --all)")
-            jobs.update((j.id, j) for j in found)
+            jobs.update((j.name, j) for j in found)
             continue
         try:
             job = ctx.store.resolve(part)
@@ -2009,9 +2019,9 @@ def resolve_jobs(ctx: Context, tokens: Sequence[str], *,
             if not named:
                 raise UnknownJob(f"no job, sweep or tag {part!r} (see git tq ls --all)") \
                     from None
-            jobs.update((j.id, j) for j in named)
+            jobs.update((j.name, j) for j in named)
             continue
-        jobs[job.id] = job
+        jobs[job.name] = job
     if not jobs:
         raise UsageError("no job given")
     return list(jobs.values())
@@ -2272,11 +2282,11 @@ def log_to_view(ctx: Context, token: str, *, follow: bool = False) \
         if stored is not None:
             return job, path, stored
     if trust != LOCAL:
-        raise TqError(f"job {job.id}'s log is not on this machine: the job is {trust} "
+        raise TqError(f"job {job.name}'s log is not on this machine: the job is {trust} "
                       f"(submitted by {job.spec.user}@{job.spec.host}), and no copy of it "
                       "came in refs/notes/tq-logs")
     if not follow:
-        raise TqError(f"job {job.id} has no log yet ({job.state.value}); "
+        raise TqError(f"job {job.name} has no log yet ({job.state.value}); "
                       f"`git tq view -f {job.id}` waits for it")
     return job, path, None
 
@@ -2349,7 +2359,7 @@ def log_tree(ctx: Context, folder: Optional[str] = None) -> LogFolder:
         if name.endswith(".log") and head.isascii() and head.isdigit() and int(head) in jobs:
             job = jobs[int(head)]
             full = os.path.join(path, name)
-            logs.append(JobView(job, notes.get(keys[job.id]), full, rel or None))
+            logs.append(JobView(job, notes.get(keys[job.name]), full, rel or None))
     logs.sort(key=lambda v: v.job.id)
     return LogFolder(rel, folders, [LogEntry(i, v, v.log) for i, v in enumerate(logs, 1)])
 
@@ -2513,3 +2523,48 @@ def dashboard(ctx: Context, recent: int = 5, *, everywhere: bool = False) -> Das
 def refs_signature(ctx: Context) -> str:
     """Changes whenever any job's record changes (for redrawing on events)."""
     return ctx.repo.out("for-each-ref", "--format=%(objectname)", "refs/tq/jobs/")
+
+
+# --- sharing runs between machines ----------------------------------------------------
+
+
+def this_origin(ctx: Context) -> str:
+    """This machine's origin, `user@host` (`tq.origin`, checked; else the user and the
+    short host name)."""
+    from git_tq import origins
+
+    return origins.this_origin(ctx.config, _user_name())
+
+
+def push_jobs(ctx: Context, remote: Optional[str], *, dry_run: bool = False) -> Shared:
+    """`git tq push`: this machine's jobs, notes and stored logs to `remote` (see
+    sharing.push); a sharing.Shared."""
+    from git_tq import sharing
+
+    return sharing.push(ctx.store, this_origin(ctx), sharing.find_remote(ctx.repo, remote),
+                        dry_run=dry_run)
+
+
+def fetch_jobs(ctx: Context, remote: Optional[str], *, dry_run: bool = False) -> Shared:
+    """`git tq fetch`: every other machine's jobs, and the notes merged (sharing.fetch);
+    a sharing.Shared."""
+    from git_tq import sharing
+
+    return sharing.fetch(ctx.store, this_origin(ctx), sharing.find_remote(ctx.repo, remote),
+                         dry_run=dry_run)
+
+
+def origin_filter(ctx: Context, mine: bool, origin: Optional[str]) \
+        -> Optional[Callable[[Optional[str]], bool]]:
+    """Which origins `--mine` / `--origin O` keep (a job's origin None: local); None: all."""
+    from git_tq import origins
+
+    if mine and origin is not None:
+        raise UsageError("--mine and --origin exclude each other")
+    if mine:
+        return lambda o: o is None
+    if origin is None:
+        return None
+    wanted = origins.check_origin(origin)
+    here = this_origin(ctx)
+    return lambda o: o == wanted or (o is None and wanted == here)

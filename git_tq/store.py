@@ -18,13 +18,22 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from git_tq import recordfmt
+from git_tq import origins, recordfmt
 from git_tq.errors import NotOurs, RefRace, TqError, UnknownJob, UnreadableRecord
 from git_tq.gitrepo import Repo
 from git_tq.home import create_temp_beside, ensure_private_dir
 from git_tq.lifecycle import apply_event
 from git_tq.localjobs import FETCHED, LOCAL, TAMPERED, LedgerEntry, LocalJobs, is_oid
-from git_tq.model import ChangeSummary, GpuRequest, Job, JobSpec, Outputs, State, job_ref
+from git_tq.model import (
+    ORIGINS_PREFIX,
+    ChangeSummary,
+    GpuRequest,
+    Job,
+    JobSpec,
+    Outputs,
+    State,
+    job_ref,
+)
 
 JOBS_PREFIX = "refs/tq/jobs/"
 LIFECYCLE_MAX = 20_000  # records read from one job's history
@@ -71,6 +80,16 @@ def _canonical(name: str) -> Optional[int]:
         return recordfmt.canonical_id(name)
     except recordfmt.RecordFormatError:
         return None
+
+
+def split_name(name: str) -> tuple[Optional[str], Optional[int]]:
+    """(origin, id) of a listed ref name: `7` (after refs/tq/jobs/) is (None, 7), a
+    fetched job's `alice@gpu1:7` (see `JobStore.fetched_tips`) is ("alice@gpu1", 7);
+    id None when the name is not canonical."""
+    origin, colon, tail = name.rpartition(":")
+    if not colon:
+        return None, _canonical(name)
+    return (origin, _canonical(tail)) if origins.is_origin(origin) else (None, None)
 
 
 # --- noticing change without reading: stat data of the files git keeps refs in ---
@@ -128,14 +147,16 @@ class JobStore:
 
     # --- reading ------------------------------------------------------------
 
-    def listing(self) -> Listing:
-        """Every job of the repository by id, and every ref that holds no valid record.
+    def listing(self, fetched: bool = False) -> Listing:
+        """Every job of the repository by id, and every ref that holds no valid record;
+        with `fetched`, the jobs fetched from other machines too (after the local ones,
+        by origin and id).
 
         Records are commits, so a decoded record never goes stale: decoded
         records (and decoding errors) are cached by commit id (see
         `RecordCache`), and only tips not seen before are read from git.
         """
-        tips = self.ref_tips()[0]
+        tips = self.ref_tips()[0] + (self.fetched_tips() if fetched else [])
         cache = RecordCache(self.cache_dir)
         known, known_bad = cache.load()
         missing = [oid for oid, _ in tips if oid not in known and oid not in known_bad]
@@ -145,7 +166,9 @@ class JobStore:
         seen: set[str] = set()
         for oid, name in tips:
             job = fresh.get(oid) or known.get(oid)
-            job_id = _canonical(name)
+            origin, job_id = split_name(name)
+            if origin is not None and job is not None:
+                job = job.evolve(origin=origin)  # from the ref's name, never the record
             if job_id is None:
                 bad.append(Unreadable(name, oid, "the ref name is not a canonical job id"))
             elif job is None:
@@ -158,12 +181,27 @@ class JobStore:
         if fresh or fresh_bad or len(known) + len(known_bad) != len(seen):
             cache.save(jobs, {u.tip: u.reason for u in bad
                               if u.tip in fresh_bad or u.tip in known_bad})
-        jobs.sort(key=lambda j: j.id)
+        jobs.sort(key=lambda j: (j.origin or "", j.id))
         return Listing(jobs, bad)
 
-    def list_jobs(self) -> list[Job]:
-        """Every readable job of the repository, by id."""
-        return self.listing().jobs
+    def list_jobs(self, fetched: bool = False) -> list[Job]:
+        """Every readable job of the repository, by id (`fetched`: see `listing`)."""
+        return self.listing(fetched).jobs
+
+    def fetched_tips(self) -> list[tuple[str, str]]:
+        """(tip, name) of every ref under refs/tq/origins/ (one git process), in ref name
+        order: the name is `alice@gpu1:7` for a valid origin and canonical id (':' is in
+        no ref name, so no local name looks like it), else `origins/<rest>` (unreadable)."""
+        out = self.repo.out("for-each-ref", "--format=%(objectname) %(refname)",
+                            ORIGINS_PREFIX)
+        cut = len(ORIGINS_PREFIX)
+        tips = []
+        for oid, _, ref in (line.partition(" ") for line in out.splitlines()):
+            split = origins.split_origin_ref(ref[cut:])
+            job_id = _canonical(split[1]) if split is not None else None
+            tips.append((oid, f"{split[0]}:{job_id}" if split is not None and job_id
+                         else f"origins/{ref[cut:]}"))
+        return tips
 
     @property
     def cache_dir(self) -> str:
@@ -202,7 +240,7 @@ class JobStore:
                 bad[oid] = str(exc)
         return jobs, bad
 
-    def _read_refs(self, pattern: str) -> list[Job]:
+    def _read_refs(self, pattern: str, origin: Optional[str] = None) -> list[Job]:
         out = self.repo.git(
             "for-each-ref", "--format=%(objectname)%00%(refname)%00%(contents)%00", pattern
         ).stdout.decode("utf-8", errors="replace")
@@ -210,19 +248,20 @@ class JobStore:
         jobs = []
         for i in range(0, len(parts) - 2, 3):
             oid, ref, message = parts[i].lstrip("\n"), parts[i + 1], parts[i + 2]
-            name = ref[len(JOBS_PREFIX):]
+            name = ref.rpartition("/")[2] if origin else ref[len(JOBS_PREFIX):]
             job_id = _canonical(name)
             if job_id is None:
                 continue
+            shown = f"{origin}:{job_id}" if origin else str(job_id)
             try:
                 job = recordfmt.decode(message, oid)
             except recordfmt.RecordFormatError as exc:
-                raise UnreadableRecord(f"job {job_id}'s record is unreadable: {exc} "
+                raise UnreadableRecord(f"job {shown}'s record is unreadable: {exc} "
                                        "(see git tq doctor)") from None
             if job.id != job_id:
-                raise UnreadableRecord(f"job {job_id}'s record says it is job {job.id} "
+                raise UnreadableRecord(f"job {shown}'s record says it is job {job.id} "
                                        "(see git tq doctor)")
-            jobs.append(job)
+            jobs.append(job if origin is None else job.evolve(origin=origin))
         jobs.sort(key=lambda j: j.id)
         return jobs
 
@@ -233,8 +272,8 @@ class JobStore:
 
         A record read before one of our writers moved its ref (the ledger already
         names the new tip) is ours, not tampered: the ref is read again to tell."""
-        if self.local is None:
-            return FETCHED
+        if self.local is None or job.origin is not None:
+            return FETCHED  # another machine's job is never ours, whatever its tip
         trust = self.local.trust(job.id, job.tip, entries)
         if trust == TAMPERED:
             entry = self.local.entry(job.id)  # fresher than `entries`
@@ -254,7 +293,7 @@ class JobStore:
         the tip or a first-parent ancestor of it, and every commit from it to the tip
         is a record of this same job (a record that names another
         job's submission must not reach that job's note). Otherwise the tip."""
-        if self.local is not None:
+        if self.local is not None and job.origin is None:
             entry = self.local.entry(job.id)
             if entry is not None and entry.trusts(job.tip):
                 return entry.submission
@@ -294,6 +333,11 @@ class JobStore:
 
     def require_ours(self, job: Job, action: str) -> LedgerEntry:
         """The ledger entry of one of our jobs, or a one-line refusal saying why not."""
+        if job.origin is not None:
+            raise NotOurs(f"job {job.name} was fetched from {job.origin}: fetched records "
+                          f"are read-only, so it cannot be {action}"
+                          + ("; git tq requeue makes a new local job of its code"
+                             if action != "requeued" else ""))
         entry = self.local.entry(job.id) if self.local is not None else None
         if entry is None:
             who = f" (by {job.spec.user}@{job.spec.host})" if job.spec.user else ""
@@ -330,9 +374,21 @@ class JobStore:
                 return job
         raise UnknownJob(f"no job {job_id} in this repository (see `git tq ls --all`)")
 
+    def load_fetched(self, origin: str, job_id: int) -> Job:
+        """Job `job_id` fetched from `origin` (refs/tq/origins/<origin>/jobs/<id>)."""
+        for job in self._read_refs(job_ref(job_id, origins.check_origin(origin)), origin):
+            if job.id == job_id:
+                return job
+        raise UnknownJob(f"no job {origin}:{job_id} in this repository (git tq fetch brings "
+                         "other machines' jobs; see `git tq ls --all`)")
+
     def resolve(self, token: str) -> Job:
-        """A job from `7`, `tq/jobs/7`, `refs/tq/jobs/7`, or a commit-ish of the job."""
+        """A job from `7`, `tq/jobs/7`, `refs/tq/jobs/7`, `alice@gpu1:7` (fetched), or a
+        commit-ish of the job."""
         text = token.strip()
+        named = origins.parse_job_name(text)
+        if named is not None:
+            return self.load_fetched(*named)
         for prefix in ("refs/tq/jobs/", "tq/jobs/", "jobs/"):
             if text.startswith(prefix) and _is_number(text[len(prefix):]):
                 text = text[len(prefix):]
@@ -749,7 +805,10 @@ class JobStore:
             return False
 
     def log_path(self, job: Job, known: Optional[Mapping[int, str]] = None) -> str:
-        """Where the job's log is, or will be once it runs."""
+        """Where the job's log is, or will be once it runs; "" for a fetched job (it ran
+        elsewhere: its log is the stored copy, `stored_log`, never a path here)."""
+        if job.origin is not None:
+            return ""
         default = f"{self.log_root}{os.sep}{self.default_log_name(job)}"
         if known is None and (os.path.exists(default) or not self._has_folders()):
             return default  # where a log starts, and stays unless filed: no walk of them all
@@ -758,6 +817,8 @@ class JobStore:
 
     def category(self, log_path: str) -> Optional[str]:
         """The folder a log is filed under, relative to the log root; None at the root."""
+        if not log_path:
+            return None  # a fetched job's: no log here
         folder = os.path.relpath(os.path.dirname(log_path), self.log_root)
         return None if folder == "." else folder.replace(os.sep, "/")
 

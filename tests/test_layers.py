@@ -25,12 +25,13 @@ LAYERS: list[set[str]] = [
     {"output"},  # CLI-side rendering
     {"service"},
     {"daemon"},
+    {"sharing"},  # push, fetch and the notes merge (the git CLI's own)
     {"scheduler", "supervisor", "client", "server"},
     {"results"},  # what a run produced: outputs, metrics, its log
     {"jobtree"},
     {"store", "snapshot"},
     {"localjobs", "pause"},  # the trust boundary: what this user submitted here · pause
-    {"lifecycle", "recordfmt", "home", "gpus", "gitrepo", "procs", "envs", "deps"},
+    {"lifecycle", "recordfmt", "home", "gpus", "gitrepo", "procs", "envs", "deps", "origins"},
     {"model", "errors", "safetext", "__init__"},
 ]
 UI_LIBRARIES = {"click", "rich", "prompt_toolkit"}

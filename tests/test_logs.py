@@ -158,7 +158,7 @@ complete_line "git tq run --gpu 1"
 """
     out = subprocess.run(["bash", "-c", probe], cwd=repo, capture_output=True, text=True,
                          check=True).stdout.splitlines()
-    assert out == ["view", "1", "purge", "0 1", "0,1", "1"]
+    assert out == ["view", "1", "purge push", "0 1", "0,1", "1"]
 
 
 def test_completion_files_are_installed_by_setup() -> None:
