@@ -450,7 +450,7 @@ def dependencies(ctx: Context, after: Sequence[str], after_any: Sequence[str], *
         for job in jobs:
             trust = ctx.store.trust(job, entries)
             if trust != LOCAL:
-                raise NotOurs(f"{option}: job {job.id} was not submitted here by you "
+                raise NotOurs(f"{option}: job {job.name} was not submitted here by you "
                               f"({trust}): it never runs here, so nothing could follow it")
             if job.id == editing:
                 raise BadSpec(f"{option}: job {job.id} cannot wait for itself")
@@ -719,7 +719,8 @@ def held_reason(pause: Pause, job: Job) -> Optional[str]:
     """Why the pause holds a waiting job outright ("queue paused", "GPU 0 paused")."""
     from git_tq.scheduler import paused_reason
 
-    if job.state is not State.PENDING:
+    # A fetched job waits in its own machine's queue: our pause holds nothing of it.
+    if job.state is not State.PENDING or job.origin is not None:
         return None
     return paused_reason(job.spec.gpus, set(pause.gpus), pause.everything)
 
