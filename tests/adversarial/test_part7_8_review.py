@@ -223,3 +223,70 @@ def test_rm_log_of_a_fetched_job_never_deletes_our_job_of_the_same_id(lab: Any) 
     assert "alice@gpu1" in p.stderr
     assert log.exists() and "precious" in log.read_text()
     assert "precious" in bob.tq("view", str(mine)).stdout
+
+
+# --- worktree recycling ----------------------------------------------------------------------
+
+
+MESSES = {
+    # the job points its .git file at the user's repository (as `git worktree` repairs can)
+    "gitfile": "echo gitdir: $MAIN_GIT > .git",
+    # the job makes its worktree a repository of its own
+    "gitdir": "rm .git && git init -q . && git add -A",
+    "symlink": "rm README && ln -s /etc/hostname README && chmod +x train.py",
+    "folder": "rm train.py && mkdir -p train.py/x && mkdir -p sub && echo s > sub/f",
+}
+
+
+@pytest.mark.parametrize("mess", sorted(MESSES))
+def test_a_recycled_worktree_never_shows_a_jobs_leftovers_nor_touches_the_repository(
+        repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mess: str) -> None:
+    from test_worktrees import queue_behind_a_blocker
+
+    monkeypatch.setenv("MAIN_GIT", str(repo / ".git"))
+    (repo / "staged.txt").write_text("staged by the user\n")
+    git(repo, "add", "staged.txt")  # the user's index, staged while the jobs run
+    head = git(repo, "symbolic-ref", "HEAD")
+    marks, messy, last = queue_behind_a_blocker(repo, tmp_path, MESSES[mess])
+    for job_id in range(messy + 1, last + 1):
+        wait_state(repo, job_id, "done")
+    assert git(repo, "symbolic-ref", "HEAD") == head  # the user's branch is still checked out
+    assert "staged.txt" in git(repo, "diff", "--cached", "--name-only")
+    for n in range(3):
+        assert (marks / f"content{n}").read_text() == f"version {n}\nprint('v1')\n"
+        listing = set((marks / f"listing{n}").read_text().split())
+        assert listing == {".git", ".gitignore", "README", "train.py", "wait.py", "staged.txt",
+                           *(f"added{i}.txt" for i in range(n + 1))}, n
+
+
+# --- a dependency's record moved by someone else -------------------------------------------
+
+
+def test_a_tampered_dependency_that_claims_done_never_starts_its_follower(
+        repo: Path, tmp_path: Path) -> None:
+    import time
+
+    (repo / "gate.py").write_text(GATE)
+    gate = tmp_path / "gate"
+    a = submit(repo, "--cpu", "python", "gate.py", str(gate))
+    b = submit(repo, "--cpu", "--after", str(a), "touch", str(tmp_path / "b-ran"))
+    wait_until(Path(str(gate) + ".started").exists)
+    # A hand edit (or a careless fetch) writes "done" on top of a's record.
+    tip = git(repo, "rev-parse", f"refs/tq/jobs/{a}").strip()
+    fields = [line for line in git(repo, "cat-file", "commit", tip).splitlines()
+              if line.startswith("Tq-") and not line.startswith(("Tq-Event", "Tq-State"))]
+    message = "\n".join([f"tq job {a} finished", "", "Tq-Event: finished", "Tq-State: done",
+                         *fields, "Tq-Ended-At: 2026-12-03T00:00:00+00:00",
+                         "Tq-Exit-Code: 0"]) + "\n"
+    forged = git(repo, "commit-tree", "-p", tip, "-m", message, f"{tip}^{{tree}}").strip()
+    git(repo, "update-ref", f"refs/tq/jobs/{a}", forged, tip)
+    assert show(repo, a)["state"] == "done"
+    assert ls_rows(repo)[str(b)]["reason"] == f"waiting for {a}"
+    log = tqhome() / "daemon.log"
+    wait_until(lambda: f"job {a}'s record was moved by someone else" in log.read_text(),
+               timeout=15)
+    gate.write_text("0")  # its real end, which can no longer be recorded
+    time.sleep(4)  # more than the daemon's 3-second rescan: b had every chance to start
+    assert show(repo, b)["state"] == "pending"
+    assert not (tmp_path / "b-ran").exists()
+    assert ls_rows(repo)[str(b)]["reason"] == f"waiting for {a}"
