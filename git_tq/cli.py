@@ -377,7 +377,11 @@ def ls_cmd(show_all: bool, states: tuple[str, ...], tags: tuple[str, ...],
             jobs = [r for r in jobs if keep(r.origin)]
     else:
         wanted = service.parse_states(states)
-        got = cached.every(ctx, text=not as_json) if show_all or wanted else cached.active(ctx)
+        # The plain queue is this machine's (`active`); `--origin` another machine's
+        # asks for fetched jobs, which only `every` reads.
+        fetched = keep is not None and not keep(None)
+        got = cached.every(ctx, text=not as_json) if show_all or wanted or fetched \
+            else cached.active(ctx)
         jobs = [r for r in got.rows if (r.state in wanted if wanted else
                                         show_all or r.state in cached.ACTIVE)
                 and (not tags or r.tag in tags) and (keep is None or keep(r.origin))]
@@ -481,7 +485,10 @@ def show(job: str, as_json: bool) -> None:
         f"restore    git tq checkout {j.name}   (or -b BRANCH, --worktree PATH)",
     ]
     if s.after or s.after_any or detail.view.reason:
+        # A fetched job's ids are its machine's jobs, not ours of the same number.
         lines.insert(4, f"depends    {after_text(j)[2:] or '-'}"
+                     + (f"  (jobs of {j.origin})" if j.origin and s.after + s.after_any
+                        else "")
                      + (f"    ({e(detail.view.reason)})" if detail.view.reason else ""))
     if j.metrics:
         lines.append("metrics    " + "  ".join(f"{e(k)}={e(output.metric_text(v))}"
@@ -489,7 +496,7 @@ def show(job: str, as_json: bool) -> None:
     if j.outputs is not None:
         o = j.outputs
         text = f"{o.files} file{'s' if o.files != 1 else ''} ({output.size_text(o.bytes)}) " \
-            f"recorded in git" + (f": git tq diff {j.id} --outputs" if o.files else "")
+            f"recorded in git" + (f": git tq diff {j.name} --outputs" if o.files else "")
         if o.skipped_count:
             text += f"; {o.skipped_count} not recorded ({output.size_text(o.skipped_bytes)}): " \
                 + ", ".join(f"{e(p)} ({e(lim)})" for p, _, lim in o.skipped[:5]) \
@@ -716,7 +723,7 @@ def note(job: str, text: tuple[str, ...], append: bool, remove: bool) -> None:
         raise UsageError("--remove takes no text")
     j = service.set_note(open_context(), job, " ".join(text) if text else None,
                          append=append, remove=remove)
-    click.echo(f"note {'removed from' if remove else 'saved on'} job {j.id}")
+    click.echo(f"note {'removed from' if remove else 'saved on'} job {j.name}")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -734,7 +741,8 @@ def rm(jobs: tuple[str, ...], forget: bool, logs: bool, yes: bool) -> None:
     if logs:
         if forget:
             raise UsageError("give --log or --forget, not both")
-        tokens = [str(j.id) for j in service.resolve_jobs(ctx, jobs)]
+        # By name: a fetched alice@gpu1:7 must not become our job 7 here.
+        tokens = [j.name for j in service.resolve_jobs(ctx, jobs)]
         if not yes:
             if not sys.stdin.isatty():
                 raise TqError("refusing to delete logs without -y (no terminal to ask on)")

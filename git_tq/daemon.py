@@ -824,6 +824,10 @@ class Daemon:
                     continue
                 known = rs.active.get(dep)
                 state = known.state if known is not None else rs.ended.get(dep)
+                if dep in rs.tampered:
+                    # Someone else moved its record: whatever ending it claims is not
+                    # ours to believe, and its real one cannot be recorded. It waits.
+                    state = State.PENDING
                 if state is None and (dep in rs.tips or rs.read_whole_at != self.stats["cycles"]):
                     # Unreadable, or not seen yet by a read of just the named refs: it
                     # counts as not ended until a whole read says it is gone.

@@ -450,7 +450,7 @@ def dependencies(ctx: Context, after: Sequence[str], after_any: Sequence[str], *
         for job in jobs:
             trust = ctx.store.trust(job, entries)
             if trust != LOCAL:
-                raise NotOurs(f"{option}: job {job.id} was not submitted here by you "
+                raise NotOurs(f"{option}: job {job.name} was not submitted here by you "
                               f"({trust}): it never runs here, so nothing could follow it")
             if job.id == editing:
                 raise BadSpec(f"{option}: job {job.id} cannot wait for itself")
@@ -719,7 +719,8 @@ def held_reason(pause: Pause, job: Job) -> Optional[str]:
     """Why the pause holds a waiting job outright ("queue paused", "GPU 0 paused")."""
     from git_tq.scheduler import paused_reason
 
-    if job.state is not State.PENDING:
+    # A fetched job waits in its own machine's queue: our pause holds nothing of it.
+    if job.state is not State.PENDING or job.origin is not None:
         return None
     return paused_reason(job.spec.gpus, set(pause.gpus), pause.everything)
 
@@ -1213,10 +1214,20 @@ def waiting_reasons(ctx: Context, jobs: Sequence[Job]) \
     pending = [j for j in jobs if j.state is State.PENDING]
     if not pending:
         return {}
-    states = {j.id: j.state for j in jobs}
-    wanted = {d for j in pending for d in j.spec.dependencies if d not in states}
+    by_id = {j.id: j for j in jobs}
+    wanted = {d for j in pending for d in j.spec.dependencies if d not in by_id}
     if wanted:
-        states.update(_states_of(ctx, wanted))
+        by_id.update(_jobs_of(ctx, wanted))
+    states = {j.id: j.state for j in by_id.values()}
+    entries = None
+    for dep in {d for j in pending for d in j.spec.dependencies if d in by_id}:
+        if by_id[dep].state.active:
+            continue
+        entries = ctx.local.entries() if entries is None else entries
+        if ctx.store.trust(by_id[dep], entries) != LOCAL:
+            # Someone else moved its record: the ending it claims is not ours to believe
+            # (and its real one is never recorded). It has not ended, as the daemon says.
+            states[dep] = State.PENDING
     verdicts = deps.judge({j.id: deps.Needs(j.spec.after, j.spec.after_any)
                            for j in pending}, states)
     told = _daemon_reasons(ctx)
@@ -1235,15 +1246,15 @@ def waiting_reasons(ctx: Context, jobs: Sequence[Job]) \
     return result
 
 
-def _states_of(ctx: Context, ids: Collection[int]) -> dict[int, State]:
-    """The recorded states of these jobs (those that exist): one listing of the refs,
-    one read of the records not at hand."""
+def _jobs_of(ctx: Context, ids: Collection[int]) -> dict[int, Job]:
+    """The records of these jobs (those that exist): one listing of the refs, one read
+    of the records not at hand."""
     from git_tq.store import _canonical
 
     listed, _ = ctx.store.ref_tips()
     tips = [tip for tip, name in listed if _canonical(name) in ids]
     found, _bad = ctx.store.records(tips)
-    return {job.id: job.state for job in found.values() if job.id in ids}
+    return {job.id: job for job in found.values() if job.id in ids}
 
 
 def _daemon_reasons(ctx: Context) -> dict[str, Any]:
