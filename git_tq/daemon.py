@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
@@ -1502,22 +1502,10 @@ class Daemon:
         new = self.home.worktree_dir(rs.key, job.id)
         entry = rs.entries.get(ended.id) or rs.local.entry(ended.id)
         ensure_private_dir(os.path.dirname(new))
-        pid = os.fork()
-        if pid:
-            self.preparing[new] = Checkout(Forked(pid), rs, spec, recycled_from=old)
-            return
-        code = 70
-        try:
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_DFL)
-            os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # above all, not the daemon's lock
-            code = self.recycle_worktree(rs, ended, old, new,
-                                         entry.submission if entry else "", submission)
-        except BaseException:  # noqa: BLE001 - a child must never return into the loop
-            log.exception("recycling %s failed", old)
-        finally:
-            os._exit(code)
+        pid = in_child(lambda: self.recycle_worktree(
+            rs, ended, old, new, entry.submission if entry else "", submission),
+            f"recycling {old}")
+        self.preparing[new] = Checkout(Forked(pid), rs, spec, recycled_from=old)
 
     def recycle_worktree(self, rs: RepoState, ended: Job, old: str, new: str,
                          old_submission: str, submission: str) -> int:
@@ -1575,22 +1563,11 @@ class Daemon:
         self.made_with.pop((rs.key, job_id), None)
         if path in self.removals.values() or path in self.recycling():
             return
-        pid = os.fork()
-        if pid:
-            self.removals[pid] = path
-            return
-        code = 70
-        try:
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_DFL)
-            os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # above all, not the daemon's lock
+        def remove() -> int:
             self.remove_worktree(rs, job_id, ran, record)
-            code = 0
-        except BaseException:  # noqa: BLE001 - a child must never return into the loop
-            log.exception("removing %s failed", path)
-        finally:
-            os._exit(code)
+            return 0
+
+        self.removals[in_child(remove, f"removing {path}")] = path
 
     def remove_worktree(self, rs: RepoState, job_id: int, ran: bool = True,
                         record: Optional[Job] = None) -> None:
@@ -1759,6 +1736,26 @@ class Daemon:
                                                start_new_session=True, cwd=rs.common))
         except OSError as exc:
             log.warning("hook %s failed to start: %s", path, exc)
+
+
+def in_child(work: Callable[[], int], what: str) -> int:
+    """Run `work` in a forked child of the loop, whose exit status is what it returns
+    (70 if it raised); the child's pid. The child leaves the loop's signal handling
+    and closes every descriptor above stderr, above all the daemon's lock."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 70
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        code = work()
+    except BaseException:  # noqa: BLE001 - a child must never return into the loop
+        log.exception("%s failed", what)
+    finally:
+        os._exit(code)
 
 
 def stop_outcome(stop: Optional[Mapping[str, Any]],
