@@ -111,6 +111,9 @@ run_tests() {
     "$here/.venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
     "$here/.venv/bin/python" -m pip install --quiet -e "$here[test]" || die "pip install failed"
     export PATH="$here/.venv/bin:$PATH"
+    # Byte-compile the package now: where PYTHONDONTWRITEBYTECODE is set, every git-tq the
+    # suite starts would otherwise compile it again (0.34 s a start instead of 0.15 s).
+    python -m compileall -q "$here/git_tq" >/dev/null || die "compileall failed"
     say "ruff"; ruff check git_tq tests bench
     say "mypy"; mypy
     say "pytest"; python -m pytest -p no:cacheprovider -n 2 "$@"
