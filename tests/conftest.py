@@ -18,12 +18,15 @@ GIT_TQ = shutil.which("git-tq", path=BIN_DIR) or shutil.which("git-tq")
 
 
 def wait_until(pred: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> None:
-    """Wait for a condition with a deadline (never sleep as synchronisation)."""
+    """Wait for a condition with a deadline (never sleep as synchronisation). The pause
+    between checks grows to 0.1 s, so that a long wait leaves the CPUs to the processes
+    it waits for."""
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+        interval = min(interval * 1.5, max(interval, 0.1))
 
 
 @pytest.fixture(autouse=True)
@@ -108,10 +111,34 @@ def show(repo: Path, job_id: int) -> dict[str, Any]:
     return data
 
 
+def open_gate(gate: Path, text: str) -> None:
+    """Write a gate file whole (a temp file renamed): a job polling for it never reads it
+    half-written (an exit code of "" would read as 0)."""
+    part = gate.with_name(gate.name + ".part")
+    part.write_text(text)
+    os.replace(part, gate)
+
+
+def ref_tip(repo: Path, ref: str) -> str | None:
+    """Where a ref points (one `git rev-parse`, a few ms), or None."""
+    p = subprocess.run(["git", "rev-parse", "-q", "--verify", ref], cwd=repo,
+                       capture_output=True, text=True)
+    return p.stdout.strip() or None
+
+
 def wait_state(repo: Path, job_id: int, wanted: str, timeout: float = 20) -> dict[str, Any]:
-    """Wait until the job is in state `wanted`; its record then."""
-    wait_until(lambda: show(repo, job_id)["state"] == wanted, timeout=timeout)
-    return show(repo, job_id)
+    """Wait until the job is in state `wanted`; its record then. A record changes only
+    with its ref, so `show` (a whole git-tq) runs only when the tip moved."""
+    last: dict[str, Any] = {}
+
+    def reached() -> bool:
+        tip = ref_tip(repo, f"refs/tq/jobs/{job_id}")
+        if tip is None or tip != last.get("tip"):
+            last["tip"], last["record"] = tip, show(repo, job_id)
+        return bool(last["record"]["state"] == wanted)
+
+    wait_until(reached, timeout=timeout)
+    return dict(last["record"])
 
 
 @pytest.fixture

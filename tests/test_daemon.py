@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import git, show, submit, tq, tq_json, wait_state, wait_until
+from conftest import git, open_gate, show, submit, tq, tq_json, wait_state, wait_until
 
 # Here `git tq run` starts the daemon, as it does for users.
 pytestmark = pytest.mark.usefixtures("autostart")
@@ -69,7 +69,7 @@ def test_job_runs_the_code_as_submitted(repo: Path, tmp_path: Path) -> None:
     # the first job runs in its cwd inside its own worktree, on the GPU it asked for
     wait_until(lambda: Path(str(release) + ".started").exists())
     assert show(repo, first)["state"] == "running" and show(repo, first)["gpus"] == [1]
-    release.write_text("3")
+    open_gate(release, "3")
     failed = wait_state(repo, first, "failed")
     assert failed["exit_code"] == 3
     assert "exited with code 3" in log_text(repo, first)
@@ -95,7 +95,7 @@ def test_queue_order_and_gpu_exclusivity(repo: Path, tmp_path: Path) -> None:
     low = submit(repo, "-p", "200", "python", "-c", "print('low')")
     high = submit(repo, "-p", "100", "python", "-c", "print('high')")  # same as running: waits
     assert state(repo, low) == "pending" and state(repo, high) == "pending"
-    gate.write_text("0")
+    open_gate(gate, "0")
     wait_state(repo, low, "done")
     assert show(repo, high)["started_at"] <= show(repo, low)["started_at"]
     assert show(repo, a)["state"] == "done"
@@ -185,7 +185,7 @@ def test_daemon_killed_with_sigkill_loses_nothing(repo: Path, tmp_path: Path) ->
     for g in gates:
         wait_until(lambda g=g: Path(str(g) + ".started").exists())
     os.kill(daemon_pid(), signal.SIGKILL)
-    gates[0].write_text("7")  # ends while no daemon runs
+    open_gate(gates[0], "7")  # ends while no daemon runs
     wait_until(lambda: not any("wait.py" in " ".join(p.info["cmdline"] or []) and
                                str(gates[0]) in " ".join(p.info["cmdline"] or [])
                                for p in psutil.process_iter(["cmdline"])))
@@ -193,8 +193,8 @@ def test_daemon_killed_with_sigkill_loses_nothing(repo: Path, tmp_path: Path) ->
     tq(repo, "start")
     assert wait_state(repo, ids[0], "failed")["exit_code"] == 7  # the real exit code
     assert state(repo, ids[1]) == "running" and state(repo, ids[2]) == "running"
-    gates[1].write_text("0")
-    gates[2].write_text("0")
+    open_gate(gates[1], "0")
+    open_gate(gates[2], "0")
     wait_state(repo, ids[1], "done")
     wait_state(repo, ids[2], "done")
     for g in gates:  # every job ran exactly once

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import git, show, submit, tq, tq_json, wait_state, wait_until
+from conftest import git, open_gate, show, submit, tq, tq_json, wait_state, wait_until
 
 # A job that waits for its gate file, then exits with the code written in it.
 GATE = """\
@@ -125,7 +125,7 @@ def test_chain_is_cancelled_when_its_first_job_fails(repo: Path, tmp_path: Path)
     wait_until(lambda: Path(str(gate) + ".started").exists())
     rows = ls_rows(repo)
     assert rows[b]["reason"] == f"waiting for {a}" and rows[c]["reason"] == f"waiting for {b}"
-    gate.write_text("3")
+    open_gate(gate, "3")
     wait_state(repo, c, "cancelled")
     assert wait_state(repo, a, "failed")["exit_code"] == 3
     assert show(repo, b)["state"] == "cancelled"
@@ -150,11 +150,11 @@ def test_a_job_after_a_range_starts_only_when_all_are_done(repo: Path, tmp_path:
     last = submit(repo, "--cpu", "--after", f"{first[0]}-{first[1]}", "sh", "-c", check)
     for g in gates:
         wait_until(lambda g=g: Path(str(g) + ".started").exists())
-    gates[0].write_text("0")
+    open_gate(gates[0], "0")
     wait_state(repo, first[0], "done")
     assert show(repo, last)["state"] == "pending"
     assert show(repo, last)["reason"] == f"waiting for {first[1]}"
-    gates[1].write_text("0")
+    open_gate(gates[1], "0")
     assert wait_state(repo, last, "done")["exit_code"] == 0
     assert marker.exists()
 
@@ -172,7 +172,7 @@ def test_a_restarted_daemon_finishes_a_cascade(repo: Path, tmp_path: Path) -> No
         chain.append(submit(repo, "--cpu", "--after", str(chain[-1]), "true"))
     wait_until(lambda: Path(str(gate) + ".started").exists())
     tq(repo, "start")  # a nudge naming nothing: the daemon reads the whole chain
-    gate.write_text("1")
+    open_gate(gate, "1")
     wait_until(lambda: show(repo, head)["state"] == "failed" or
                show(repo, chain[1])["state"] == "cancelled", timeout=20)
     os.kill(daemon_pid(), signal.SIGKILL)  # wherever it is in the cascade
@@ -321,5 +321,5 @@ def test_ls_gives_the_daemons_reasons(repo: Path, tmp_path: Path) -> None:
     finally:
         stranger.kill()
         stranger.wait()
-    gate.write_text("0")
+    open_gate(gate, "0")
     assert busy

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import git, show, submit, tq, tq_json, wait_state, wait_until
+from conftest import git, open_gate, show, submit, tq, tq_json, wait_state, wait_until
 from test_daemon import WAITER
 
 # Here `git tq run` starts the daemon, as it does for users.
@@ -139,7 +139,7 @@ def test_jobs_taken_out_of_the_queue_leave_no_worktree(repo: Path, tmp_path: Pat
     tq(repo, "purge", "-y")
     wait_until(lambda: registered(repo) == job_paths([blocker]))
     assert not job_paths(waiting)
-    gate.write_text("0")
+    open_gate(gate, "0")
     wait_state(repo, blocker, "done")
     wait_until(lambda: not registered(repo))
 
@@ -166,7 +166,7 @@ def test_a_checkout_under_way_for_a_cancelled_job_is_removed_when_done(
     spare = str(Path(os.environ["TQ_HOME"]) / "spare")
     jobs_admin = [d for d in admin.iterdir() if spare not in (d / "gitdir").read_text()]
     assert len(jobs_admin) == 1  # no half-made worktree left registered
-    gate.write_text("0")
+    open_gate(gate, "0")
     wait_state(repo, blocker, "done")
 
 
@@ -197,7 +197,7 @@ def queue_behind_a_blocker(repo: Path, tmp_path: Path, messy: str) -> tuple[Path
         (repo / f"added{n}.txt").write_text(f"{n}\n")
         last = submit(repo, "--cpu", "sh", "-c",
                       f"ls -A > {marks}/listing{n}; cat README train.py > {marks}/content{n}")
-    release.write_text("0")
+    open_gate(release, "0")
     wait_state(repo, last, "done")
     return marks, messy_job, last
 

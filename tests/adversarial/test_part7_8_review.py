@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import git, show, submit, tq, tq_json, wait_state, wait_until
+from conftest import git, open_gate, show, submit, tq, tq_json, wait_state, wait_until
 
 pytestmark = pytest.mark.usefixtures("autostart")
 
@@ -110,7 +110,7 @@ def test_kill_9_during_a_retry_runs_no_attempt_twice(repo: Path, tmp_path: Path)
     started = Path(str(gate) + ".started")
     wait_until(started.exists)
     os.kill(daemon_pid(), signal.SIGKILL)
-    gate.write_text("5")
+    open_gate(gate, "5")
     tq(repo, "start")
     wait_until(lambda: started.read_text().split() == ["1", "2"], timeout=30)
     wait_state(repo, b, "cancelled", timeout=30)
@@ -138,7 +138,7 @@ def test_edit_of_dependencies_while_paused_then_resume(repo: Path, tmp_path: Pat
     assert rows[str(b)]["reason"] == f"waiting for {a}"
     assert rows[str(c)]["reason"] == f"waiting for {b}"
     tq(repo, "resume")
-    gate.write_text("0")
+    open_gate(gate, "0")
     wait_state(repo, d, "done", timeout=30)
     assert (tmp_path / "b-ran").exists() and (tmp_path / "c-ran").exists()
 
@@ -285,7 +285,7 @@ def test_a_tampered_dependency_that_claims_done_never_starts_its_follower(
     log = tqhome() / "daemon.log"
     wait_until(lambda: f"job {a}'s record was moved by someone else" in log.read_text(),
                timeout=15)
-    gate.write_text("0")  # its real end, which can no longer be recorded
+    open_gate(gate, "0")  # its real end, which can no longer be recorded
     time.sleep(4)  # more than the daemon's 3-second rescan: b had every chance to start
     assert show(repo, b)["state"] == "pending"
     assert not (tmp_path / "b-ran").exists()
