@@ -231,6 +231,12 @@ def cli(ctx: click.Context) -> None:
 @click.option("--retry", "retries", type=int, default=0, metavar="N",
               help="Queue it again, up to N times, when an attempt fails by itself "
                    "(non-zero exit, or a signal git tq did not send) [0].")
+@click.option("--backend", metavar="local|slurm",
+              help="Where it runs: this machine's daemon, or a Slurm batch job "
+                   "[tq.backend, else local].")
+@click.option("--slurm-arg", "slurm_args", multiple=True, metavar="OPTION",
+              help="An sbatch option for this Slurm job, e.g. --slurm-arg=--constraint=a100 "
+                   "(repeatable; after tq.slurm.* settings).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the job id (one per line).")
 @click.option("--wait", "wait", is_flag=True,
               help="Wait until the job has ended; exit with its exit status.")
@@ -239,7 +245,8 @@ def run(priority: Optional[int], grace: Optional[int], tag: Optional[str],
         env_name: Optional[str], gpu_ids: Optional[str], gpu_count: Optional[int], cpu: bool,
         shell: Optional[bool], stop_signal: Optional[str], sweep: tuple[str, ...],
         sweep_name: Optional[str], after: tuple[str, ...], after_any: tuple[str, ...],
-        time_limit: Optional[str], retries: int, quiet: bool, wait: bool,
+        time_limit: Optional[str], retries: int, backend: Optional[str],
+        slurm_args: tuple[str, ...], quiet: bool, wait: bool,
         command: tuple[str, ...]) -> None:
     """Snapshot the work tree and queue COMMAND as a job.
 
@@ -257,7 +264,8 @@ def run(priority: Optional[int], grace: Optional[int], tag: Optional[str],
         grace=DEFAULT_GRACE if grace is None else grace,
         tag=tag, env=env_name, gpu_ids=gpu_ids, gpu_count=gpu_count, cpu=cpu, shell=shell,
         stop_signal=stop_signal, sweep=sweep, sweep_name=sweep_name, after=after,
-        after_any=after_any, time_limit=time_limit, retries=retries,
+        after_any=after_any, time_limit=time_limit, retries=retries, backend=backend,
+        slurm_args=slurm_args,
     )
     result = service.submit(ctx, req)
     for w in result.warnings:

@@ -417,10 +417,25 @@ class Repo(FrozenValue):
         """Settings whose names match `pattern` (repository over global over system),
         keys lowercased; one git process whatever their number."""
         p = self.git("config", "-z", "--get-regexp", pattern, check=False)
-        return {key: value or "" for key, value in _config_items(p.stdout)}
+        return settings_dict(_config_items(p.stdout))
 
 
 SETTINGS = r"^(tq|user)\."  # what a command's context reads: the tq settings and the identity
+
+
+REPEATABLE = frozenset({"tq.slurm.args"})  # settings given many times: every value counts
+
+
+def settings_dict(items: list[tuple[str, Optional[str]]]) -> dict[str, str]:
+    """Settings by lowercased name, the last value winning, as git's own `--get` does;
+    a REPEATABLE setting's values are all kept, one per line, in git's order."""
+    settings: dict[str, str] = {}
+    for key, value in items:
+        if key in REPEATABLE and key in settings:
+            settings[key] += "\n" + (value or "")
+        else:
+            settings[key] = value or ""
+    return settings
 
 
 def _config_items(out: bytes) -> list[tuple[str, Optional[str]]]:
@@ -482,13 +497,9 @@ class Locating:
             repo = _discovered(self.cwd, self.discovery.wait(check=False))
         finally:
             out = self.settings.wait(check=False).stdout
-        settings: dict[str, str] = {}
-        sparse = False
-        for key, value in _config_items(out):
-            if key == "core.sparsecheckout":
-                sparse = config_bool(value)
-            else:
-                settings[key] = value or ""
+        items = _config_items(out)
+        sparse = any(config_bool(v) for k, v in items if k == "core.sparsecheckout")
+        settings = settings_dict([(k, v) for k, v in items if k != "core.sparsecheckout"])
         return Located(repo, settings, sparse)
 
 

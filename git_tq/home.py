@@ -8,6 +8,7 @@ and exit statuses. Private to the user: directories 0700, files 0600.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import stat
@@ -373,6 +374,19 @@ class RunFiles:
         # The supervisor has killed what was left of the job and is recording what it
         # produced: its own git processes are not the job's, and must not be killed.
         self.ended = base + ".ended"
+        # A Slurm job's batch job: its Slurm id, once sbatch has answered.
+        self.slurm = base + ".slurm"
+        self.attempt: Optional[int] = None  # set for one attempt's files (of_attempt)
+
+    def of_attempt(self, attempt: int) -> RunFiles:
+        """The files of one attempt of a Slurm job (`<id>.exit.2`...): each attempt runs
+        on whichever node Slurm picks, maybe while no daemon reads the last one's end, so
+        no attempt's files may overwrite another's."""
+        files = copy.copy(self)
+        for name in ("lock", "ident", "exit", "stop", "ended"):
+            setattr(files, name, f"{getattr(self, name)}.{attempt}")
+        files.attempt = attempt  # the launch file serves every attempt: clear() keeps it
+        return files
 
     def read(self, path: str) -> Optional[dict[str, Any]]:
         try:
@@ -392,7 +406,7 @@ class RunFiles:
 
     def clear(self) -> None:
         """Forget the run (after its outcome is recorded on the job's ref)."""
-        for path in (self.launch, self.ident, self.exit, self.stop, self.lock, self.announced,
-                     self.ended):
+        for path in (self.ident, self.exit, self.stop, self.lock, self.announced, self.ended,
+                     *(() if self.attempt else (self.launch,))):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -42,6 +42,7 @@ from typing import Any, Optional
 
 from git_tq.home import ensure_private_dir, repo_key, write_private_file
 from git_tq.model import (
+    BACKENDS,
     DEFAULT_STOP_SIGNAL,
     MAX_RETRIES,
     MAX_TIME_LIMIT,
@@ -97,6 +98,10 @@ class LocalSpec:
     # Its time limit in seconds (None: none) and how often a failed attempt is retried.
     time_limit: Optional[int] = None
     retries: int = 0
+    # Where it runs, and for Slurm the sbatch options fixed at submission (partition,
+    # account, --gres...), in the order given.
+    backend: str = "local"
+    slurm_args: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"format": 2, "submission": self.submission, "command": list(self.command),
@@ -104,7 +109,8 @@ class LocalSpec:
                 "source_dir": self.source_dir, "environ": self.environ,
                 "nested": [list(n) for n in self.nested], "present": list(self.present),
                 "stop_signal": self.stop_signal, "stop_target": self.stop_target,
-                "time_limit": self.time_limit, "retries": self.retries}
+                "time_limit": self.time_limit, "retries": self.retries,
+                "backend": self.backend, "slurm_args": list(self.slurm_args)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LocalSpec:
@@ -128,11 +134,15 @@ class LocalSpec:
         if not (time_limit is None or _count(time_limit, 1, MAX_TIME_LIMIT)) \
                 or not _count(retries, 0, MAX_RETRIES):
             raise ValueError("bad time limit or retries")
+        backend, slurm_args = data.get("backend", "local"), data.get("slurm_args", [])
+        if backend not in BACKENDS or not (isinstance(slurm_args, list)
+                                           and all(isinstance(a, str) for a in slurm_args)):
+            raise ValueError("bad backend")
         return cls(str(data["submission"]), tuple(command), bool(data["shell"]),
                    str(data["cwd"]), None if env_name is None else str(env_name),
                    str(data["source_dir"]), dict(environ), nested,
                    tuple(str(p) for p in data.get("present", [])), str(stop_signal),
-                   str(stop_target), time_limit, retries)
+                   str(stop_target), time_limit, retries, str(backend), tuple(slurm_args))
 
 
 def _count(value: object, low: int, high: int) -> bool:

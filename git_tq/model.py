@@ -16,6 +16,7 @@ DEFAULT_GRACE = 180
 
 # How a job is asked to stop (preemption, `kill`): one signal to its main process.
 DEFAULT_STOP_SIGNAL = "SIGTERM"
+BACKENDS = ("local", "slurm")  # where a job runs: this machine's daemon, or Slurm
 STOP_TARGETS = ("main", "group")  # the main process (default), or the whole process group
 # Signals a job may choose to be stopped with: catchable ones whose default action ends
 # the process (so a job without a handler still stops). Names are portable; numbers are not.
@@ -153,6 +154,8 @@ class JobSpec:
     # and how often an attempt that failed by itself is queued again (`--retry`).
     time_limit: Optional[int] = None
     retries: int = 0
+    # Where it runs: "local" (this machine's daemon) or "slurm" (a batch job).
+    backend: str = "local"
 
     def command_line(self) -> str:
         return self.command[0] if self.shell else shlex.join(self.command)

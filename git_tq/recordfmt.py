@@ -28,6 +28,7 @@ import re
 from typing import Optional
 
 from git_tq.model import (
+    BACKENDS,
     DEFAULT_STOP_SIGNAL,
     EVENT_NAMES,
     MAX_RETRIES,
@@ -98,6 +99,7 @@ def encode(job: Job) -> str:
         ("After-Any", encode_ids(s.after_any) if s.after_any else None),
         ("Time-Limit", None if s.time_limit is None else str(s.time_limit)),
         ("Retries", str(s.retries) if s.retries else None),
+        ("Backend", None if s.backend == "local" else s.backend),
         ("Ran-Seconds", f"{job.ran_seconds:.1f}" if job.ran_seconds else None),
         ("Retried", str(job.retried) if job.retried else None),
         ("Metrics", _json(dict(job.metrics)) if job.metrics else None),
@@ -464,6 +466,7 @@ def _decode(message: str, tip: str) -> Job:
         after_any=decode_ids(get("After-Any"), "After-Any"),
         time_limit=None if limit is None else _int(limit, "Time-Limit", 1, MAX_TIME_LIMIT),
         retries=_int(get("Retries", "0"), "Retries", 0, MAX_RETRIES),
+        backend=_choice(get("Backend"), "Backend", BACKENDS, "local") or "local",
     )
     state = _STATES.get(f["State"])
     if state is None:

@@ -17,6 +17,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
+from git_tq import backends
 from git_tq import gpus as gpu_inventory
 from git_tq import pause as pausing
 from git_tq.errors import (
@@ -126,6 +127,8 @@ class SubmitRequest:
     after_any: tuple[str, ...] = ()  # --after-any 12: start once these have ended
     time_limit: Optional[str] = None  # --time 2h (none: no limit); None: tq.defaultTime
     retries: int = 0  # --retry N
+    backend: Optional[str] = None  # --backend local|slurm; None: tq.backend
+    slurm_args: tuple[str, ...] = ()  # --slurm-arg: sbatch options for this job
 
 
 @dataclass(frozen=True)
@@ -332,7 +335,19 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
     if "\n" in ctx.repo.prefix:
         raise BadSpec("the current directory's name contains a newline; run from elsewhere")
     request = gpu_request(req, ctx.config)
-    if not request.cpu_only:
+    backend = backends.choose(ctx.config, req.backend)
+    slurm_args: tuple[str, ...] = ()
+    if backend == "slurm":
+        slurm_args = backends.slurm_options(ctx.config, request, time_limit, req.priority,
+                                            req.slurm_args)
+        import shutil
+
+        if shutil.which("sbatch") is None:
+            raise BadSpec("the slurm backend needs sbatch, which is not on PATH (run from a "
+                          "machine that submits to your cluster)")
+    elif req.slurm_args:
+        raise UsageError("--slurm-arg is for jobs run by Slurm (--backend slurm)")
+    elif not request.cpu_only:
         gpu_inventory.check_request(request, gpu_inventory.machine_gpus(ctx.config))
     after, after_any = dependencies(ctx, req.after, req.after_any)
     command = tuple(req.command)
@@ -359,6 +374,7 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
         after_any=after_any,
         time_limit=time_limit,
         retries=retries,
+        backend=backend,
     )
     variants: list[tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = [((), command)]
     if req.sweep:
@@ -399,7 +415,8 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
         ctx.local.save_spec(LocalSpec(commit, spec.command, spec.shell, spec.cwd, spec.env,
                                       toplevel, captured, nested, snap.outside_cone,
                                       spec.stop_signal, spec.stop_target,
-                                      time_limit=spec.time_limit, retries=spec.retries))
+                                      time_limit=spec.time_limit, retries=spec.retries,
+                                      backend=backend, slurm_args=slurm_args))
 
     if not req.sweep:
         job = ctx.store.create(draft, snap.tree, before_publish=save_local,
@@ -417,7 +434,8 @@ def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, s
             ctx.local.save_spec(LocalSpec(commit, s.command, s.shell, s.cwd, s.env, toplevel,
                                           env, nested, snap.outside_cone, s.stop_signal,
                                           s.stop_target, time_limit=s.time_limit,
-                                          retries=s.retries))
+                                          retries=s.retries, backend=backend,
+                                          slurm_args=slurm_args))
 
     def drop_all(commits: list[str]) -> None:
         for commit in commits:
@@ -1113,6 +1131,7 @@ class JobView:
             "host": s.host,
             "stop_signal": s.stop_signal,
             "stop_target": s.stop_target,
+            "backend": s.backend,
             "stop": j.stop,
             "stop_seconds": j.stop_seconds,
             "sweep": s.sweep,

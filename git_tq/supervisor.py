@@ -24,7 +24,8 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Optional
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
 
 from git_tq.errors import TqError
 from git_tq.home import connect_private, ensure_log_folder, open_private, write_private_file
@@ -54,17 +55,33 @@ def write_json(path: str, data: dict[str, Any]) -> None:
     write_private_file(path, json.dumps(data).encode())
 
 
-def run(launch: dict[str, Any]) -> int:
+# Told of a signal sent to the supervisor itself, with the job's identity (main process,
+# process group) once it has started: a Slurm batch job forwards Slurm's stop signal.
+SignalHandler = Callable[[int, Optional[ProcessId], int], None]
+
+
+def run(launch: dict[str, Any], forward: Optional[SignalHandler] = None,
+        forwarded: Sequence[int] = ()) -> int:
+    """Run the job of a launch file to its end and write its exit status. Signals
+    SIGTERM, SIGINT and SIGHUP are outlived; with `forward`, those in `forwarded` are
+    handed to it (the job's identity comes once the job has started)."""
     lock_fd = os.open(launch["lock"], os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return EXIT_LOCKED  # another supervisor runs this job: never run it twice
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    started: list[tuple[ProcessId, int]] = []
+
+    def handed_on(signum: int, _frame: object) -> None:
+        if forward is not None:
+            job, pgid = started[0] if started else (None, 0)
+            forward(signum, job, pgid)
+
+    for sig in {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *forwarded}:
         # Caught by a handler that does nothing, not ignored: exec gives caught signals
         # their default action back, so the job needs no preexec_fn (which would cost
         # ~1.7 ms a start: subprocess could not use vfork).
-        signal.signal(sig, _survive)
+        signal.signal(sig, handed_on if sig in forwarded else _survive)
     become_subreaper()
     me = ProcessId.of(os.getpid())
     # The log holds whatever the job prints, secrets included: 0600 in 0700 folders.
@@ -86,9 +103,11 @@ def run(launch: dict[str, Any]) -> int:
         nudge(launch["socket"], (launch.get("results") or {}).get("common"))
         return 0
     job = ProcessId.of(child.pid) or ProcessId(child.pid, 0.0)
+    started.append((job, child.pid))
     assert me is not None
     write_json(launch["ident"], {"supervisor": [me.pid, me.started],
-                                 "job": [job.pid, job.started], "pgid": child.pid})
+                                 "job": [job.pid, job.started], "pgid": child.pid,
+                                 **({"node": launch["node"]} if launch.get("node") else {})})
     nudge(launch["socket"], (launch.get("results") or {}).get("common"))
     status = _wait_for(child.pid)
     code = os.waitstatus_to_exitcode(status)
