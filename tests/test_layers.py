@@ -38,6 +38,15 @@ UI_LIBRARIES = {"click", "rich", "prompt_toolkit"}
 UI_MODULES = {"cli", "__main__", "entry", "output", "top", "console"}
 
 
+def modules() -> list[tuple[str, Path]]:
+    """Every source file with the module it belongs to: a package's files (git_tq/daemon/)
+    are all that one module, its layer."""
+    files = [(path.stem, path) for path in PACKAGE.glob("*.py")]
+    files += [(path.parent.name, path) for path in PACKAGE.glob("*/*.py")
+              if (path.parent / "__init__.py").exists()]
+    return files
+
+
 def layer_of(module: str) -> int:
     for i, layer in enumerate(LAYERS):
         if module in layer:
@@ -53,15 +62,15 @@ def imports_of(path: Path) -> set[str]:
             found.add(node.module)
             if node.module == "git_tq":
                 found.update(f"git_tq.{a.name}" for a in node.names
-                             if (PACKAGE / f"{a.name}.py").exists())
+                             if (PACKAGE / f"{a.name}.py").exists()
+                             or (PACKAGE / a.name / "__init__.py").exists())
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
     return found
 
 
 def test_dependencies_point_down() -> None:
-    for path in PACKAGE.glob("*.py"):
-        me = path.stem
+    for me, path in modules():
         mine = layer_of(me)
         for name in imports_of(path):
             top = name.split(".")[0]
@@ -70,14 +79,16 @@ def test_dependencies_point_down() -> None:
             if top != "git_tq" or name == "git_tq":
                 continue
             other = name.split(".")[1]
+            if other == me:
+                continue  # a package's files import each other
             assert layer_of(other) > mine, \
                 f"{me} (layer {mine}) imports {other} (layer {layer_of(other)})"
 
 
 def test_every_module_says_what_it_owns() -> None:
-    for path in PACKAGE.glob("*.py"):
+    for _, path in modules():
         doc = ast.get_docstring(ast.parse(path.read_text()))
-        assert doc and len(doc) > 10, f"{path.name} has no module docstring"
+        assert doc and len(doc) > 10, f"{path.relative_to(PACKAGE)} has no module docstring"
 
 
 def test_the_man_page_documents_every_command_and_option() -> None:

@@ -1,0 +1,82 @@
+"""What every part of the daemon shares: its logger, and `DaemonBase`, which
+declares (and sets up) every instance attribute of the daemon, so that each part (a
+mixin class in its own file, listed in the package's docstring) sees them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Optional
+
+from git_tq import pause as pausing
+from git_tq.home import Home, RunFiles
+from git_tq.localjobs import LocalJobs
+from git_tq.model import Job
+from git_tq.store import Stamp
+
+if TYPE_CHECKING:
+    from git_tq.daemon.repostate import RepoState
+    from git_tq.daemon.worktrees import Checkout, Spare
+
+log = logging.getLogger("git-tq-daemon")
+
+
+class DaemonBase:
+    """The daemon's state: every instance attribute, declared here with its type."""
+
+    socket_file: str  # the socket's path (`Daemon.acquire` sets it)
+
+    def __init__(self, home: Home) -> None:
+        self.home = home
+        self.lock_fd: Optional[int] = None
+        self.server: Optional[socket.socket] = None
+        self.stopping = False
+        self.dirty = True
+        self.warned: set[tuple[str, str]] = set()  # (repository, tip) already reported
+        self.ledgers: dict[str, LocalJobs] = {}  # per repository, read incrementally
+        self.hooks: list[subprocess.Popen[bytes]] = []
+        self.last_foreign: dict[int, str] = {}
+        self.last_probe: set[tuple[int, int]] = set()
+        self.next_deadline: Optional[float] = None
+        self.gpus_in_use = False
+        self.started_at = time.time()
+        self.counts: dict[str, int] = {}
+        self.cleanup: list[tuple[RepoState, Job]] = []  # ended jobs whose worktrees go
+        self.preparing: dict[str, Checkout] = {}  # worktree path -> checkout under way
+        self.abandoned: set[str] = set()  # checkouts under way for jobs that left the queue
+        self.left_alone: set[str] = set()  # worktrees not ours to remove (warned once)
+        self.supervisors: set[int] = set()  # pids of the supervisors we forked
+        self.removals: dict[int, str] = {}  # forked worktree removals: pid -> path
+        self.repos: dict[str, RepoState] = {}  # by common dir, kept between cycles
+        self.read_everything = True  # the next cycle reads every repository's refs
+        self.named: dict[str, set[int]] = {}  # jobs a nudge said changed, by repository
+        self.packing: dict[str, subprocess.Popen[bytes]] = {}  # `git pack-refs` under way
+        # tq.autoPush: the `git tq push` under way per repository (process, start, its
+        # stderr file), and the repositories where a job ended while it ran.
+        self.pushing: dict[str, tuple[subprocess.Popen[bytes], float, str]] = {}
+        self.push_again: set[str] = set()
+        self.spares: dict[str, Spare] = {}  # by repository key
+        # Checkout settings of the worktrees our running jobs were started in, for
+        # recycling them once they end (only those: see `recycle_target`).
+        self.made_with: dict[tuple[str, int], tuple[Any, ...]] = {}
+        self.ended_records: dict[tuple[str, str], Job] = {}  # ended jobs read for sweeps
+        self.told: dict[str, dict[str, list[str]]] = {}  # waiting reasons written, by repo
+        # Attempts whose exit file is there, to record once this cycle's starts are done.
+        self.endings: list[tuple[RepoState, Job, RunFiles, Mapping[str, Any],
+                                 Optional[Mapping[str, Any]]]] = []
+        # Cycles run, and how often they read all refs or just named ones (daemon status).
+        self.stats = {"cycles": 0, "ref_reads": 0, "named_reads": 0, "records_read": 0,
+                      "spare_worktrees_used": 0, "worktrees_recycled": 0}
+        self.pause = pausing.Pause()  # `git tq pause`: read from the tq home when it changed
+        self.pause_stamp: Optional[tuple[Stamp, ...]] = None
+
+    if TYPE_CHECKING:
+        # In reconcile.py (`Reconciling`), declared here for `Launching.start`, which
+        # records a start that failed and sits below it.
+        def record(self, rs: RepoState, job: Job, event: str, rf: RunFiles,
+                   tree: Optional[str] = None, log_blob: Optional[str] = None,
+                   **fields: Any) -> Job: ...

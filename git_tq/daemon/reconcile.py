@@ -1,0 +1,393 @@
+"""Reconciliation and adoption: each running or stopping job's record brought up
+to date with its run files and processes (a supervisor's lock, its exit file, an
+orphaned job, a start that never happened), whoever started it, this daemon or an
+earlier one; recording how each attempt ended (retries, time limits, preemptions,
+kills); waiting jobs whose dependencies can never be met cancelled; stops requested
+and their deadlines; and the GPUs that processes not ours use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from git_tq import deps, gpus, results, scheduler
+from git_tq.daemon.base import log
+from git_tq.daemon.launch import Launching
+from git_tq.daemon.repostate import RepoState, advance, open_repo
+from git_tq.errors import InvalidTransition, NotOurs, RefRace, TqError
+from git_tq.home import RunFiles
+from git_tq.lifecycle import apply_event, now_iso
+from git_tq.localjobs import LocalJobs
+from git_tq.model import Job, State, format_duration
+from git_tq.procs import ProcessId
+
+LAUNCH_PATIENCE = 15.0  # how long a launched supervisor may take to take its lock
+
+
+class Reconciling(Launching):
+    """Keeping records true to what the jobs' processes did."""
+
+    def follow_dependencies(self, rs: RepoState) -> dict[int, deps.Verdict]:
+        """Where our waiting jobs' dependencies stand. The jobs that can never start (a
+        dependency failed, was cancelled or is gone, or one of theirs did) are cancelled
+        here, each after the one that dooms it, with the reason on its record. All of it
+        follows from the records alone, so a daemon killed half-way through a cascade
+        leaves nothing a restarted one does not finish."""
+        waiting = {j.id: deps.Needs(j.spec.after, j.spec.after_any) for j in rs.jobs
+                   if j.state is State.PENDING and (j.spec.after or j.spec.after_any)
+                   and rs.ours(j) is not None}
+        if not waiting:
+            return {}
+        states: dict[int, State] = {}
+        for needs in waiting.values():
+            for dep in (*needs.after, *needs.after_any):
+                if dep in states:
+                    continue
+                known = rs.active.get(dep)
+                state = known.state if known is not None else rs.ended.get(dep)
+                if dep in rs.tampered:
+                    # Someone else moved its record: whatever ending it claims is not
+                    # ours to believe, and its real one cannot be recorded. It waits.
+                    state = State.PENDING
+                if state is None and (dep in rs.tips or rs.read_whole_at != self.stats["cycles"]):
+                    # Unreadable, or not seen yet by a read of just the named refs: it
+                    # counts as not ended until a whole read says it is gone.
+                    state = State.PENDING
+                    if dep not in rs.tips:
+                        self.read_everything = self.dirty = True
+                if state is not None:
+                    states[dep] = state
+        verdicts = deps.judge(waiting, states)
+        for job_id in deps.doomed_order(verdicts):
+            job = rs.active.get(job_id)
+            if job is None or job.state is not State.PENDING:
+                continue
+            detail = verdicts[job_id].detail
+            try:
+                stored = rs.store.write(job, apply_event(job, "cancelled", now_iso(),
+                                                         detail=detail),
+                                        f"tq: job {job_id} cancelled: {detail}")
+            except (InvalidTransition, RefRace, NotOurs) as exc:
+                log.warning("job %d: %s", job_id, exc)
+                stored = None
+            if stored is None:  # its record moved (an edit?): judge it again from there
+                self.read_everything = self.dirty = True
+                continue
+            self.remember(rs, stored)
+            log.info("job %d in %s: cancelled (%s)", job_id, rs.common, detail)
+            self.run_hook(rs, stored, "finish")
+        return verdicts
+
+    def report_foreign_record(self, rs: RepoState, job: Job) -> None:
+        if job.id in rs.entries:
+            self.warn_once(rs, job.tip, f"job {job.id}'s record was moved by someone else "
+                                        "(a fetch or a hand edit): it is tampered and is "
+                                        "neither run nor written; see git tq doctor")
+        elif job.state.active:
+            self.warn_once(rs, job.tip, f"job {job.id} was not submitted here by this user "
+                                        "(fetched or pushed?); it will not run")
+
+    def live_run_gpus(self, rs: RepoState, job_id: int) -> Optional[tuple[int, ...]]:
+        """The GPUs of a run of ours whose supervisor still lives, from its launch file
+        (not from the record, which may be anyone's); None when no run is alive."""
+        rf = RunFiles(self.home, rs.key, job_id)
+        if not self.supervisor_alive(rf):
+            return None
+        launch = rf.read(rf.launch) or {}
+        gpus_held = launch.get("gpus")
+        if isinstance(gpus_held, list) and all(isinstance(g, int) for g in gpus_held):
+            return tuple(gpus_held)
+        return ()
+
+    # --- GPUs shared with processes that are not ours ---------------------------------
+
+    def our_pids(self, rs_jobs: Mapping[scheduler.JobKey, tuple[RepoState, Job]]) -> set[int]:
+        pids: set[int] = set()
+        for key, job_id in rs_jobs:
+            rf = RunFiles(self.home, key, job_id)
+            ident = rf.read(rf.ident)
+            if not ident:
+                continue
+            for who in ("supervisor", "job"):
+                proc = ProcessId(*ident[who]).process()
+                if proc is not None:
+                    pids.add(proc.pid)
+                    with contextlib.suppress(Exception):
+                        pids.update(c.pid for c in proc.children(recursive=True))
+        return pids
+
+    def find_foreign(self, machine: tuple[int, ...], holding: list[scheduler.Holding],
+                     jobs: Mapping[scheduler.JobKey, tuple[RepoState, Job]]) -> dict[int, str]:
+        if not machine:
+            return {}
+        on_gpu = gpus.gpu_processes(os.environ)
+        if not any(on_gpu.values()):
+            return {}
+        ours = self.our_pids({k: v for k, v in jobs.items()
+                              if v[1].state in (State.RUNNING, State.STOPPING)})
+        foreign: dict[int, str] = {}
+        for g, pids in on_gpu.items():
+            strangers = [p for p in pids if p not in ours and ProcessId.of(p) is not None]
+            if g in machine and strangers:
+                foreign[g] = f"foreign process {strangers[0]}"
+        return foreign
+
+    def foreign_changed(self) -> bool:
+        """Whether the processes on the GPUs changed since the last look."""
+        on_gpu = gpus.gpu_processes(os.environ)
+        seen = {(g, p) for g, pids in on_gpu.items() for p in pids}
+        changed = seen != self.last_probe
+        self.last_probe = seen
+        return changed
+
+    # --- running jobs ------------------------------------------------------------
+
+    def reconcile(self, rs: RepoState, job: Job) -> Job:
+        """Bring a running/stopping job's record up to date with its processes."""
+        rf = RunFiles(self.home, rs.key, job.id)
+        stop = rf.read(rf.stop)
+        if self.supervisor_alive(rf):
+            ident = rf.read(rf.ident)
+            if stop and ident:
+                self.enforce_stop(rf, job, stop, ident)
+            return job
+        outcome = rf.read(rf.exit)
+        if outcome is None:
+            launch_age = time.time() - os.stat(rf.launch).st_mtime \
+                if os.path.exists(rf.launch) else None
+            ident = rf.read(rf.ident)
+            # A supervisor writes .ident after taking its lock: with .ident there and the
+            # lock free, it is not starting any more (it died), so no patience is due.
+            if ident is None and launch_age is not None and launch_age < LAUNCH_PATIENCE:
+                return job  # the supervisor is still starting
+            if ident and ProcessId(*ident["job"]).alive():
+                if stop:  # orphaned job, supervisor gone: still ours to stop
+                    self.enforce_stop(rf, job, stop, ident)
+                return job
+            if ident:
+                outcome = {"exit_code": None, "signal": None, "ended_at": now_iso(),
+                           "lost": "its supervisor died; the exit status is lost"}
+            else:
+                return self.record(rs, job, "preempted", rf,
+                                   detail="had not started when its daemon stopped")
+        self.endings.append((rs, job, rf, outcome, stop))  # recorded after this cycle's starts
+        return job
+
+    def finish(self, rs: RepoState, job: Job, rf: RunFiles, outcome: Mapping[str, Any],
+               stop: Optional[Mapping[str, Any]]) -> Job:
+        code, sig = outcome.get("exit_code"), outcome.get("signal")
+        produced: dict[str, Any] = {}
+        if isinstance(outcome.get("results"), dict):
+            try:
+                tree, outputs, metrics, blob = results.outputs_from_json(outcome["results"])
+            except (TypeError, ValueError, KeyError):
+                tree, outputs, metrics, blob = None, None, (), None
+            produced = {"tree": tree, "outputs": outputs, "log_blob": blob}
+            if metrics:  # an attempt that reported none keeps the last one's
+                produced["metrics"] = metrics
+        # Neither a command that could not be started nor one whose supervisor died has an
+        # exit status: none is recorded (the event and the detail say which it was).
+        if outcome.get("start_error"):
+            return self.record(rs, job, "start-failed", rf, detail=outcome["start_error"])
+        if outcome.get("lost"):
+            return self.record(rs, job, "finished", rf, detail=outcome["lost"])
+        # A job that was sent its stop signal to make room goes back to the queue whatever
+        # its exit code (a checkpointing job exits 0 after saving); a killed one is
+        # cancelled. Both record how the attempt ended, and how the stop went.
+        stopped = stop_outcome(stop, outcome)
+        used_up = self.time_up(job, rf) if stopped and stop and \
+            stop.get("kind") == "preempt" else None
+        if used_up:  # preempted with its time used up: a resume would only stop again
+            return self.record(rs, job, "timed-out", rf, detail=used_up, exit_code=code,
+                               signal=sig, **stopped, **produced)
+        if stopped and stop and stop.get("kind") == "preempt":
+            return self.record(rs, job, "preempted", rf, detail=stop.get("reason"),
+                               exit_code=code, signal=sig, **stopped, **produced)
+        if stopped and stop and stop.get("kind") == "kill":
+            return self.record(rs, job, "cancelled", rf, detail=stop.get("reason"),
+                               exit_code=code, signal=sig, **stopped, **produced)
+        if stopped and stop and stop.get("kind") == "timeout":
+            return self.record(rs, job, "timed-out", rf, detail=stop.get("reason"),
+                               exit_code=code, signal=sig, **stopped, **produced)
+        retry = self.retry_reason(job, rf, stop, code, sig)
+        if retry is not None:
+            return self.record(rs, job, "retry", rf, detail=retry, exit_code=code, signal=sig,
+                               **produced)
+        return self.record(rs, job, "finished", rf, exit_code=code, signal=sig, **stopped,
+                           **produced)
+
+    def retry_reason(self, job: Job, rf: RunFiles, stop: Optional[Mapping[str, Any]],
+                     code: Optional[int], sig: Optional[int]) -> Optional[str]:
+        """`retry 1 of 3 after exit 137` when this attempt failed by itself (a non-zero
+        exit, or a signal git tq did not send) and the job may be retried (`--retry N`,
+        from its launch file) with time left; None otherwise. A stop of ours (a kill, a
+        time limit, a preemption under way) is never retried."""
+        failed = sig is not None or (code is not None and code != 0)
+        if not failed or (stop and (stop.get("signalled") or stop.get("kind") != "preempt")):
+            return None
+        retries = (rf.read(rf.launch) or {}).get("retries")
+        if not isinstance(retries, int) or job.retried >= retries or self.time_up(job, rf):
+            return None  # none left, or its time is up: another attempt would only stop
+        cause = f"signal {sig}" if sig is not None else f"exit {code}"
+        return f"retry {job.retried + 1} of {retries} after {cause}"
+
+    def time_up(self, job: Job, rf: RunFiles) -> Optional[str]:
+        """`time limit 2h reached` when the attempt that just ended used up the job's
+        time limit (from its launch file); None otherwise."""
+        limit = (rf.read(rf.launch) or {}).get("time_limit")
+        due = job.time_limit_due(limit if isinstance(limit, int) else None)
+        if limit is None or due is None or time.time() < due:
+            return None
+        return f"time limit {format_duration(limit)} reached"
+
+    def time_limit(self, rs: RepoState, job: Job) -> Optional[int]:
+        """The job's time limit in seconds: from its record, which is ours (the callers
+        check), as its priority and grace are, so `git tq edit --time` takes effect at
+        the next cycle."""
+        limit = job.spec.time_limit
+        return limit if isinstance(limit, int) and limit > 0 else None
+
+    def enforce_time_limit(self, rs: RepoState, job: Job) -> Job:
+        """Begin stopping a running job whose running time, summed over its attempts, has
+        reached its time limit: its stop signal, its grace, SIGKILL (a `.stop` of kind
+        timeout, so a restarted daemon carries it through). Its end is recorded failed."""
+        limit = self.time_limit(rs, job)
+        due = job.time_limit_due(limit)
+        if limit is None or due is None or time.time() < due or \
+                os.path.exists(RunFiles(self.home, rs.key, job.id).ended):
+            return job  # not due, or its processes are gone already
+        self.request_stop(rs, job, "timeout", f"time limit {format_duration(limit)} reached",
+                          now=False)
+        return rs.active.get(job.id, job)
+
+    def record(self, rs: RepoState, job: Job, event: str, rf: RunFiles,
+               tree: Optional[str] = None, log_blob: Optional[str] = None,
+               **fields: Any) -> Job:
+        """Record an attempt's end (or a start that failed): the event, and what the
+        attempt produced (`tree`: the code plus its outputs; its metrics and outputs
+        summary in `fields`); then the log is stored, run files go, hooks run."""
+        when = now_iso()
+        if fields.get("outputs") is None:
+            fields.pop("outputs", None)
+        if log_blob:
+            # Before the ending is recorded: a crash in between leaves the exit file,
+            # so the next daemon stores it again (the same blob) and records the end.
+            try:
+                rs.store.store_log(job, log_blob)
+            except (TqError, OSError) as exc:
+                log.warning("job %d: its log could not be kept in git: %s", job.id, exc)
+        try:
+            new = advance(rs, job, event, when, tree, **fields)
+        except (InvalidTransition, RefRace, NotOurs) as exc:
+            log.warning("job %d: could not record %s: %s", job.id, event, exc)
+            return job
+        self.remember(rs, new)
+        log.info("job %d in %s: %s -> %s", job.id, rs.common, event, new.state.value)
+        rf.clear()
+        if new.state.finished:
+            rf.drop_metrics()
+            # Its environment (secrets included) is kept only while a resume may need it.
+            entry = rs.entries.get(job.id) or rs.local.entry(job.id)
+            if entry is not None:
+                rs.local.drop_spec(entry.submission)
+            keep = new.state is State.FAILED and \
+                rs.config.get("tq.keepworktrees", "false").lower() in ("true", "yes", "1")
+            if not keep:
+                self.cleanup.append((rs, new))  # after this cycle's starts
+            else:
+                self.made_with.pop((rs.key, job.id), None)
+            if rs.config.get("tq.autopush", "false").lower() in ("true", "yes", "on", "1"):
+                self.auto_push(rs)
+        hook = {"preempted": "preempt", "cancelled": "finish", "finished": "finish",
+                "start-failed": "finish", "timed-out": "finish"}.get(event)
+        if hook:
+            self.run_hook(rs, new, hook)
+        return new
+
+    def update_deadline(self, repos: list[RepoState]) -> None:
+        """The nearest stop deadline of a stopping job, or time limit of a running one (the
+        loop wakes for it)."""
+        deadlines = []
+        for rs in repos:
+            for job in rs.active.values():
+                if job.state in (State.RUNNING, State.STOPPING):
+                    rf = RunFiles(self.home, rs.key, job.id)
+                    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                        stop = rf.read(rf.stop)
+                        if stop is not None:
+                            deadlines.append(float(stop["deadline"]))
+                if job.state is State.RUNNING and rs.ours(job) is not None:
+                    due = job.time_limit_due(self.time_limit(rs, job))
+                    if due is not None:
+                        deadlines.append(due)
+        self.next_deadline = min(deadlines) + 0.01 if deadlines else None
+
+    def request_stop(self, rs: RepoState, job: Job, kind: str, reason: str,
+                     now: bool) -> None:
+        """Begin stopping a running job: its stop signal now, SIGKILL after its grace."""
+        rf = RunFiles(self.home, rs.key, job.id)
+        if rf.read(rf.stop):
+            return
+        grace = 0 if now else job.spec.grace
+        rf.write(rf.stop, {"kind": kind, "reason": reason, "deadline": time.time() + grace,
+                           "signalled": False})
+        if job.state is State.RUNNING:
+            try:
+                self.remember(rs, advance(rs, job, "stopping", now_iso(), detail=reason))
+            except (InvalidTransition, RefRace, NotOurs) as exc:
+                log.warning("job %d: %s", job.id, exc)
+        ident = rf.read(rf.ident)
+        stop = rf.read(rf.stop)
+        if ident and stop:
+            self.enforce_stop(rf, job, stop, ident)
+        log.info("job %d in %s: stopping (%s)", job.id, rs.common, reason)
+
+    def kill_jobs(self, common: str, ids: list[int], now: bool) -> list[int]:
+        if os.path.realpath(common) not in map(os.path.realpath, self.home.registered_repos()):
+            raise TqError(f"{common} has no jobs of this daemon")
+        local = self.ledgers.setdefault(common, LocalJobs(self.home.path, common))
+        rs = open_repo(common, local)
+        rs.entries = local.entries()
+        done = []
+        for job_id in ids:
+            job = rs.store.load(job_id)
+            rs.store.require_ours(job, "killed")
+            if job.state not in (State.RUNNING, State.STOPPING):
+                raise TqError(f"job {job_id} is {job.state.value}, not running")
+        for job_id in ids:
+            job = rs.store.load(job_id)
+            rf = RunFiles(self.home, rs.key, job_id)
+            old = rf.read(rf.stop)
+            if old and old.get("kind") in ("preempt", "timeout"):  # a kill outranks them
+                rf.write(rf.stop, {**old, "kind": "kill", "reason": "killed by the user",
+                                   "deadline": time.time() if now else old["deadline"]})
+            elif old is None:
+                self.request_stop(rs, job, "kill", "killed by the user", now)
+            elif now:
+                rf.write(rf.stop, {**old, "deadline": time.time()})
+            ident, stop = rf.read(rf.ident), rf.read(rf.stop)
+            if ident and stop:
+                self.enforce_stop(rf, job, stop, ident)
+            done.append(job_id)
+        self.update_deadline(list(self.repos.values()))
+        return done
+
+
+def stop_outcome(stop: Optional[Mapping[str, Any]],
+                 outcome: Mapping[str, Any]) -> dict[str, Any]:
+    """How a signalled stop went, for the record: stop (clean: the job ended by itself
+    before its deadline; forced: SIGKILL) and stop_seconds (from the signal to the end).
+    Empty when no stop signal was sent."""
+    if not stop or not stop.get("signalled"):
+        return {}
+    forced = bool(outcome.get("forced")) or outcome.get("signal") == signal.SIGKILL
+    fields: dict[str, Any] = {"stop": "forced" if forced else "clean"}
+    sent, ended = stop.get("signalled_at"), outcome.get("ended")
+    if isinstance(sent, (int, float)) and isinstance(ended, (int, float)):
+        fields["stop_seconds"] = round(min(max(0.0, ended - sent), 10.0**8), 1)
+    return fields
