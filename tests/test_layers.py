@@ -26,12 +26,14 @@ LAYERS: list[set[str]] = [
     {"service"},
     {"daemon"},
     {"sharing"},  # push, fetch and the notes merge (the git CLI's own)
+    {"slurmjob"},  # a Slurm batch job's payload on its node: runs the supervisor
     {"scheduler", "supervisor", "client", "server"},
     {"results"},  # what a run produced: outputs, metrics, its log
     {"jobtree"},
     {"store", "snapshot"},
     {"localjobs", "pause"},  # the trust boundary: what this user submitted here · pause
-    {"lifecycle", "recordfmt", "home", "gpus", "gitrepo", "procs", "envs", "deps", "origins"},
+    {"lifecycle", "recordfmt", "home", "gpus", "gitrepo", "procs", "envs", "deps", "origins",
+     "backends", "slurm"},
     {"model", "errors", "safetext", "__init__"},
 ]
 UI_LIBRARIES = {"click", "rich", "prompt_toolkit"}
