@@ -66,6 +66,10 @@ class DaemonBase:
         self.ended_records: dict[tuple[str, str], Job] = {}  # ended jobs read for sweeps
         self.told: dict[str, dict[str, list[str]]] = {}  # waiting reasons written, by repo
         # Attempts whose exit file is there, to record once this cycle's starts are done.
+        # Slurm jobs: when Slurm was first seen saying one ended with no exit file of
+        # ours, by (repository, job, attempt); and the repositories that have some.
+        self.slurm_gone: dict[tuple[str, int, int], float] = {}
+        self.slurm_repos: set[str] = set()
         self.endings: list[tuple[RepoState, Job, RunFiles, Mapping[str, Any],
                                  Optional[Mapping[str, Any]]]] = []
         # Cycles run, and how often they read all refs or just named ones (daemon status).

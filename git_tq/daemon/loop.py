@@ -27,6 +27,7 @@ from git_tq.daemon.hooks import Hooks
 from git_tq.daemon.launch import Launching
 from git_tq.daemon.reconcile import Reconciling
 from git_tq.daemon.repostate import Reading, RepoState
+from git_tq.daemon.slurm import SlurmJobs
 from git_tq.daemon.worktrees import Worktrees
 from git_tq.errors import TqError
 from git_tq.home import Home, RunFiles, ensure_private_dir, tighten_home, write_private_file
@@ -51,7 +52,7 @@ def setting(repos: list[RepoState], name: str) -> Optional[str]:
     return None
 
 
-class Daemon(Reconciling, Launching, Worktrees, Reading, Hooks, DaemonBase):
+class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, DaemonBase):
     """One per tq home; its parts are the classes it is made of, one file each."""
 
     # --- lifecycle of the daemon itself ---------------------------------------
@@ -247,6 +248,9 @@ class Daemon(Reconciling, Launching, Worktrees, Reading, Hooks, DaemonBase):
         jobs: dict[scheduler.JobKey, tuple[RepoState, Job]] = {}
         self.endings = []
         ending: dict[str, int] = {}  # by repository: attempts over, not yet recorded
+        # Jobs Slurm runs, by repository, and those of them whose dependencies are met.
+        elsewhere: dict[str, tuple[RepoState, list[Job]]] = {}
+        slurm_ready: set[scheduler.JobKey] = set()
         for rs in repos:
             verdicts = self.follow_dependencies(rs)
             for job_id in sorted(rs.tampered - rs.active.keys()):
@@ -266,6 +270,14 @@ class Daemon(Reconciling, Launching, Worktrees, Reading, Hooks, DaemonBase):
                     held = self.live_run_gpus(rs, job.id)
                     if held is not None:
                         holding.append(scheduler.Holding(key, -(10**9), held, True))
+                    continue
+                if job.spec.backend == "slurm":  # Slurm schedules it: not in our plan
+                    elsewhere.setdefault(rs.key, (rs, []))[1].append(job)
+                    verdict = verdicts.get(job.id)
+                    if verdict is None or (verdict.broken is None and not verdict.waiting_for):
+                        slurm_ready.add(key)
+                    if job.state is State.PENDING and job.attempt == 0:
+                        self.announce(rs, job)
                     continue
                 if job.state in (State.RUNNING, State.STOPPING):
                     job = self.reconcile(rs, job)  # may record an ending
@@ -307,6 +319,23 @@ class Daemon(Reconciling, Launching, Worktrees, Reading, Hooks, DaemonBase):
         plan = scheduler.plan(waiting, holding, machine, foreign=foreign, cpu_slots=cpu_slots,
                               jobs_per_gpu=per_gpu, paused=frozenset(self.pause.gpus),
                               all_paused=self.pause.everything)
+        reasons = dict(plan.reasons)
+        for rs in repos:
+            if rs.key not in elsewhere and rs.key not in self.slurm_repos:
+                continue
+            rs, slurm_jobs = elsewhere.get(rs.key, (rs, []))
+            why: dict[int, str] = {}
+            pending = {j.id for j in slurm_jobs if (rs.key, j.id) in slurm_ready}
+            if self.pause.everything:
+                why.update({i: "paused" for i in pending if not self.slurm_submitted(rs, i)})
+                pending = set()
+            self.follow_slurm(rs, slurm_jobs, pending, why)
+            for job_id, text in why.items():
+                if job_id in rs.active:
+                    key = (rs.key, job_id)
+                    jobs[key] = (rs, rs.active[job_id])
+                    reasons[key] = scheduler.Reason("paused" if text == "paused" else "slurm",
+                                                    text)
         for p in plan.preempts:
             rs, job = jobs[p.victim]
             self.request_stop(rs, job, "preempt", p.reason, now=False)
@@ -324,7 +353,7 @@ class Daemon(Reconciling, Launching, Worktrees, Reading, Hooks, DaemonBase):
                        len(waiting) - len(plan.starts), "repos": len(repos),
                        "held": sum(1 for r in plan.reasons.values() if r.kind == "paused")}
         self.update_deadline(repos)
-        self.tell_reasons(repos, plan.reasons, jobs)
+        self.tell_reasons(repos, reasons, jobs)
         # Work that is not on anyone's critical path: remove finished jobs' worktrees,
         # and check out the next waiting jobs' worktrees so that starting them is a fork.
         started = {s.key for s in plan.starts}

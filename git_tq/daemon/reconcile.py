@@ -347,6 +347,11 @@ class Reconciling(Launching):
             self.enforce_stop(rf, job, stop, ident)
         log.info("job %d in %s: stopping (%s)", job.id, rs.common, reason)
 
+    def stop_elsewhere(self, rs: RepoState, job: Job, now: bool) -> bool:
+        """Stop a job that another executor runs (Slurm: `SlurmJobs`); False for a job
+        of this machine's supervisors."""
+        return False
+
     def kill_jobs(self, common: str, ids: list[int], now: bool) -> list[int]:
         if os.path.realpath(common) not in map(os.path.realpath, self.home.registered_repos()):
             raise TqError(f"{common} has no jobs of this daemon")
@@ -361,6 +366,9 @@ class Reconciling(Launching):
                 raise TqError(f"job {job_id} is {job.state.value}, not running")
         for job_id in ids:
             job = rs.store.load(job_id)
+            if self.stop_elsewhere(rs, job, now):
+                done.append(job_id)
+                continue
             rf = RunFiles(self.home, rs.key, job_id)
             old = rf.read(rf.stop)
             if old and old.get("kind") in ("preempt", "timeout"):  # a kill outranks them
