@@ -31,7 +31,8 @@ LAYERS: list[set[str]] = [
     {"jobtree"},
     {"store", "snapshot"},
     {"localjobs", "pause"},  # the trust boundary: what this user submitted here · pause
-    {"lifecycle", "recordfmt", "home", "gpus", "gitrepo", "procs", "envs", "deps", "origins"},
+    {"lifecycle", "recordfmt", "home", "gpus", "gitrepo", "procs", "envs", "deps", "origins",
+     "slurm"},  # slurm: Slurm's command-line tools
     {"model", "errors", "safetext", "__init__"},
 ]
 UI_LIBRARIES = {"click", "rich", "prompt_toolkit"}
