@@ -84,3 +84,8 @@ class UnknownRemote(UsageError):
 
 class ShareRefused(TqError):
     """A push or fetch that git refused for some refs (it would rewind a job's history)."""
+
+
+class SlurmError(TqError):
+    """A Slurm tool is missing, failed or did not answer; the message names it and carries
+    the first line of Slurm's own complaint."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import slurm_cluster as slurm_kit
 
 BIN_DIR = os.path.dirname(sys.executable)
 GIT_TQ = shutil.which("git-tq", path=BIN_DIR) or shutil.which("git-tq")
@@ -175,3 +176,61 @@ def make_repo(tmp_path: Path) -> RepoFactory:
 @pytest.fixture
 def repo(make_repo: RepoFactory) -> Path:
     return make_repo("work")
+
+
+# ---------------------------------------------------------------- a real Slurm cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_session(pytestconfig: pytest.Config) -> Iterator[slurm_kit.SlurmCluster]:
+    """The machine's test cluster (tests/slurm_cluster.py), started or joined once a process,
+    with SLURM_CONF naming its config; the tests that need it are skipped, with the reason,
+    where it cannot be had (not root, no apt-get, apt-get failed)."""
+    share = slurm_kit.Share()
+    workerinput = getattr(pytestconfig, "workerinput", {})
+    try:
+        cluster = share.open(grace=5, gpus=2, run_id=workerinput.get("testrunuid"))
+    except slurm_kit.Unavailable as e:
+        pytest.skip(str(e))
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster
+    finally:
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+        share.close()
+
+
+@pytest.fixture
+def slurm_cluster(slurm_session: slurm_kit.SlurmCluster) -> Iterator[slurm_kit.SlurmCluster]:
+    """The test cluster for one test: one test at a time across the xdist workers (two fake
+    GPUs are all there is), and the test's jobs cancelled after it."""
+    with slurm_kit.exclusive(slurm_session) as cluster:
+        yield cluster
+
+
+_SLURM_SUMMARY = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In the xdist controller (or a run without xdist), after every worker has let go of
+    the cluster: stop it, if a fixture started it and no other run uses it."""
+    if hasattr(session.config, "workerinput") or os.geteuid() != 0:
+        return
+    try:
+        done = slurm_kit.teardown_if_unused()
+    except OSError as e:
+        session.config.stash[_SLURM_SUMMARY] = f"slurm test cluster: teardown failed: {e}"
+        return
+    if done is not None:
+        session.config.stash[_SLURM_SUMMARY] = done.summary()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    line = config.stash.get(_SLURM_SUMMARY, None)
+    if line:
+        terminalreporter.write_line(line)

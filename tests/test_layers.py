@@ -33,7 +33,7 @@ LAYERS: list[set[str]] = [
     {"store", "snapshot"},
     {"localjobs", "pause"},  # the trust boundary: what this user submitted here · pause
     {"lifecycle", "recordfmt", "home", "gpus", "gitrepo", "procs", "envs", "deps", "origins",
-     "backends", "slurm"},
+     "backends", "slurm"},  # slurm: Slurm's command-line tools
     {"model", "errors", "safetext", "__init__"},
 ]
 UI_LIBRARIES = {"click", "rich", "prompt_toolkit"}
