@@ -100,8 +100,7 @@ def test_a_slurm_job_runs_its_snapshot_and_records_its_end(repo: Path, tmp_path:
     assert started and started[0].startswith(f"Slurm job {got['SLURM_JOB_ID']} on ")
     assert record["metrics"] == {"loss": 0.25}
     assert record["outputs"]["files"] >= 1
-    assert "hello from slurm" in tq(repo, "log", str(job)).stdout \
-        or "hello from slurm" in tq(repo, "logs", str(job)).stdout
+    assert "hello from slurm" in tq(repo, "view", str(job)).stdout
 
 
 def test_kill_stops_a_slurm_job_with_one_signal(repo: Path, tmp_path: Path) -> None:
@@ -133,7 +132,7 @@ def test_a_preempted_slurm_job_saves_is_requeued_and_resumes(repo: Path,
     names = [e for e, _ in events(repo, low)]
     assert names == ["submitted", "started", "preempted", "resumed", "finished"]
     assert dict(events(repo, low))["preempted"] == "preempted (slurm)"
-    log = tq(repo, "logs", str(low)).stdout
+    log = tq(repo, "view", str(low)).stdout
     assert "attempt 1" in log and "attempt 2" in log
 
 

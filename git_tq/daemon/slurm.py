@@ -40,6 +40,8 @@ SLURM_POLL_SECONDS = 1.0  # how often the daemon asks Slurm while it has Slurm j
 EXIT_PATIENCE = 10.0  # seconds an exit file may lag behind Slurm's word that a job ended
 WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "SUSPENDED",
            "RESIZING", "SPECIAL_EXIT"}
+ENDED_BY_SLURM = {"CANCELLED", "NODE_FAIL", "PREEMPTED", "DEADLINE", "BOOT_FAIL",
+                  "OUT_OF_MEMORY"}
 LIVE = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "STOPPED"}
 
 
@@ -181,6 +183,12 @@ class SlurmJobs(Reconciling):
             if state is not None and state.state == "TIMEOUT":
                 self.finish(rs, job, af, outcome, {**stop, "kind": "timeout",
                                                    "reason": "Slurm time limit reached"})
+                self.forget_slurm(rf)
+                return
+            if state is not None and state.state in ENDED_BY_SLURM:
+                # Cancelled by someone else (an admin's scancel), a node that failed...
+                self.finish(rs, job, af, outcome, {**stop, "kind": "kill",
+                                                   "reason": f"Slurm {slurm_words(state)}"})
                 self.forget_slurm(rf)
                 return
         new = self.finish(rs, job, af, outcome, stop)
