@@ -116,7 +116,8 @@ run_tests() {
     python -m compileall -q "$here/git_tq" >/dev/null || die "compileall failed"
     say "ruff"; ruff check git_tq tests bench
     say "mypy"; mypy
-    say "pytest"; python -m pytest -p no:cacheprovider -n 2 "$@"
+    # --dist loadgroup: the tests of the one Slurm test cluster run on one worker.
+    say "pytest"; python -m pytest -p no:cacheprovider -n 2 --dist loadgroup "$@"
 }
 
 case "${1:-}" in

@@ -128,6 +128,7 @@ def preempted(slurm_id: str) -> bool:
 
 
 def run(launch_path: str, environ: Mapping[str, str]) -> int:
+    batch_started = time.time()
     with open(launch_path, encoding="utf-8") as fh:
         launch: dict[str, Any] = json.load(fh)
     base = launch.get("attempt_base")
@@ -139,6 +140,7 @@ def run(launch_path: str, environ: Mapping[str, str]) -> int:
     launch["env"] = job_environment(launch["env"], environ, attempt)
     slurm_id = environ.get("SLURM_JOB_ID", "?")
     launch["node"] = environ.get("SLURMD_NODENAME") or os.uname().nodename
+    launch["batch_started"] = batch_started
     launch["banner"] = (launch["banner"].rstrip("\n")
                         + f" (Slurm job {slurm_id}, attempt {attempt}, on {launch['node']})\n")
     try:

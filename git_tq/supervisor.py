@@ -107,7 +107,8 @@ def run(launch: dict[str, Any], forward: Optional[SignalHandler] = None,
     assert me is not None
     write_json(launch["ident"], {"supervisor": [me.pid, me.started],
                                  "job": [job.pid, job.started], "pgid": child.pid,
-                                 **({"node": launch["node"]} if launch.get("node") else {})})
+                                 **{k: launch[k] for k in ("node", "batch_started")
+                                    if launch.get(k)}})
     nudge(launch["socket"], (launch.get("results") or {}).get("common"))
     status = _wait_for(child.pid)
     code = os.waitstatus_to_exitcode(status)

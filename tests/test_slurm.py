@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from conftest import git, open_gate, show, submit, tq, wait_state, wait_until
 
-pytestmark = [pytest.mark.usefixtures("autostart", "slurm_cluster")]
+pytestmark = [pytest.mark.usefixtures("autostart", "slurm_cluster"), pytest.mark.slurm,
+              pytest.mark.xdist_group("slurm")]
 
 # Writes what it sees, the code it runs and metrics; exits with the code in argv[2].
 REPORT = """\
