@@ -508,6 +508,12 @@ def _edited_spec(ctx: Context, job: Job, req: EditRequest,
     from git_tq.deps import would_cycle
 
     changes: dict[str, Any] = {}
+    if job.spec.backend == "slurm" and (req.priority is not None or req.grace is not None or
+                                        req.gpu_ids is not None or req.gpu_count is not None
+                                        or req.cpu or req.time_limit is not None):
+        # Its sbatch options (nice, signal time, gres, time) were fixed at submission.
+        raise BadSpec(f"job {job.id} runs on Slurm: only its tag and dependencies can be "
+                      "edited (rm it and run it again to change what it asks of Slurm)")
     if req.priority is not None:
         changes["priority"] = req.priority
     if req.grace is not None:

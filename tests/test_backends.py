@@ -101,3 +101,12 @@ def test_without_sbatch_a_slurm_job_is_refused(repo: Path) -> None:
     env = {"PATH": f"{bare}"}
     p = tq(repo, "run", "--backend", "slurm", "--cpu", "true", check=False, env=env)
     assert p.returncode == 1 and "needs sbatch, which is not on PATH" in p.stderr
+
+
+def test_what_a_slurm_job_asks_of_slurm_is_not_edited(repo: Path) -> None:
+    job = tq(repo, "run", "-q", "--backend", "slurm", "--cpu", "true", check=False)
+    if job.returncode != 0:
+        pytest.skip("no sbatch here: " + job.stderr.strip())
+    p = tq(repo, "edit", job.stdout.strip(), "-p", "3", check=False)
+    assert p.returncode == 1 and "runs on Slurm: only its tag and dependencies" in p.stderr
+    assert tq(repo, "edit", job.stdout.strip(), "-t", "kept").returncode == 0

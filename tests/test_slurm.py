@@ -185,3 +185,46 @@ def test_rm_of_a_waiting_slurm_job_cancels_it_in_slurm(repo: Path) -> None:
 def tq_ls_reason(repo: Path, job: int) -> str:
     rows = json.loads(tq(repo, "ls", "--json").stdout)
     return next((str(r.get("reason")) for r in rows if r["id"] == job), "")
+
+
+# Ignores its stop signal: only SIGKILL ends it.
+STUBBORN = """\
+import signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+open(sys.argv[1], "w").write("up")
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_a_slurm_job_that_ignores_its_stop_signal_is_killed_after_its_grace(
+        repo: Path, tmp_path: Path) -> None:
+    (repo / "stubborn.py").write_text(STUBBORN)
+    up = tmp_path / "up"
+    job = submit(repo, "--backend", "slurm", "--cpu", "-g", "1", "python", "stubborn.py",
+                 str(up))
+    wait_until(up.exists, timeout=60)
+    sid = slurm_id(repo, job)
+    tq(repo, "kill", str(job))
+    record = wait_state(repo, job, "cancelled", timeout=60)
+    assert record["stop"] == "forced"
+    wait_until(lambda: slurm_state(sid) not in ("RUNNING", "PENDING"), timeout=30)
+
+
+def test_a_failed_node_is_recorded_and_the_job_resumes(repo: Path, tmp_path: Path) -> None:
+    (repo / "ckpt.py").write_text(CHECKPOINTING)
+    marks = tmp_path / "marks"
+    job = submit(repo, "--backend", "slurm", "--cpu", "python", "ckpt.py", str(marks))
+    wait_until(marks.exists, timeout=60)
+    wait_state(repo, job, "running", timeout=30)
+    down = ["scontrol", "update", "nodename=localhost", "state=down", "reason=tq-test"]
+    subprocess.run(down, check=True, capture_output=True)
+    try:
+        wait_until(lambda: "preempted" in [e for e, _ in events(repo, job)], timeout=60)
+    finally:
+        subprocess.run(["scontrol", "update", "nodename=localhost", "state=resume"],
+                       capture_output=True)
+    detail = dict(events(repo, job))["preempted"]
+    assert "slurm" in str(detail).lower(), detail
+    record = wait_state(repo, job, "done", timeout=90)
+    assert record["attempt"] == 2

@@ -119,8 +119,18 @@ class SlurmJobs(Reconciling):
         if outcome is not None:
             self.slurm_ended(rs, job, af, rf, outcome, stop, state)
             return
+        escalated = stop.get("escalated") if stop is not None else None
+        if isinstance(escalated, (int, float)) and time.time() >= escalated + 1:
+            # SIGKILLed by us a second ago, batch job and all: no exit file will come, and
+            # Slurm's cleanup (COMPLETING, its own patience) need not be waited for.
+            self.record(rs, job, "cancelled", af, detail="killed by the user", stop="forced",
+                        stop_seconds=round(time.time() - float(stop["signalled_at"]), 1)
+                        if stop is not None and isinstance(stop.get("signalled_at"),
+                                                           (int, float)) else None)
+            self.forget_slurm(rf)
+            return
         if state is not None and state.state in LIVE:
-            self.enforce_slurm_kill(job, sid, stop)
+            self.enforce_slurm_kill(af, sid, stop)
             return
         if state is not None and state.state in WAITING and state.restart_count >= job.attempt:
             # Requeued with no exit status of ours (a node failure, an admin's requeue).
@@ -195,11 +205,15 @@ class SlurmJobs(Reconciling):
         if new.state.finished:
             self.forget_slurm(rf)
 
-    def enforce_slurm_kill(self, job: Job, sid: str, stop: Optional[Mapping[str, Any]]) -> None:
-        """A `git tq kill` past its grace: Slurm ends the batch job (SIGKILL to all)."""
+    def enforce_slurm_kill(self, af: RunFiles, sid: str,
+                           stop: Optional[Mapping[str, Any]]) -> None:
+        """A `git tq kill` past its grace: SIGKILL to everything of the batch job, and
+        Slurm ends it (once: the attempt's `.stop` says it was done)."""
         if stop is None or stop.get("kind") != "kill" or stop.get("escalated"):
             return
         if time.time() >= float(stop.get("deadline", 0)):
+            af.write(af.stop, {**stop, "escalated": time.time()})
+            slurm.cancel(sid, signal="KILL", full=True)
             slurm.cancel(sid)
 
     def stop_elsewhere(self, rs: RepoState, job: Job, now: bool) -> bool:
