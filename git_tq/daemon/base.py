@@ -50,6 +50,15 @@ class DaemonBase:
         self.abandoned: set[str] = set()  # checkouts under way for jobs that left the queue
         self.left_alone: set[str] = set()  # worktrees not ours to remove (warned once)
         self.supervisors: set[int] = set()  # pids of the supervisors we forked
+        # Jobs whose supervisor died while they ran: being a child subreaper, the daemon
+        # inherits them and reaps them itself (job pid -> its run files and `.ident`).
+        self.orphans: dict[int, tuple[RunFiles, dict[str, Any]]] = {}
+        self.orphan_groups: set[int] = set()  # their process groups, until empty
+        # Exit statuses the daemon reaped that could not be written (a full disk), by
+        # the `.exit` path they belong at.
+        self.reaped: dict[str, dict[str, Any]] = {}
+        # Writes of a record that failed for want of space, logged once each (job, event).
+        self.no_space: set[tuple[str, int, str]] = set()
         self.removals: dict[int, str] = {}  # forked worktree removals: pid -> path
         self.repos: dict[str, RepoState] = {}  # by common dir, kept between cycles
         self.read_everything = True  # the next cycle reads every repository's refs

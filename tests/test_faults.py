@@ -1,0 +1,62 @@
+"""Faults and hostile input, end to end: a full disk, a supervisor killed, a corrupt job
+ref. Real repositories, the real `git-tq`, the real daemon, real signals and a real
+small filesystem (tmpfs, mounted as root; skipped with the reason elsewhere)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import RepoFactory, git, open_gate, show, submit, tq, wait_state, wait_until
+
+
+def run_files(job_id: int, suffix: str) -> list[Path]:
+    return list((Path(os.environ["TQ_HOME"]) / "run").glob(f"*/{job_id}.{suffix}"))
+
+
+# ------------------------------------------------------------ a supervisor killed
+
+
+@pytest.mark.usefixtures("autostart")
+def test_a_job_whose_supervisor_was_killed_keeps_its_exit_status(repo: Path,
+                                                                  tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    j = submit(repo, "--cpu", "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done; "
+               "echo bye; exit 5")
+    wait_until(lambda: bool(run_files(j, "ident")))
+    ident = json.loads(run_files(j, "ident")[0].read_text())
+    os.kill(ident["supervisor"][0], signal.SIGKILL)  # the OOM killer, a careless kill -9
+    wait_until(lambda: "follows the job" in daemon_log())
+    assert show(repo, j)["state"] == "running"
+    open_gate(gate, "")
+    data = wait_state(repo, j, "failed")
+    assert (data["exit_code"], data["signal"], data["outcome"]) == (5, None, "exit 5")
+    assert "the daemon reaped the job" in data["detail"]
+    log = Path(data["log"]).read_text()
+    assert "bye" in log and "exited with code 5" in log
+
+
+@pytest.mark.usefixtures("autostart")
+def test_an_orphaned_job_can_still_be_killed(repo: Path) -> None:
+    j = submit(repo, "--cpu", "-g", "1", "sleep", "600")
+    wait_until(lambda: bool(run_files(j, "ident")))
+    ident = json.loads(run_files(j, "ident")[0].read_text())
+    os.kill(ident["supervisor"][0], signal.SIGKILL)
+    wait_until(lambda: "follows the job" in daemon_log())
+    tq(repo, "kill", str(j))
+    try:
+        data = wait_state(repo, j, "cancelled")
+    except AssertionError:
+        print(daemon_log(), {k: v for k, v in show(repo, j).items() if k != "lifecycle"})
+        raise
+    assert data["signal"] == signal.SIGTERM and data["stop"] == "clean"
+
+
+def daemon_log() -> str:
+    path = Path(os.environ["TQ_HOME"]) / "daemon.log"
+    return path.read_text() if path.exists() else ""
