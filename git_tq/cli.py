@@ -398,6 +398,7 @@ def ls_cmd(show_all: bool, states: tuple[str, ...], tags: tuple[str, ...],
                 (r for r in jobs if r.state == "pending"), key=lambda r: (r.priority, r.id))
         unreadable = got.unreadable
         shown = service.metric_columns(ctx, jobs, metrics or None)
+    unreadable = warn_broken(unreadable)
     if unreadable and (as_json or not show_all):
         click.echo(f"git tq: {len(unreadable)} job record"
                    f"{'s are' if len(unreadable) > 1 else ' is'} unreadable "
@@ -537,6 +538,20 @@ def show(job: str, as_json: bool) -> None:
     output.print_markup("\n".join(lines))
 
 
+def warn_broken(unreadable: Sequence[Any]) -> list[Any]:
+    """One warning line on stderr for each job ref at a missing object (naming the job,
+    the object and the repair); the other unreadable refs, for the caller to report."""
+    from git_tq.errors import broken_ref_text
+    from git_tq.store import MISSING
+
+    for u in unreadable:
+        if u.reason == MISSING:
+            origin, _, name = u.name.rpartition(":")
+            click.echo(visible(f"git tq: warning: job {u.name} is broken: "
+                               f"{broken_ref_text(name, u.tip, origin or None)}"), err=True)
+    return [u for u in unreadable if u.reason != MISSING]
+
+
 @cli.command("log", context_settings=CONTEXT)
 @click.argument("revisions", nargs=-1)
 @metrics_option
@@ -552,6 +567,7 @@ def log_cmd(revisions: tuple[str, ...], metrics: tuple[str, ...], mine: bool,
     tq_ctx = open_context()
     keep = service.origin_filter(tq_ctx, mine, origin)
     got = cached.every(tq_ctx, json=as_json)
+    warn_broken(got.unreadable)
     by_source: dict[Optional[str], list[cached.Row]] = {}
     for r in got.rows:
         if keep is not None and not keep(r.origin):
@@ -933,8 +949,10 @@ def top(once: bool, everywhere: bool) -> None:
     """Live dashboard: GPUs, running jobs, the queue, recent finishes (q quits)."""
     from git_tq import top as dashboard
 
+    ctx = open_context()
+    warn_broken(ctx.store.listing().unreadable)
     try:
-        dashboard.run(open_context(), once=once, everywhere=everywhere)
+        dashboard.run(ctx, once=once, everywhere=everywhere)
     except KeyboardInterrupt:
         return
 
@@ -1195,6 +1213,10 @@ def gc(kept: bool, jobs: tuple[str, ...]) -> None:
     if done.kept:
         say(f"(git tq gc --outputs{' ' + ' '.join(jobs) if jobs else ''} removes "
             f"{'them' if len(done.kept) > 1 else 'it'})")
+    from git_tq.errors import broken_ref_text
+
+    for u in done.broken:
+        say(f"job {u.name} is broken: {broken_ref_text(u.name, u.tip)}")
 
 
 # --- sharing ---------------------------------------------------------------------------

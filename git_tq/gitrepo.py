@@ -183,7 +183,7 @@ class GitProcess:
         result = GitResult(self.args, os.waitstatus_to_exitcode(status),
                            b"".join(outputs[0]), b"".join(outputs[1]))
         if check and result.returncode != 0:
-            raise GitFailed(_git_message(self.args, result.stderr))
+            raise GitFailed(git_message(self.args, result.stderr))
         return result
 
     def kill(self) -> None:
@@ -282,7 +282,7 @@ def remove_worktree(common_dir: str, path: str) -> str:
     return outcome
 
 
-def _git_message(args: Sequence[str], stderr: bytes) -> str:
+def git_message(args: Sequence[str], stderr: bytes) -> str:
     lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
     msg = next((ln for ln in lines if ln.startswith(("fatal:", "error:"))), None)
     msg = msg or (lines[-1] if lines else "failed")
@@ -407,7 +407,7 @@ class Repo(FrozenValue):
         if "cannot lock ref" in err or "but expected" in err or "already exists" in err \
                 or "unable to resolve reference" in err or "is at" in err:
             return False
-        raise GitFailed(_git_message(["update-ref"], p.stderr))
+        raise GitFailed(git_message(["update-ref"], p.stderr))
 
     def delete_ref(self, ref: str, old: str, reason: str) -> bool:
         p = self.git("update-ref", "-m", reason, "-d", ref, old, check=False)
@@ -530,7 +530,7 @@ def discover(cwd: Optional[str] = None) -> Repo:
 def _discovered(cwd: str, p: GitResult) -> Repo:
     lines = p.stdout.decode(errors="surrogateescape").split("\n")
     if len(lines) < 6 or not lines[3]:
-        reason = _git_message(["rev-parse"], p.stderr)[len("git rev-parse: "):]
+        reason = git_message(["rev-parse"], p.stderr)[len("git rev-parse: "):]
         if "dubious ownership" in reason:
             advice = [ln.strip() for ln in p.stderr.decode(errors="replace").splitlines()
                       if "safe.directory" in ln]

@@ -60,3 +60,32 @@ def test_an_orphaned_job_can_still_be_killed(repo: Path) -> None:
 def daemon_log() -> str:
     path = Path(os.environ["TQ_HOME"]) / "daemon.log"
     return path.read_text() if path.exists() else ""
+
+
+# ------------------------------------------------------------ a corrupt job ref
+
+
+def test_a_job_ref_at_a_missing_object_is_named_and_can_be_forgotten(repo: Path) -> None:
+    first = submit(repo, "--cpu", "true")
+    second = submit(repo, "--cpu", "echo", "two")
+    bad = "1234567890" * 4
+    (repo / ".git" / "refs" / "tq" / "jobs" / str(first)).write_text(bad + "\n")
+    warning = (f"git tq: warning: job {first} is broken: refs/tq/jobs/{first} points at "
+               f"{bad[:12]}, an object missing from the repository (`git tq rm --forget "
+               f"{first}` removes the ref")
+    for args in (["ls"], ["ls", "--all"], ["ls", "--json"], ["log"], ["top", "--once"]):
+        p = tq(repo, *args)
+        assert p.stderr.startswith(warning), (args, p.stderr)
+        assert len(p.stderr.splitlines()) == 1, (args, p.stderr)
+        assert "two" in p.stdout, args  # the other jobs are listed as ever
+    for args in (["show", str(first)], ["rm", str(first)]):
+        p = tq(repo, *args, check=False)
+        assert p.returncode == 1 and len(p.stderr.splitlines()) == 1, (args, p.stderr)
+        assert p.stderr.startswith(f"git tq: job {first} is broken: refs/tq/jobs/{first} "
+                                   f"points at {bad[:12]}"), p.stderr
+    assert f"job {first} is broken" in tq(repo, "gc").stdout
+    assert show(repo, second)["state"] == "pending"
+    assert "forgotten" in tq(repo, "rm", "--forget", str(first)).stdout
+    assert git(repo, "for-each-ref", f"refs/tq/jobs/{first}") == ""
+    p = tq(repo, "ls", "--all")
+    assert p.stderr == "" and "two" in p.stdout
