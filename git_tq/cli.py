@@ -6,15 +6,16 @@ No logic lives here: each command parses, calls one service function, prints.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, TypeVar
 
 import click
 
 from git_tq import __version__
-from git_tq.errors import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_USAGE, TqError
+from git_tq.errors import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_USAGE, EXIT_USER, NoSpace, TqError
 from git_tq.safetext import visible
 
 if TYPE_CHECKING:
@@ -1267,6 +1268,24 @@ def _crash(exc: BaseException) -> int:
     return EXIT_CRASH
 
 
+_DOING = {"run": "submitting the job", "note": "writing the note", "rm": "removing jobs",
+          "edit": "editing jobs", "requeue": "requeueing jobs", "kill": "killing jobs"}
+
+
+def _doing(args: Sequence[str]) -> str:
+    """What a command line was doing, for a message (`submitting the job`)."""
+    name = next((a for a in args if not a.startswith("-")), "")
+    return _DOING.get(name, f"running git tq {name}".rstrip())
+
+
+def _no_space(args: Sequence[str]) -> NoReturn:
+    # Every write of ours is a compare-and-swap or a temp file + rename: nothing is left
+    # half-written, and the same command can simply be run again.
+    sys.stderr.write(f"git tq: no space left on device while {_doing(args)}: free some "
+                     "space and retry\n")
+    sys.exit(EXIT_USER)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the CLI; every failure becomes one line on stderr and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -1274,6 +1293,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         code = cli.main(args=args, prog_name="git tq", standalone_mode=False,
                         complete_var="_GIT_TQ_COMPLETE")
         sys.exit(code if isinstance(code, int) else 0)
+    except NoSpace:
+        _no_space(args)
     except TqError as exc:
         sys.stderr.write(visible(f"git tq: {exc}") + "\n")
         sys.exit(exc.exit_code)
@@ -1294,6 +1315,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            sys.exit(_crash(exc))
+        _no_space(args)
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001 - the one place unexpected errors are caught

@@ -80,8 +80,9 @@ def broken_ref_text(name: object, tip: str, origin: str | None = None) -> str:
             "clone that has it)")
 
 
-class NoSpace(TqError):
-    """The disk (or the quota) is full: what was being done is said by the CLI."""
+class NoSpace(GitFailed):
+    """git could not write for want of space (a full disk or quota); the CLI says what
+    was being done."""
 
 
 class WaitTimedOut(TqError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import stat
 
-from git_tq.errors import GitFailed, NotARepository
+from git_tq.errors import GitFailed, NoSpace, NotARepository
 
 TYPE_CHECKING = False  # (typing.TYPE_CHECKING: typing costs ~5 ms to import)
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ class GitProcess:
         result = GitResult(self.args, os.waitstatus_to_exitcode(status),
                            b"".join(outputs[0]), b"".join(outputs[1]))
         if check and result.returncode != 0:
-            raise GitFailed(git_message(self.args, result.stderr))
+            raise git_failure(self.args, result.stderr)
         return result
 
     def kill(self) -> None:
@@ -280,6 +280,13 @@ def remove_worktree(common_dir: str, path: str) -> str:
     run_git(["--git-dir", common_dir, "worktree", "prune"], common_dir,
             env=without_repo_vars(os.environ), check=False)
     return outcome
+
+
+def git_failure(args: Sequence[str], stderr: bytes) -> GitFailed:
+    """The error for a git command that failed: NoSpace when the disk was full."""
+    if b"No space left on device" in stderr or b"Disk quota exceeded" in stderr:
+        return NoSpace(git_message(args, stderr))
+    return GitFailed(git_message(args, stderr))
 
 
 def git_message(args: Sequence[str], stderr: bytes) -> str:
@@ -404,6 +411,8 @@ class Repo(FrozenValue):
         if p.returncode == 0:
             return True
         err = p.stderr.decode(errors="replace")
+        if "No space left on device" in err or "Disk quota exceeded" in err:
+            raise git_failure(["update-ref"], p.stderr)
         if "cannot lock ref" in err or "but expected" in err or "already exists" in err \
                 or "unable to resolve reference" in err or "is at" in err:
             return False

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import RepoFactory, git, open_gate, show, submit, tq, wait_state, wait_until
+from conftest import git, open_gate, show, submit, tq, wait_state, wait_until
 
 
 def run_files(job_id: int, suffix: str) -> list[Path]:
@@ -89,3 +89,60 @@ def test_a_job_ref_at_a_missing_object_is_named_and_can_be_forgotten(repo: Path)
     assert git(repo, "for-each-ref", f"refs/tq/jobs/{first}") == ""
     p = tq(repo, "ls", "--all")
     assert p.stderr == "" and "two" in p.stdout
+
+
+# ------------------------------------------------------------ a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An 8 MB tmpfs holding the repository and the tq home (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {p.stderr.strip()}")
+    monkeypatch.setenv("TQ_HOME", str(mnt / "tqhome"))
+    try:
+        yield mnt
+    finally:
+        from conftest import stop_everything
+
+        stop_everything(tmp_path)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.usefixtures("autostart")
+def test_a_full_disk_loses_no_exit_status(small_disk: Path) -> None:
+    repo = small_disk / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    (repo / "a.txt").write_text("a\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "initial")
+    big = small_disk / "big"
+    j = submit(repo, "--cpu", "sh", "-c", f"echo filling; dd if=/dev/zero of={big} bs=64k "
+               "2>/dev/null; echo full; exit 3")
+    wait_until(lambda: bool(run_files(j, "ident")))
+    job_pid = json.loads(run_files(j, "ident")[0].read_text())["job"][0]
+    wait_until(lambda: not os.path.exists(f"/proc/{job_pid}"), timeout=20)
+    # The job ended on a full disk: its supervisor keeps the status and its lock.
+    p = tq(repo, "run", "-q", "--cpu", "true", check=False)
+    assert (p.returncode, p.stderr) == (1, "git tq: no space left on device while "
+                                           "submitting the job: free some space and retry\n")
+    assert show(repo, j)["state"] == "running"
+    p = tq(repo, "note", str(j), "a note", check=False)
+    assert p.returncode in (0, 1) and "Traceback" not in p.stderr
+    assert len(p.stderr.splitlines()) <= 1
+    big.unlink()  # space is back
+    data = wait_state(repo, j, "failed", timeout=30)
+    assert (data["exit_code"], data["outcome"]) == (3, "exit 3")
+    log = Path(data["log"]).read_text()
+    assert "filling" in log and "exited with code 3" in log
+    text = daemon_log()
+    assert "Traceback" not in text, text
+    assert text.count("no space left on device") <= 2, text
+    assert submit(repo, "--cpu", "true") == j + 1  # nothing half-written stands in the way

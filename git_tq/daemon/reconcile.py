@@ -19,7 +19,7 @@ from git_tq import deps, gpus, results, scheduler
 from git_tq.daemon.base import log
 from git_tq.daemon.launch import Launching
 from git_tq.daemon.repostate import RepoState, advance, open_repo
-from git_tq.errors import InvalidTransition, NotOurs, RefRace, TqError
+from git_tq.errors import InvalidTransition, NoSpace, NotOurs, RefRace, TqError
 from git_tq.home import RunFiles, open_private
 from git_tq.lifecycle import apply_event, now_iso
 from git_tq.localjobs import LocalJobs
@@ -358,12 +358,18 @@ class Reconciling(Launching):
             try:
                 rs.store.store_log(job, log_blob)
             except (TqError, OSError) as exc:
-                log.warning("job %d: its log could not be kept in git: %s", job.id, exc)
+                if not self.short_of_space(rs, job.id, f"record {event}", exc):
+                    log.warning("job %d: its log could not be kept in git: %s", job.id, exc)
         try:
             new = advance(rs, job, event, when, tree, **fields)
         except (InvalidTransition, RefRace, NotOurs) as exc:
             log.warning("job %d: could not record %s: %s", job.id, event, exc)
             return job
+        except (TqError, OSError) as exc:
+            if self.short_of_space(rs, job.id, f"record {event}", exc):
+                return job  # its run files stay: the next cycle records it
+            raise
+        self.space_again(rs, job.id, f"record {event}")
         self.remember(rs, new)
         log.info("job %d in %s: %s -> %s", job.id, rs.common, event, new.state.value)
         rf.clear()
@@ -418,7 +424,7 @@ class Reconciling(Launching):
         if job.state is State.RUNNING:
             try:
                 self.remember(rs, advance(rs, job, "stopping", now_iso(), detail=reason))
-            except (InvalidTransition, RefRace, NotOurs) as exc:
+            except (InvalidTransition, RefRace, NotOurs, NoSpace) as exc:
                 log.warning("job %d: %s", job.id, exc)
         ident = rf.read(rf.ident)
         stop = rf.read(rf.stop)
