@@ -6,15 +6,16 @@ No logic lives here: each command parses, calls one service function, prints.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, TypeVar
 
 import click
 
 from git_tq import __version__
-from git_tq.errors import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_USAGE, TqError
+from git_tq.errors import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_USAGE, EXIT_USER, NoSpace, TqError
 from git_tq.safetext import visible
 
 if TYPE_CHECKING:
@@ -398,6 +399,7 @@ def ls_cmd(show_all: bool, states: tuple[str, ...], tags: tuple[str, ...],
                 (r for r in jobs if r.state == "pending"), key=lambda r: (r.priority, r.id))
         unreadable = got.unreadable
         shown = service.metric_columns(ctx, jobs, metrics or None)
+    unreadable = warn_broken(unreadable)
     if unreadable and (as_json or not show_all):
         click.echo(f"git tq: {len(unreadable)} job record"
                    f"{'s are' if len(unreadable) > 1 else ' is'} unreadable "
@@ -537,6 +539,20 @@ def show(job: str, as_json: bool) -> None:
     output.print_markup("\n".join(lines))
 
 
+def warn_broken(unreadable: Sequence[Any]) -> list[Any]:
+    """One warning line on stderr for each job ref at a missing object (naming the job,
+    the object and the repair); the other unreadable refs, for the caller to report."""
+    from git_tq.errors import broken_ref_text
+    from git_tq.store import MISSING
+
+    for u in unreadable:
+        if u.reason == MISSING:
+            origin, _, name = u.name.rpartition(":")
+            click.echo(visible(f"git tq: warning: job {u.name} is broken: "
+                               f"{broken_ref_text(name, u.tip, origin or None)}"), err=True)
+    return [u for u in unreadable if u.reason != MISSING]
+
+
 @cli.command("log", context_settings=CONTEXT)
 @click.argument("revisions", nargs=-1)
 @metrics_option
@@ -552,6 +568,7 @@ def log_cmd(revisions: tuple[str, ...], metrics: tuple[str, ...], mine: bool,
     tq_ctx = open_context()
     keep = service.origin_filter(tq_ctx, mine, origin)
     got = cached.every(tq_ctx, json=as_json)
+    warn_broken(got.unreadable)
     by_source: dict[Optional[str], list[cached.Row]] = {}
     for r in got.rows:
         if keep is not None and not keep(r.origin):
@@ -933,8 +950,10 @@ def top(once: bool, everywhere: bool) -> None:
     """Live dashboard: GPUs, running jobs, the queue, recent finishes (q quits)."""
     from git_tq import top as dashboard
 
+    ctx = open_context()
+    warn_broken(ctx.store.listing().unreadable)
     try:
-        dashboard.run(open_context(), once=once, everywhere=everywhere)
+        dashboard.run(ctx, once=once, everywhere=everywhere)
     except KeyboardInterrupt:
         return
 
@@ -1195,6 +1214,10 @@ def gc(kept: bool, jobs: tuple[str, ...]) -> None:
     if done.kept:
         say(f"(git tq gc --outputs{' ' + ' '.join(jobs) if jobs else ''} removes "
             f"{'them' if len(done.kept) > 1 else 'it'})")
+    from git_tq.errors import broken_ref_text
+
+    for u in done.broken:
+        say(f"job {u.name} is broken: {broken_ref_text(u.name, u.tip)}")
 
 
 # --- sharing ---------------------------------------------------------------------------
@@ -1245,6 +1268,24 @@ def _crash(exc: BaseException) -> int:
     return EXIT_CRASH
 
 
+_DOING = {"run": "submitting the job", "note": "writing the note", "rm": "removing jobs",
+          "edit": "editing jobs", "requeue": "requeueing jobs", "kill": "killing jobs"}
+
+
+def _doing(args: Sequence[str]) -> str:
+    """What a command line was doing, for a message (`submitting the job`)."""
+    name = next((a for a in args if not a.startswith("-")), "")
+    return _DOING.get(name, f"running git tq {name}".rstrip())
+
+
+def _no_space(args: Sequence[str]) -> NoReturn:
+    # Every write of ours is a compare-and-swap or a temp file + rename: nothing is left
+    # half-written, and the same command can simply be run again.
+    sys.stderr.write(f"git tq: no space left on device while {_doing(args)}: free some "
+                     "space and retry\n")
+    sys.exit(EXIT_USER)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the CLI; every failure becomes one line on stderr and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -1252,6 +1293,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         code = cli.main(args=args, prog_name="git tq", standalone_mode=False,
                         complete_var="_GIT_TQ_COMPLETE")
         sys.exit(code if isinstance(code, int) else 0)
+    except NoSpace:
+        _no_space(args)
     except TqError as exc:
         sys.stderr.write(visible(f"git tq: {exc}") + "\n")
         sys.exit(exc.exit_code)
@@ -1272,6 +1315,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            sys.exit(_crash(exc))
+        _no_space(args)
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001 - the one place unexpected errors are caught

@@ -62,6 +62,29 @@ class UnreadableRecord(TqError):
     """A job ref whose record is not a valid job record."""
 
 
+class BrokenRef(UnreadableRecord):
+    """A job ref that points at an object the repository does not have (a corrupt or
+    partial copy): named, with how to repair or forget it."""
+
+    def __init__(self, job_id: int, tip: str, origin: str | None = None) -> None:
+        self.job_id, self.tip, self.origin = job_id, tip, origin
+        name = f"{origin}:{job_id}" if origin else str(job_id)
+        super().__init__(f"job {name} is broken: {broken_ref_text(job_id, tip, origin)}")
+
+
+def broken_ref_text(name: object, tip: str, origin: str | None = None) -> str:
+    """What is wrong with a job ref at a missing object, and how to repair it (one line)."""
+    ref = f"refs/tq/origins/{origin}/jobs/{name}" if origin else f"refs/tq/jobs/{name}"
+    return (f"{ref} points at {tip[:12]}, an object missing from the repository "
+            f"(`git tq rm --forget {name}` removes the ref; or restore the object from a "
+            "clone that has it)")
+
+
+class NoSpace(GitFailed):
+    """git could not write for want of space (a full disk or quota); the CLI says what
+    was being done."""
+
+
 class WaitTimedOut(TqError):
     """`git tq wait --timeout` ran out while some jobs were still active."""
 

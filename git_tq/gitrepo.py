@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import stat
 
-from git_tq.errors import GitFailed, NotARepository
+from git_tq.errors import GitFailed, NoSpace, NotARepository
 
 TYPE_CHECKING = False  # (typing.TYPE_CHECKING: typing costs ~5 ms to import)
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ class GitProcess:
         result = GitResult(self.args, os.waitstatus_to_exitcode(status),
                            b"".join(outputs[0]), b"".join(outputs[1]))
         if check and result.returncode != 0:
-            raise GitFailed(_git_message(self.args, result.stderr))
+            raise git_failure(self.args, result.stderr)
         return result
 
     def kill(self) -> None:
@@ -282,7 +282,14 @@ def remove_worktree(common_dir: str, path: str) -> str:
     return outcome
 
 
-def _git_message(args: Sequence[str], stderr: bytes) -> str:
+def git_failure(args: Sequence[str], stderr: bytes) -> GitFailed:
+    """The error for a git command that failed: NoSpace when the disk was full."""
+    if b"No space left on device" in stderr or b"Disk quota exceeded" in stderr:
+        return NoSpace(git_message(args, stderr))
+    return GitFailed(git_message(args, stderr))
+
+
+def git_message(args: Sequence[str], stderr: bytes) -> str:
     lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
     msg = next((ln for ln in lines if ln.startswith(("fatal:", "error:"))), None)
     msg = msg or (lines[-1] if lines else "failed")
@@ -404,10 +411,12 @@ class Repo(FrozenValue):
         if p.returncode == 0:
             return True
         err = p.stderr.decode(errors="replace")
+        if "No space left on device" in err or "Disk quota exceeded" in err:
+            raise git_failure(["update-ref"], p.stderr)
         if "cannot lock ref" in err or "but expected" in err or "already exists" in err \
                 or "unable to resolve reference" in err or "is at" in err:
             return False
-        raise GitFailed(_git_message(["update-ref"], p.stderr))
+        raise GitFailed(git_message(["update-ref"], p.stderr))
 
     def delete_ref(self, ref: str, old: str, reason: str) -> bool:
         p = self.git("update-ref", "-m", reason, "-d", ref, old, check=False)
@@ -530,7 +539,7 @@ def discover(cwd: Optional[str] = None) -> Repo:
 def _discovered(cwd: str, p: GitResult) -> Repo:
     lines = p.stdout.decode(errors="surrogateescape").split("\n")
     if len(lines) < 6 or not lines[3]:
-        reason = _git_message(["rev-parse"], p.stderr)[len("git rev-parse: "):]
+        reason = git_message(["rev-parse"], p.stderr)[len("git rev-parse: "):]
         if "dubious ownership" in reason:
             advice = [ln.strip() for ln in p.stderr.decode(errors="replace").splitlines()
                       if "safe.directory" in ln]

@@ -64,6 +64,29 @@ def become_subreaper() -> bool:
         return False
 
 
+def reap_group(pgid: int) -> None:
+    """Reap the exited children of ours that were in process group `pgid` (a job's
+    processes that came to us, as child subreaper, once their parents died). Children
+    in other groups (a Popen's, whose status is its own) are never touched."""
+    for pid in _children():
+        try:
+            if os.getpgid(pid) == pgid:
+                os.waitpid(pid, os.WNOHANG)
+        except (ProcessLookupError, ChildProcessError, PermissionError):
+            continue
+
+
+def _children() -> list[int]:
+    """Our children's pids, from /proc (every thread's list); empty where unreadable."""
+    pids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError), \
+                    open(f"/proc/self/task/{task}/children", encoding="ascii") as fh:
+                pids.extend(int(p) for p in fh.read().split())
+    return pids
+
+
 def descendants(root: ProcessId) -> list[psutil.Process]:
     proc = root.process()
     if proc is None:

@@ -22,6 +22,7 @@ from git_tq import gpus as gpu_inventory
 from git_tq import pause as pausing
 from git_tq.errors import (
     BadSpec,
+    BrokenRef,
     DirtyWorkTree,
     InvalidTransition,
     NotOurs,
@@ -47,7 +48,7 @@ from git_tq.model import (
 from git_tq.pause import Pause
 from git_tq.snapshot import Snapshot, nested_in_tree, take_snapshot
 from git_tq.snapshot import located as early_location
-from git_tq.store import JobStore, Unreadable, identity_env, pending_in_queue_order
+from git_tq.store import MISSING, JobStore, Unreadable, identity_env, pending_in_queue_order
 
 if TYPE_CHECKING:
     from git_tq.jobtree import Kept
@@ -1004,6 +1005,7 @@ class Collected:
 
     removed: list[str]
     kept: list[tuple[int, Kept]]
+    broken: list[Unreadable]  # job refs at missing objects: to repair or forget
 
 
 def gc(ctx: Context, *, kept: bool = False, tokens: Sequence[str] = ()) -> Collected:
@@ -1034,7 +1036,9 @@ def gc(ctx: Context, *, kept: bool = False, tokens: Sequence[str] = ()) -> Colle
     key = repo_key(common)
     removed = []
     left: list[tuple[int, Kept]] = []
-    jobs = {j.id: j for j in ctx.store.list_jobs()}
+    listing = ctx.store.listing()
+    jobs = {j.id: j for j in listing.jobs}
+    broken = [u for u in listing.unreadable if u.reason == MISSING]
     entries = ctx.local.entries()
     top = os.path.join(ctx.home.path, "worktrees")
     root = os.path.join(top, key)
@@ -1079,7 +1083,7 @@ def gc(ctx: Context, *, kept: bool = False, tokens: Sequence[str] = ()) -> Colle
             jobtree.unkeep(ctx.home.path, key, int(stem))
     run_git(["--git-dir", common, "worktree", "prune"], common,
             env=without_repo_vars(os.environ), check=False)
-    return Collected(removed, left)
+    return Collected(removed, left, broken)
 
 
 # --- reading -----------------------------------------------------------------
@@ -2076,7 +2080,21 @@ def remove(ctx: Context, tokens: Sequence[str], *, forget: bool = False,
     With `forget`, finished jobs' records are deleted instead. Every job is
     checked before anything changes, so a bad id changes nothing.
     """
-    jobs = {job.id: job for job in resolve_jobs(ctx, tokens)}
+    done: list[Removal] = []
+    while True:
+        try:
+            jobs = {job.id: job for job in resolve_jobs(ctx, tokens)}
+            break
+        except BrokenRef as exc:  # a ref at a missing object: forgetting it is the repair
+            if not forget or exc.origin is not None or exc.job_id in {r.job_id for r in done}:
+                raise
+            ctx.store.forget_broken(exc)
+            done.append(Removal(exc.job_id, "forgotten (its ref was broken)"))
+            gone = {str(exc.job_id), f"tq/jobs/{exc.job_id}", f"refs/tq/jobs/{exc.job_id}",
+                    f"jobs/{exc.job_id}"}
+            tokens = [t for t in _token_parts(tokens) if t.strip() not in gone]
+            if not tokens:
+                return done
     for job in jobs.values():
         ctx.store.require_ours(job, "forgotten" if forget else "removed")
         if forget and job.state.active:
@@ -2092,7 +2110,6 @@ def remove(ctx: Context, tokens: Sequence[str], *, forget: bool = False,
             raise TqError(f"job {job.id}'s worktree {kept.path} is {kept.reason}; take what "
                           f"you need, run `git tq gc --outputs {job.id}`, then forget it")
     when = now or now_iso()
-    done = []
     for job in jobs.values():
         if forget:
             log = ctx.store.log_path(job)

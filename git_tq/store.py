@@ -19,8 +19,16 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from git_tq import origins, recordfmt
-from git_tq.errors import NotOurs, RefRace, TqError, UnknownJob, UnreadableRecord
-from git_tq.gitrepo import Repo
+from git_tq.errors import (
+    BrokenRef,
+    GitFailed,
+    NotOurs,
+    RefRace,
+    TqError,
+    UnknownJob,
+    UnreadableRecord,
+)
+from git_tq.gitrepo import Repo, git_message
 from git_tq.home import create_temp_beside, ensure_private_dir
 from git_tq.lifecycle import apply_event
 from git_tq.localjobs import FETCHED, LOCAL, TAMPERED, LedgerEntry, LocalJobs, is_oid
@@ -40,6 +48,7 @@ LIFECYCLE_MAX = 20_000  # records read from one job's history
 NOTES_REF = "refs/notes/tq"
 LOGS_REF = "refs/notes/tq-logs"  # each job's log, on its submission commit
 CAS_ATTEMPTS = 50
+MISSING = "missing object"  # an unreadable ref's reason when its object is not here
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -227,12 +236,13 @@ class JobStore:
     def records(self, commits: Sequence[str]) -> tuple[dict[str, Job], dict[str, str]]:
         """The records held by `commits` (one `git cat-file --batch`), and why each of the
         others holds none."""
-        messages = self._messages(list(commits))
+        missing: set[str] = set()
+        messages = self._messages(list(commits), missing)
         jobs: dict[str, Job] = {}
         bad: dict[str, str] = {}
         for oid in commits:
             if oid not in messages:
-                bad[oid] = "not a commit"
+                bad[oid] = MISSING if oid in missing else "not a commit"
                 continue
             try:
                 jobs[oid] = recordfmt.decode(messages[oid], oid)
@@ -241,9 +251,17 @@ class JobStore:
         return jobs, bad
 
     def _read_refs(self, pattern: str, origin: Optional[str] = None) -> list[Job]:
-        out = self.repo.git(
-            "for-each-ref", "--format=%(objectname)%00%(refname)%00%(contents)%00", pattern
-        ).stdout.decode("utf-8", errors="replace")
+        p = self.repo.git("for-each-ref",
+                          "--format=%(objectname)%00%(refname)%00%(contents)%00", pattern,
+                          check=False)
+        if p.returncode != 0:
+            err = p.stderr.decode(errors="replace")
+            broken = re.search(r"missing object ([0-9a-f]{40,64}) for (refs/tq/\S+)", err)
+            name = broken.group(2).rpartition("/")[2] if broken else ""
+            if broken and _is_number(name):
+                raise BrokenRef(int(name), broken.group(1), origin)
+            raise GitFailed(git_message(["for-each-ref"], p.stderr))
+        out = p.stdout.decode("utf-8", errors="replace")
         parts = out.split("\0")
         jobs = []
         for i in range(0, len(parts) - 2, 3):
@@ -348,8 +366,10 @@ class JobStore:
                           f"hand edit): it cannot be {action}; see git tq doctor")
         return entry
 
-    def _messages(self, commits: list[str]) -> dict[str, str]:
-        """Commit messages of many commits, read by one `git cat-file --batch`."""
+    def _messages(self, commits: list[str],
+                  missing: Optional[set[str]] = None) -> dict[str, str]:
+        """Commit messages of many commits, read by one `git cat-file --batch`; the
+        objects the repository lacks are added to `missing`."""
         data = self.repo.git("cat-file", "--batch",
                              input="".join(f"{c}\n" for c in commits).encode()).stdout
         messages: dict[str, str] = {}
@@ -358,6 +378,8 @@ class JobStore:
             header_end = data.index(b"\n", pos)
             header = data[pos:header_end].split()
             if len(header) < 3:  # "<oid> missing"
+                if missing is not None and header[1:] == [b"missing"]:
+                    missing.add(header[0].decode())
                 pos = header_end + 1
                 continue
             size = int(header[2])
@@ -637,6 +659,16 @@ class JobStore:
         new commit's tree when the event records outputs."""
         return self.update(job_id, lambda j: apply_event(j, event, now, **fields),
                            f"tq: job {job_id} {event}", tree)
+
+    def forget_broken(self, broken: BrokenRef) -> None:
+        """Delete a job ref that points at a missing object (only if it still does)."""
+        local = self._require_local()
+        with local.locked():
+            if not self.repo.delete_ref(job_ref(broken.job_id), broken.tip,
+                                        f"tq: forget broken job {broken.job_id}"):
+                raise RefRace(f"job {broken.job_id} changed while being removed; try again")
+            if local.entry(broken.job_id) is not None:
+                local.record(broken.job_id, None)
 
     def forget(self, job: Job) -> LedgerEntry:
         """Delete our job's ref (only if it has not moved since `job` was read)."""

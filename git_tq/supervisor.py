@@ -4,7 +4,8 @@ The daemon starts `python -m git_tq.supervisor <launch file>` in a session of
 its own. The supervisor holds the job's lock file for its whole life (so a
 restarted daemon knows it is alive), starts the command in a new process group
 with the log as stdout and stderr, records both processes' identities, waits,
-and writes the exit status where any later daemon can read it. It survives
+and writes the exit status where any later daemon can read it (on a full disk it
+tries again, lock held, until the write lands: a known status is never lost). It survives
 the daemon's death; it ignores SIGTERM/SIGINT/SIGHUP (signals go to the job).
 
 When the job's main process ends, whatever it left behind is SIGKILLed at
@@ -17,6 +18,7 @@ the group to empty, or the stop's deadline (the daemon's `.stop` run file).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -55,6 +57,45 @@ def write_json(path: str, data: dict[str, Any]) -> None:
     write_private_file(path, json.dumps(data).encode())
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+RETRY_MAX_SECONDS = 5.0  # the longest pause between two tries of a write that must land
+
+
+def write_until_written(path: str, data: dict[str, Any],
+                        again: Optional[Callable[[], None]] = None) -> None:
+    """Write a run file that must not be lost (`.ident`, `.exit`): on a full disk, try
+    again with a growing pause until it lands (the supervisor's lock, held meanwhile,
+    tells the daemon it lives). `again` runs before each retry (results collected
+    again). Other errors are raised."""
+    pause = 0.05
+    while True:
+        try:
+            write_json(path, data)
+            return
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, RETRY_MAX_SECONDS)
+        if again is not None:
+            again()
+
+
+class Log:
+    """The job's log as the supervisor writes its own lines to it: a line that cannot be
+    written (a full disk) is dropped, never fatal."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+
+    def write(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            self.fh.write(data)
+
+    def fileno(self) -> int:
+        return int(self.fh.fileno())
+
+
 # Told of a signal sent to the supervisor itself, with the job's identity (main process,
 # process group) once it has started: a Slurm batch job forwards Slurm's stop signal.
 SignalHandler = Callable[[int, Optional[ProcessId], int], None]
@@ -86,26 +127,27 @@ def run(launch: dict[str, Any], forward: Optional[SignalHandler] = None,
     me = ProcessId.of(os.getpid())
     # The log holds whatever the job prints, secrets included: 0600 in 0700 folders.
     ensure_log_folder(launch["log"])
-    log = open(open_private(launch["log"]), "ab", buffering=0)  # noqa: SIM115 - job's life
+    raw = open(open_private(launch["log"]), "ab", buffering=0)  # noqa: SIM115 - job's life
+    log = Log(raw)
     log.write(launch["banner"].encode())
     try:
         child = subprocess.Popen(
             launch["argv"], cwd=launch["cwd"], env=launch["env"], stdin=subprocess.DEVNULL,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=raw, stderr=subprocess.STDOUT, start_new_session=True,
         )
     except OSError as exc:
         reason = f"could not start {launch['argv'][0]!r}: {exc.strerror or exc}"
         if isinstance(exc, FileNotFoundError):
             reason += " (not on the PATH the job was submitted with?)"
         log.write(f"\n[git tq] {reason}\n".encode())
-        write_json(launch["exit"], {"exit_code": 127, "signal": None, "ended_at": now_iso(),
-                                    "start_error": reason})
+        write_until_written(launch["exit"], {"exit_code": 127, "signal": None,
+                                             "ended_at": now_iso(), "start_error": reason})
         nudge(launch["socket"], (launch.get("results") or {}).get("common"))
         return 0
     job = ProcessId.of(child.pid) or ProcessId(child.pid, 0.0)
     started.append((job, child.pid))
     assert me is not None
-    write_json(launch["ident"], {"supervisor": [me.pid, me.started],
+    write_until_written(launch["ident"], {"supervisor": [me.pid, me.started],
                                  "job": [job.pid, job.started], "pgid": child.pid,
                                  **{k: launch[k] for k in ("node", "batch_started")
                                     if launch.get(k)}})
@@ -138,14 +180,23 @@ def run(launch: dict[str, Any], forward: Optional[SignalHandler] = None,
                                "ended_at": now_iso(), "ended": ended, "forced": forced}
     if launch.get("results"):
         if launch.get("ended"):  # from now on the daemon kills nothing of ours
-            write_json(launch["ended"], {"at": ended})
+            with contextlib.suppress(OSError):  # (on a full disk, it may: none are left)
+                write_json(launch["ended"], {"at": ended})
             # ...and the job's GPUs are free: the next job starts while this one's
             # outputs, metrics and log are collected, at a lower priority than its start.
             with contextlib.suppress(OSError):
                 os.nice(10)
             nudge(launch["socket"], launch["results"].get("common"))
         outcome["results"] = _collect(launch, log)
-    write_json(launch["exit"], outcome)
+
+    def collect_again() -> None:
+        # A full disk made the exit file's write fail, and likely the results' too (git
+        # could write no object): collected again, the log blob included, once it lands.
+        if (outcome.get("results") or {}).get("error"):
+            outcome["results"] = _collect(launch, log)
+
+    # The exit status is known: it is never lost to a full disk.
+    write_until_written(launch["exit"], outcome, collect_again)
     # Release the lock before the nudge: the daemon reads "lock free + exit file" as
     # "ended", and must see both when it wakes.
     os.close(lock_fd)
@@ -153,7 +204,7 @@ def run(launch: dict[str, Any], forward: Optional[SignalHandler] = None,
     return 0
 
 
-def _collect(launch: dict[str, Any], log: Any) -> dict[str, Any]:
+def _collect(launch: dict[str, Any], log: Log) -> dict[str, Any]:
     """What the attempt produced (outputs, metrics, the log as a blob), for the daemon to
     record; never raises (a job's end is recorded whatever happens here)."""
     from git_tq import results

@@ -435,7 +435,11 @@ def test_a_failure_says_why_without_a_made_up_exit_code(repo: Path, tmp_path: Pa
     wait_until(lambda: bool(run_files(lost, "ident")))
     ident = json.loads(run_files(lost, "ident")[0].read_text())
     os.kill(ident["supervisor"][0], signal.SIGKILL)  # the job's supervisor dies,
+    for j in (no_env, no_cmd):
+        wait_state(repo, j, "failed")
+    tq(repo, "stop")  # and the daemon it came to as child subreaper is restarted:
     gate.touch()  # then the job ends: nobody saw how
+    tq(repo, "start")
     for j in (no_env, no_cmd):
         data = wait_state(repo, j, "failed")
         assert (data["exit_code"], data["outcome"], data["event"]) == \

@@ -5,6 +5,7 @@ mixin class in its own file, listed in the package's docstring) sees them all.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Optional
 
 from git_tq import pause as pausing
+from git_tq.errors import NoSpace
 from git_tq.home import Home, RunFiles
 from git_tq.localjobs import LocalJobs
 from git_tq.model import Job
@@ -50,6 +52,15 @@ class DaemonBase:
         self.abandoned: set[str] = set()  # checkouts under way for jobs that left the queue
         self.left_alone: set[str] = set()  # worktrees not ours to remove (warned once)
         self.supervisors: set[int] = set()  # pids of the supervisors we forked
+        # Jobs whose supervisor died while they ran: being a child subreaper, the daemon
+        # inherits them and reaps them itself (job pid -> its run files and `.ident`).
+        self.orphans: dict[int, tuple[RunFiles, dict[str, Any]]] = {}
+        self.orphan_groups: set[int] = set()  # their process groups, until empty
+        # Exit statuses the daemon reaped that could not be written (a full disk), by
+        # the `.exit` path they belong at.
+        self.reaped: dict[str, dict[str, Any]] = {}
+        # Writes of a record that failed for want of space, logged once each (job, event).
+        self.no_space: set[tuple[str, int, str]] = set()
         self.removals: dict[int, str] = {}  # forked worktree removals: pid -> path
         self.repos: dict[str, RepoState] = {}  # by common dir, kept between cycles
         self.read_everything = True  # the next cycle reads every repository's refs
@@ -77,6 +88,27 @@ class DaemonBase:
                       "spare_worktrees_used": 0, "worktrees_recycled": 0}
         self.pause = pausing.Pause()  # `git tq pause`: read from the tq home when it changed
         self.pause_stamp: Optional[tuple[Stamp, ...]] = None
+
+    def short_of_space(self, rs: RepoState, job_id: int, what: str,
+                       exc: BaseException) -> bool:
+        """Whether `exc` is a write that failed for want of space (a full disk): then it
+        is logged once per job and `what` (retried each cycle, silently, until it lands),
+        and the caller goes on. False for any other error (the caller's to handle)."""
+        if not isinstance(exc, NoSpace) and not (
+                isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+            return False
+        key = (rs.key, job_id, what)
+        if key not in self.no_space:
+            self.no_space.add(key)
+            log.warning("job %d: could not %s: no space left on device (%s); tried again "
+                        "each cycle until it lands", job_id, what, exc)
+        return True
+
+    def space_again(self, rs: RepoState, job_id: int, what: str) -> None:
+        """`what` landed after failing for want of space: said once."""
+        if (rs.key, job_id, what) in self.no_space:
+            self.no_space.discard((rs.key, job_id, what))
+            log.info("job %d: %s done, space is back", job_id, what)
 
     if TYPE_CHECKING:
         # In reconcile.py (`Reconciling`), declared here for `Launching.start`, which

@@ -7,6 +7,7 @@ a job; what a job's record and its run files say is `reconcile`'s.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -48,6 +49,11 @@ class Launching(Worktrees, Hooks):
             log.info("job %d not started: %s", job.id, exc)
             self.read_everything = True  # someone else wrote it: read it again
             return
+        except (TqError, OSError) as exc:
+            if self.short_of_space(rs, job.id, "start", exc):
+                return  # still pending: started when there is room
+            raise
+        self.space_again(rs, job.id, "start")
         self.remember(rs, job)
         rf = RunFiles(self.home, rs.key, job.id)
         logfile = rs.store.log_path(job)
@@ -82,9 +88,10 @@ class Launching(Worktrees, Hooks):
             reason = f"could not start: {exc}"
             from git_tq.home import ensure_log_folder, open_private
 
-            ensure_log_folder(logfile)  # 0600 in 0700 folders, as the supervisor's
-            with open(open_private(logfile), "a", encoding="utf-8") as fh:
-                fh.write(banner(job, rs, "", assigned) + f"\n[git tq] {reason}\n")
+            with contextlib.suppress(OSError):  # a full disk, say: the record still says why
+                ensure_log_folder(logfile)  # 0600 in 0700 folders, as the supervisor's
+                with open(open_private(logfile), "a", encoding="utf-8") as fh:
+                    fh.write(banner(job, rs, "", assigned) + f"\n[git tq] {reason}\n")
             self.record(rs, job, "start-failed", rf, detail=reason)
             return
         log.info("job %d in %s: %s on GPUs %s", job.id, rs.common, event, assigned or "cpu")

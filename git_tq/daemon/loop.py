@@ -32,6 +32,7 @@ from git_tq.daemon.worktrees import Worktrees
 from git_tq.errors import TqError
 from git_tq.home import Home, RunFiles, ensure_private_dir, tighten_home, write_private_file
 from git_tq.model import Job, State
+from git_tq.procs import become_subreaper, group_alive, reap_group
 from git_tq.server import BadRequest, RequestServer, check_request
 from git_tq.store import file_stamp, settled
 
@@ -89,6 +90,9 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
     def serve(self) -> None:
         self.acquire()
         assert self.server is not None
+        # A job whose supervisor dies (the OOM killer, a kill -9) comes to us, not to
+        # init: its exit status is then ours to reap and record (`adopt_orphan`).
+        become_subreaper()
         log.info("daemon %s started, pid %d, home %s", __version__, os.getpid(), self.home.path)
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
@@ -153,7 +157,8 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
 
     def reap(self) -> None:
         """Collect exited supervisors we forked (not other children: a Popen must keep
-        its own exit status), and finished hooks."""
+        its own exit status), jobs whose supervisor died (`adopt_orphan`) and what their
+        process groups left, and finished hooks."""
         for pid in list(self.supervisors) + list(self.removals):
             try:
                 done, _ = os.waitpid(pid, os.WNOHANG)
@@ -163,6 +168,11 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
                 self.supervisors.discard(pid)
                 self.removals.pop(pid, None)
                 self.dirty = True
+        self.reap_orphans()
+        for pgid in list(self.orphan_groups):  # what their groups left comes to us too
+            reap_group(pgid)
+            if not group_alive(pgid):
+                self.orphan_groups.discard(pgid)
         self.hooks = [h for h in self.hooks if h.poll() is None]
         self.packing = {c: p for c, p in self.packing.items() if p.poll() is None}
         self.reap_pushes()

@@ -19,12 +19,12 @@ from git_tq import deps, gpus, results, scheduler
 from git_tq.daemon.base import log
 from git_tq.daemon.launch import Launching
 from git_tq.daemon.repostate import RepoState, advance, open_repo
-from git_tq.errors import InvalidTransition, NotOurs, RefRace, TqError
-from git_tq.home import RunFiles
+from git_tq.errors import InvalidTransition, NoSpace, NotOurs, RefRace, TqError
+from git_tq.home import RunFiles, open_private
 from git_tq.lifecycle import apply_event, now_iso
 from git_tq.localjobs import LocalJobs
 from git_tq.model import Job, State, format_duration
-from git_tq.procs import ProcessId
+from git_tq.procs import ProcessId, group_alive, kill, reap_group
 
 LAUNCH_PATIENCE = 15.0  # how long a launched supervisor may take to take its lock
 
@@ -156,7 +156,7 @@ class Reconciling(Launching):
             if stop and ident:
                 self.enforce_stop(rf, job, stop, ident)
             return job
-        outcome = rf.read(rf.exit)
+        outcome = rf.read(rf.exit) or self.reaped.get(rf.exit)
         if outcome is None:
             launch_age = time.time() - os.stat(rf.launch).st_mtime \
                 if os.path.exists(rf.launch) else None
@@ -165,6 +165,9 @@ class Reconciling(Launching):
             # lock free, it is not starting any more (it died), so no patience is due.
             if ident is None and launch_age is not None and launch_age < LAUNCH_PATIENCE:
                 return job  # the supervisor is still starting
+            if ident:
+                outcome = self.adopt_orphan(job, rf, ident)
+        if outcome is None:
             if ident and ProcessId(*ident["job"]).alive():
                 if stop:  # orphaned job, supervisor gone: still ours to stop
                     self.enforce_stop(rf, job, stop, ident)
@@ -177,6 +180,80 @@ class Reconciling(Launching):
                                    detail="had not started when its daemon stopped")
         self.endings.append((rs, job, rf, outcome, stop))  # recorded after this cycle's starts
         return job
+
+    # --- jobs whose supervisor died ---------------------------------------------------
+
+    def adopt_orphan(self, job: Job, rf: RunFiles,
+                     ident: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+        """A job whose supervisor died (its lock free, no exit file). The daemon is a
+        child subreaper, so a job whose supervisor it forked is now its own child: one
+        still running is followed (`reap` waits for it), one that ended is reaped here
+        and its exit status written as the supervisor would have (returned). None while
+        it runs, or when it is not our child (a daemon restarted since: the status is
+        lost, the kernel gave it to another)."""
+        try:
+            job_id = ProcessId(*ident["job"])
+            pgid = int(ident["pgid"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        if job_id.process() is None:  # a zombie is still a process
+            return None
+        try:
+            done, status = os.waitpid(job_id.pid, os.WNOHANG)
+        except ChildProcessError:
+            return None  # not ours to reap
+        if not done:
+            if job_id.pid not in self.orphans:
+                log.warning("job %d: its supervisor died; the daemon follows the job (pid "
+                            "%d) itself", job.id, job_id.pid)
+                self.orphans[job_id.pid] = (rf, dict(ident))
+                self.orphan_groups.add(pgid)
+            return None
+        self.orphans.pop(job_id.pid, None)
+        return self.orphan_ended(rf, job_id, pgid, status)
+
+    def reap_orphans(self) -> None:
+        """Reap the followed jobs that ended (see `adopt_orphan`); run on SIGCHLD."""
+        for pid, (rf, ident) in list(self.orphans.items()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, -1  # reaped elsewhere: its status is not ours
+            if done:
+                del self.orphans[pid]
+                self.dirty = True
+                if status >= 0:
+                    self.orphan_ended(rf, ProcessId(*ident["job"]), int(ident["pgid"]), status)
+
+    def orphan_ended(self, rf: RunFiles, job: ProcessId, pgid: int,
+                     status: int) -> dict[str, Any]:
+        """Do for a reaped orphan what its supervisor would have: kill what the job left
+        in its group, and write its exit status to `.exit` (kept in memory if that
+        write fails, e.g. on a full disk). Its outputs are not collected."""
+        ended = time.time()
+        code = os.waitstatus_to_exitcode(status)
+        signum = -code if code < 0 else None
+        if group_alive(pgid):
+            kill(job, pgid)  # never with a reaper: we are everyone's
+            self.orphan_groups.add(pgid)
+        reap_group(pgid)
+        outcome: dict[str, Any] = {
+            "exit_code": None if signum else code, "signal": signum, "ended_at": now_iso(),
+            "ended": ended, "forced": signum == signal.SIGKILL,
+            "reaped": "its supervisor died; the daemon reaped the job"}
+        launch = rf.read(rf.launch) or {}
+        text = f"killed by signal {signum}" if signum else f"exited with code {code}"
+        with contextlib.suppress(OSError, KeyError, TypeError), \
+                open(open_private(str(launch["log"])), "ab", buffering=0) as fh:
+            fh.write(f"\n[git tq] job {launch['job_id']} attempt {launch['attempt']} "
+                         f"{text} at {now_iso()} (its supervisor had died; reaped by the "
+                         "daemon)\n".encode())
+        try:
+            rf.write(rf.exit, outcome)
+        except OSError as exc:
+            log.warning("%s: %s; the exit status is kept in memory", rf.exit, exc)
+            self.reaped[rf.exit] = outcome
+        return outcome
 
     def finish(self, rs: RepoState, job: Job, rf: RunFiles, outcome: Mapping[str, Any],
                stop: Optional[Mapping[str, Any]]) -> Job:
@@ -219,7 +296,8 @@ class Reconciling(Launching):
             return self.record(rs, job, "retry", rf, detail=retry, exit_code=code, signal=sig,
                                **produced)
         return self.record(rs, job, "finished", rf, exit_code=code, signal=sig, **stopped,
-                           **produced)
+                           **produced, **({"detail": outcome["reaped"]}
+                                          if isinstance(outcome.get("reaped"), str) else {}))
 
     def retry_reason(self, job: Job, rf: RunFiles, stop: Optional[Mapping[str, Any]],
                      code: Optional[int], sig: Optional[int]) -> Optional[str]:
@@ -280,15 +358,22 @@ class Reconciling(Launching):
             try:
                 rs.store.store_log(job, log_blob)
             except (TqError, OSError) as exc:
-                log.warning("job %d: its log could not be kept in git: %s", job.id, exc)
+                if not self.short_of_space(rs, job.id, f"record {event}", exc):
+                    log.warning("job %d: its log could not be kept in git: %s", job.id, exc)
         try:
             new = advance(rs, job, event, when, tree, **fields)
         except (InvalidTransition, RefRace, NotOurs) as exc:
             log.warning("job %d: could not record %s: %s", job.id, event, exc)
             return job
+        except (TqError, OSError) as exc:
+            if self.short_of_space(rs, job.id, f"record {event}", exc):
+                return job  # its run files stay: the next cycle records it
+            raise
+        self.space_again(rs, job.id, f"record {event}")
         self.remember(rs, new)
         log.info("job %d in %s: %s -> %s", job.id, rs.common, event, new.state.value)
         rf.clear()
+        self.reaped.pop(rf.exit, None)
         if new.state.finished:
             rf.drop_metrics()
             # Its environment (secrets included) is kept only while a resume may need it.
@@ -339,7 +424,7 @@ class Reconciling(Launching):
         if job.state is State.RUNNING:
             try:
                 self.remember(rs, advance(rs, job, "stopping", now_iso(), detail=reason))
-            except (InvalidTransition, RefRace, NotOurs) as exc:
+            except (InvalidTransition, RefRace, NotOurs, NoSpace) as exc:
                 log.warning("job %d: %s", job.id, exc)
         ident = rf.read(rf.ident)
         stop = rf.read(rf.stop)

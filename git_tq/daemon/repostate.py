@@ -261,8 +261,9 @@ class Reading(DaemonBase):
         else:
             rs.tampered.discard(job_id)
         if message is None:
-            self.warn_once(rs, tip, f"refs/tq/jobs/{job_id} is unreadable (not a commit); "
-                                    "ignored")
+            self.warn_once(rs, tip, f"refs/tq/jobs/{job_id} points at {tip[:12]}, which is "
+                                    f"missing or not a commit: job {job_id} is ignored (git tq "
+                                    "gc says how to repair it)")
             return
         ended = FINISHED.search(message)
         if ended:  # nothing for the scheduler (and decoding costs ~0.1 ms)

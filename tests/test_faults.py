@@ -1,0 +1,148 @@
+"""Faults and hostile input, end to end: a full disk, a supervisor killed, a corrupt job
+ref. Real repositories, the real `git-tq`, the real daemon, real signals and a real
+small filesystem (tmpfs, mounted as root; skipped with the reason elsewhere)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import git, open_gate, show, submit, tq, wait_state, wait_until
+
+
+def run_files(job_id: int, suffix: str) -> list[Path]:
+    return list((Path(os.environ["TQ_HOME"]) / "run").glob(f"*/{job_id}.{suffix}"))
+
+
+# ------------------------------------------------------------ a supervisor killed
+
+
+@pytest.mark.usefixtures("autostart")
+def test_a_job_whose_supervisor_was_killed_keeps_its_exit_status(repo: Path,
+                                                                  tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    j = submit(repo, "--cpu", "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done; "
+               "echo bye; exit 5")
+    wait_until(lambda: bool(run_files(j, "ident")))
+    ident = json.loads(run_files(j, "ident")[0].read_text())
+    os.kill(ident["supervisor"][0], signal.SIGKILL)  # the OOM killer, a careless kill -9
+    wait_until(lambda: "follows the job" in daemon_log())
+    assert show(repo, j)["state"] == "running"
+    open_gate(gate, "")
+    data = wait_state(repo, j, "failed")
+    assert (data["exit_code"], data["signal"], data["outcome"]) == (5, None, "exit 5")
+    assert "the daemon reaped the job" in data["detail"]
+    log = Path(data["log"]).read_text()
+    assert "bye" in log and "exited with code 5" in log
+
+
+@pytest.mark.usefixtures("autostart")
+def test_an_orphaned_job_can_still_be_killed(repo: Path) -> None:
+    j = submit(repo, "--cpu", "-g", "1", "sleep", "600")
+    wait_until(lambda: bool(run_files(j, "ident")))
+    ident = json.loads(run_files(j, "ident")[0].read_text())
+    os.kill(ident["supervisor"][0], signal.SIGKILL)
+    wait_until(lambda: "follows the job" in daemon_log())
+    tq(repo, "kill", str(j))
+    try:
+        data = wait_state(repo, j, "cancelled")
+    except AssertionError:
+        print(daemon_log(), {k: v for k, v in show(repo, j).items() if k != "lifecycle"})
+        raise
+    assert data["signal"] == signal.SIGTERM and data["stop"] == "clean"
+
+
+def daemon_log() -> str:
+    path = Path(os.environ["TQ_HOME"]) / "daemon.log"
+    return path.read_text() if path.exists() else ""
+
+
+# ------------------------------------------------------------ a corrupt job ref
+
+
+def test_a_job_ref_at_a_missing_object_is_named_and_can_be_forgotten(repo: Path) -> None:
+    first = submit(repo, "--cpu", "true")
+    second = submit(repo, "--cpu", "echo", "two")
+    bad = "1234567890" * 4
+    (repo / ".git" / "refs" / "tq" / "jobs" / str(first)).write_text(bad + "\n")
+    warning = (f"git tq: warning: job {first} is broken: refs/tq/jobs/{first} points at "
+               f"{bad[:12]}, an object missing from the repository (`git tq rm --forget "
+               f"{first}` removes the ref")
+    for args in (["ls"], ["ls", "--all"], ["ls", "--json"], ["log"], ["top", "--once"]):
+        p = tq(repo, *args)
+        assert p.stderr.startswith(warning), (args, p.stderr)
+        assert len(p.stderr.splitlines()) == 1, (args, p.stderr)
+        assert "two" in p.stdout, args  # the other jobs are listed as ever
+    for args in (["show", str(first)], ["rm", str(first)]):
+        p = tq(repo, *args, check=False)
+        assert p.returncode == 1 and len(p.stderr.splitlines()) == 1, (args, p.stderr)
+        assert p.stderr.startswith(f"git tq: job {first} is broken: refs/tq/jobs/{first} "
+                                   f"points at {bad[:12]}"), p.stderr
+    assert f"job {first} is broken" in tq(repo, "gc").stdout
+    assert show(repo, second)["state"] == "pending"
+    assert "forgotten" in tq(repo, "rm", "--forget", str(first)).stdout
+    assert git(repo, "for-each-ref", f"refs/tq/jobs/{first}") == ""
+    p = tq(repo, "ls", "--all")
+    assert p.stderr == "" and "two" in p.stdout
+
+
+# ------------------------------------------------------------ a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An 8 MB tmpfs holding the repository and the tq home (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {p.stderr.strip()}")
+    monkeypatch.setenv("TQ_HOME", str(mnt / "tqhome"))
+    try:
+        yield mnt
+    finally:
+        from conftest import stop_everything
+
+        stop_everything(tmp_path)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.usefixtures("autostart")
+def test_a_full_disk_loses_no_exit_status(small_disk: Path) -> None:
+    repo = small_disk / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    (repo / "a.txt").write_text("a\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "initial")
+    big = small_disk / "big"
+    j = submit(repo, "--cpu", "sh", "-c", f"echo filling; dd if=/dev/zero of={big} bs=64k "
+               "2>/dev/null; echo full; exit 3")
+    wait_until(lambda: bool(run_files(j, "ident")))
+    job_pid = json.loads(run_files(j, "ident")[0].read_text())["job"][0]
+    wait_until(lambda: not os.path.exists(f"/proc/{job_pid}"), timeout=20)
+    # The job ended on a full disk: its supervisor keeps the status and its lock.
+    p = tq(repo, "run", "-q", "--cpu", "true", check=False)
+    assert (p.returncode, p.stderr) == (1, "git tq: no space left on device while "
+                                           "submitting the job: free some space and retry\n")
+    assert show(repo, j)["state"] == "running"
+    p = tq(repo, "note", str(j), "a note", check=False)
+    assert p.returncode in (0, 1) and "Traceback" not in p.stderr
+    assert len(p.stderr.splitlines()) <= 1
+    big.unlink()  # space is back
+    data = wait_state(repo, j, "failed", timeout=30)
+    assert (data["exit_code"], data["outcome"]) == (3, "exit 3")
+    log = Path(data["log"]).read_text()
+    assert "filling" in log and "exited with code 3" in log
+    text = daemon_log()
+    assert "Traceback" not in text, text
+    assert text.count("no space left on device") <= 2, text
+    assert submit(repo, "--cpu", "true") == j + 1  # nothing half-written stands in the way
