@@ -63,7 +63,7 @@ def test_daemon_killed_three_times_during_a_preemption_loses_nothing(tmp_path: P
 
 
 def test_concurrent_submissions_give_distinct_jobs(tmp_path: Path) -> None:
-    figures = faults.concurrent_runs(tmp_path / "c", 60, 8, env=os.environ)
+    figures = faults.concurrent_runs(tmp_path / "c", 32, 8, env=os.environ)
     assert figures.ok(), (figures.summary(), figures.problems)
 
 
