@@ -23,12 +23,13 @@ def test_daemon_killed_100_times_loses_nothing(tmp_path: Path) -> None:
 
 
 def test_supervisor_killed_30_times_every_job_ends(tmp_path: Path) -> None:
-    """Each killed supervisor's job is recorded as ended, with its exit status or said to
-    have lost it (the daemon does not recover the status yet: the figure is reported)."""
+    """Each killed supervisor's job is recorded as ended, with its true exit status: the
+    daemon, the job's subreaper, reaps it."""
     figures = faults.supervisor_rounds(tmp_path, 30, env=os.environ)
     print(figures.summary())
     assert figures.killed + figures.too_late == 30
     assert figures.not_ended == 0 and figures.wrong == 0, figures.problems
+    assert figures.lost == 0, figures.problems
 
 
 def test_800_concurrent_runs_give_800_distinct_jobs(tmp_path: Path) -> None:
