@@ -132,3 +132,29 @@ def test_abbreviations_of_the_sbatch_options_git_tq_sets_are_refused(
            check=False)
     assert p.returncode != 0 and "sets" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_ls_json_names_the_backend_of_an_active_slurm_job(repo: Path) -> None:
+    """`ls` keeps active records in a cache by commit: the backend must survive it."""
+    job = submit(repo, "--backend", "slurm", "--cpu", "--slurm-arg=--begin=now+3600", "true")
+    wait_until(lambda: "Slurm job" in str(show(repo, job).get("reason")), timeout=30)
+    for _ in range(2):  # the second from the cache
+        rows = json.loads(tq(repo, "ls", "--json").stdout)
+        assert [(r["backend"], r["state"]) for r in rows if r["id"] == job] == [
+            ("slurm", "pending")]
+    tq(repo, "rm", str(job))
+
+
+def test_requeue_of_an_ended_slurm_job_asks_slurm_for_its_gpus_again(
+        repo: Path, tmp_path: Path) -> None:
+    """The copy runs on Slurm (as its record says) with the sbatch options of its
+    request: its GPU, its priority, the tq.slurm.* settings."""
+    seen = tmp_path / "seen"
+    job = submit(repo, "--backend", "slurm", "--gpus", "1", "--sh",
+                 f'echo "gpu=$CUDA_VISIBLE_DEVICES" >> {seen}')
+    wait_state(repo, job, "done", timeout=60)
+    again = int(tq(repo, "requeue", str(job)).stdout.split()[1])
+    record = wait_state(repo, again, "done", timeout=60)
+    assert record["backend"] == "slurm"
+    lines = seen.read_text().splitlines()
+    assert len(lines) == 2 and lines[1] == lines[0] and lines[0] != "gpu=", lines
