@@ -274,6 +274,7 @@ class SlurmJobs(Reconciling):
                 "lock": rf.lock, "ident": rf.ident, "exit": rf.exit, "stop": rf.stop,
                 "ended": rf.ended, "stop_signal": spec.stop_signal,
                 "stop_target": spec.stop_target, "time_limit": spec.time_limit,
+                "grace": job.spec.grace,
                 "retries": spec.retries, "socket": self.home.socket_path(),
                 "attempt_base": job.attempt,
                 "results": {"common": rs.common, "worktree": worktree,

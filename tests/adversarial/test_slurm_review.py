@@ -158,3 +158,23 @@ def test_requeue_of_an_ended_slurm_job_asks_slurm_for_its_gpus_again(
     assert record["backend"] == "slurm"
     lines = seen.read_text().splitlines()
     assert len(lines) == 2 and lines[1] == lines[0] and lines[0] != "gpu=", lines
+
+
+# Saves and exits 0 on SIGTERM.
+SAVES_ON_TERM = """\
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_a_slurm_job_stopped_by_its_time_limit_signal_is_timed_out_not_done(
+        repo: Path) -> None:
+    """Slurm sends the stop signal `grace` seconds before the time limit; a job that saves
+    and exits 0 on it did not finish its work: the record says timed-out."""
+    (repo / "save.py").write_text(SAVES_ON_TERM)
+    job = submit(repo, "--backend", "slurm", "--cpu", "--time", "2s", "python", "save.py")
+    record = wait_state(repo, job, "failed", timeout=90)
+    assert record["event"] == "timed-out" and record["stop"] == "clean", record
+    assert "time limit" in str(record["detail"])
