@@ -146,11 +146,28 @@ def time_limit_near(slurm_id: str, grace: int) -> bool:
     fields = job_fields(slurm_id)
     if fields.get("PreemptTime", "") not in ("", "None", "Unknown"):
         return False
+    # Not EndTime: an scancel sets it to the time of the cancel.
+    limit = slurm_duration(fields.get("TimeLimit", ""))
     try:
-        end = time.mktime(time.strptime(fields.get("EndTime", ""), "%Y-%m-%dT%H:%M:%S"))
+        start = time.mktime(time.strptime(fields.get("StartTime", ""), "%Y-%m-%dT%H:%M:%S"))
     except ValueError:
-        return False  # no time limit (Unknown), or a format not known here
-    return end - time.time() <= grace + 60
+        return False
+    return limit is not None and start + limit - time.time() <= grace + 60
+
+
+def slurm_duration(text: str) -> Optional[int]:
+    """Slurm's `[D-]HH:MM:SS`, `MM:SS` or `MM` in seconds; None for UNLIMITED or other."""
+    days, _, rest = text.rpartition("-")
+    parts = rest.split(":")
+    if not (days.isdigit() or days == "") or not all(p.isdigit() for p in parts) or \
+            not 1 <= len(parts) <= 3:
+        return None
+    if len(parts) == 1:
+        parts = [parts[0], "0"]  # minutes
+    seconds = 0
+    for p in parts:
+        seconds = seconds * 60 + int(p)
+    return seconds + int(days or 0) * 86400
 
 
 def run(launch_path: str, environ: Mapping[str, str]) -> int:

@@ -182,9 +182,10 @@ class SlurmJobs(Reconciling):
     def slurm_ended(self, rs: RepoState, job: Job, af: RunFiles, rf: RunFiles,
                     outcome: Mapping[str, Any], stop: Optional[Mapping[str, Any]],
                     state: Optional[slurm.SlurmJobState], run: int) -> None:
-        if stop is not None and stop.get("kind") == "slurm":
-            # Slurm's signal: a preemption (it is requeued), its time limit, or someone's
-            # scancel --signal. Slurm's next word says which.
+        if stop is not None and stop.get("kind") in ("slurm", "timeout"):
+            # Slurm's signal: a preemption (it is requeued), its time limit (the node took
+            # it for the one before the limit: kind timeout), or someone's scancel. Slurm's
+            # next word says which.
             if state is not None and state.state in LIVE and state.restart_count < run:
                 return
             requeued = state is not None and (state.state in WAITING or
