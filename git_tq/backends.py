@@ -33,6 +33,10 @@ def check_option(arg: str, where: str) -> str:
     name = arg.split("=", 1)[0]
     if not name.startswith("--"):
         name = name[:2]  # -ofile is -o file
+    if name.startswith("--") and len(name) > 2:
+        # sbatch takes any unambiguous prefix of a long option: --open=truncate is
+        # --open-mode=truncate.
+        name = next((r for r in RESERVED if r.startswith(name)), name)
     if name in RESERVED:
         raise UsageError(f"{where} {arg[:40]!r}: git tq sets {name} itself for every "
                          "Slurm job")

@@ -46,7 +46,8 @@ from git_tq.store import (
     split_name,
 )
 
-VERSION = 3  # 2: dependencies and waiting reasons; 3: time_limit, retries, retried, ran_seconds
+VERSION = 4  # 2: dependencies and waiting reasons; 3: time_limit, retries, retried, ran_seconds;
+# 4: the backend
 FEW = 64  # up to this many jobs' ledger entries are looked up one by one
 _FINISHED = frozenset(s.value for s in State if s.finished)
 ACTIVE = frozenset(s.value for s in State if s.active)

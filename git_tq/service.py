@@ -812,9 +812,14 @@ def requeue(ctx: Context, token: str, *, command: Sequence[str] = (),
         spec = dataclasses.replace(spec, env=None, tag=None, priority=DEFAULT_PRIORITY,
                                    grace=DEFAULT_GRACE, stop_signal=stop_signal,
                                    stop_target=stop_target,
-                                   time_limit=time_limit_setting(ctx.config), retries=0)
-        if not spec.gpus.cpu_only:
+                                   time_limit=time_limit_setting(ctx.config), retries=0,
+                                   backend=backends.choose(ctx.config, None))
+        if not spec.gpus.cpu_only and spec.backend == "local":
             gpu_inventory.check_request(spec.gpus, gpu_inventory.machine_gpus(ctx.config))
+    # A Slurm job's sbatch options were in its private record, gone with its end: asked
+    # again of its request and today's tq.slurm.* settings (its --slurm-arg are not known).
+    slurm_args = backends.slurm_options(ctx.config, spec.gpus, spec.time_limit,
+                                        spec.priority) if spec.backend == "slurm" else ()
     detail = f"requeued from job {old.name}" if trust == LOCAL else \
         f"code of job {old.name} ({trust}, by {old.spec.user}@{old.spec.host})"
     draft = Job(id=0, spec=spec, state=State.PENDING, event="submitted", attempt=0,
@@ -834,7 +839,8 @@ def requeue(ctx: Context, token: str, *, command: Sequence[str] = (),
         ctx.local.save_spec(LocalSpec(commit, spec.command, spec.shell, spec.cwd, spec.env,
                                       toplevel, captured, nested, (), spec.stop_signal,
                                       spec.stop_target, time_limit=spec.time_limit,
-                                      retries=spec.retries))
+                                      retries=spec.retries, backend=spec.backend,
+                                      slurm_args=slurm_args))
 
     job = ctx.store.create(draft, tree, before_publish=save_local,
                            after_lost_race=ctx.local.drop_spec)

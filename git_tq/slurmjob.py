@@ -93,6 +93,9 @@ class Forwarder:
         name = launch.get("stop_signal")
         self.signal = stop_signal_number(name) if name in STOP_SIGNALS else int(signal.SIGTERM)
         self.whole_group = launch.get("stop_target") == "group"
+        self.slurm_id = str(launch.get("slurm_id") or "")
+        grace = launch.get("grace")
+        self.grace = grace if isinstance(grace, int) else 0
         self.sent = False
 
     def __call__(self, signum: int, job: Optional[ProcessId], pgid: int) -> None:
@@ -101,6 +104,11 @@ class Forwarder:
         self.sent = True
         stop = read_json(self.stop_path) or {"kind": "slurm", "reason": "signal from Slurm",
                                              "deadline": time.time() + 3600}
+        if stop.get("kind") == "slurm" and self.slurm_id and \
+                time_limit_near(self.slurm_id, self.grace):
+            # `--signal=B:SIG@grace` before the time limit: the job ends timed out, whatever
+            # its exit status once it has saved (a preemption says so in PreemptTime).
+            stop.update(kind="timeout", reason="Slurm time limit reached")
         plan = plan_stop(job, pgid, whole_group=self.whole_group)
         stop.update(signalled=True, signalled_at=time.time(), signal=self.signal,
                     target=plan.target, received=signum)
@@ -117,14 +125,49 @@ def read_json(path: str) -> Optional[dict[str, Any]]:
     return data if isinstance(data, dict) else None
 
 
+def job_fields(slurm_id: str) -> dict[str, str]:
+    """`scontrol show job -o` of this job, as KEY -> VALUE ({} when it cannot say)."""
+    try:
+        p = subprocess.run(["scontrol", "show", "job", "-o", slurm_id], capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return dict(w.partition("=")[::2] for w in p.stdout.split() if "=" in w)
+
+
 def preempted(slurm_id: str) -> bool:
     """Whether Slurm is preempting this job (its PreemptTime is set)."""
-    p = subprocess.run(["scontrol", "show", "job", "-o", slurm_id], capture_output=True,
-                       text=True)
-    for word in p.stdout.split():
-        if word.startswith("PreemptTime="):
-            return word.partition("=")[2] not in ("", "None", "Unknown")
-    return False
+    return job_fields(slurm_id).get("PreemptTime", "") not in ("", "None", "Unknown")
+
+
+def time_limit_near(slurm_id: str, grace: int) -> bool:
+    """Whether a signal from Slurm now is the one it sends `grace` seconds before the
+    job's time limit (checked every 30 s or so): not a preemption, and the end is near."""
+    fields = job_fields(slurm_id)
+    if fields.get("PreemptTime", "") not in ("", "None", "Unknown"):
+        return False
+    # Not EndTime: an scancel sets it to the time of the cancel.
+    limit = slurm_duration(fields.get("TimeLimit", ""))
+    try:
+        start = time.mktime(time.strptime(fields.get("StartTime", ""), "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return False
+    return limit is not None and start + limit - time.time() <= grace + 60
+
+
+def slurm_duration(text: str) -> Optional[int]:
+    """Slurm's `[D-]HH:MM:SS`, `MM:SS` or `MM` in seconds; None for UNLIMITED or other."""
+    days, _, rest = text.rpartition("-")
+    parts = rest.split(":")
+    if not (days.isdigit() or days == "") or not all(p.isdigit() for p in parts) or \
+            not 1 <= len(parts) <= 3:
+        return None
+    if len(parts) == 1:
+        parts = [parts[0], "0"]  # minutes
+    seconds = 0
+    for p in parts:
+        seconds = seconds * 60 + int(p)
+    return seconds + int(days or 0) * 86400
 
 
 def run(launch_path: str, environ: Mapping[str, str]) -> int:
@@ -150,6 +193,7 @@ def run(launch_path: str, environ: Mapping[str, str]) -> int:
             {"exit_code": 127, "signal": None, "ended_at": now_iso(),
              "start_error": f"could not make its worktree on the node: {exc}"}).encode())
         return 1
+    launch["slurm_id"] = slurm_id
     forward = Forwarder(launch)
     supervisor.run(launch, forward, (signal.SIGTERM, forward.signal))
     outcome = read_json(launch["exit"]) or {}

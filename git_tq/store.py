@@ -869,7 +869,8 @@ class RecordCache:
     Version 5: time limit, retries, the time run and the retries done.)
     """
 
-    VERSION = 6  # 5: the spec has after, after_any; 6: time_limit, retries, ran, retried
+    VERSION = 7  # 5: the spec has after, after_any; 6: time_limit, retries, ran, retried;
+    # 7: the backend
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
@@ -902,7 +903,7 @@ def _job_to_row(j: Job) -> tuple[Any, ...]:
             s.command, s.shell, s.priority, s.grace, s.tag, s.env, s.gpus.encode(), s.cwd,
             s.submitted_at, s.user, s.host, s.stop_signal, s.stop_target, j.stop,
             j.stop_seconds, s.params, s.sweep, j.metrics, _outputs_row(j.outputs), s.after,
-            s.after_any, s.time_limit, s.retries, j.ran_seconds, j.retried)
+            s.after_any, s.time_limit, s.retries, j.ran_seconds, j.retried, s.backend)
 
 
 def _outputs_row(o: Optional[Outputs]) -> Optional[tuple[Any, ...]]:
@@ -916,7 +917,7 @@ _STATES = {s.value: s for s in State}
 def _job_from_row(r: tuple[Any, ...]) -> Job:
     spec = JobSpec(r[14], r[15], r[16], r[17], r[18], r[19], _gpu_request(r[20]), r[21],
                    r[22], r[23], r[24], r[25], r[26], r[29], r[30], r[33],
-                   r[34], r[35], r[36])
+                   r[34], r[35], r[36], backend=r[39])
     return Job(r[1], spec, _STATES[r[2]], r[3], r[4], r[5], r[6], _change_summary(r[7]),
                r[0], r[8], r[9], r[10], r[11], r[12], r[13], r[27], r[28], r[31],
                None if r[32] is None else Outputs(*r[32]), r[37], r[38])

@@ -18,6 +18,7 @@ by name and adopts it instead of submitting it twice.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shlex
 import sys
@@ -115,9 +116,12 @@ class SlurmJobs(Reconciling):
                 self.forget_slurm(rf)
                 return
         af = rf.of_attempt(job.attempt)
+        # The attempt's run of its batch job (a retried job's next attempt is a new one,
+        # whose SLURM_RESTART_COUNT starts again at 0).
+        run = job.attempt - batch_base(rf, info)
         outcome, stop = af.read(af.exit), af.read(af.stop)
         if outcome is not None:
-            self.slurm_ended(rs, job, af, rf, outcome, stop, state)
+            self.slurm_ended(rs, job, af, rf, outcome, stop, state, run)
             return
         escalated = stop.get("escalated") if stop is not None else None
         if isinstance(escalated, (int, float)) and time.time() >= escalated + 1:
@@ -132,7 +136,7 @@ class SlurmJobs(Reconciling):
         if state is not None and state.state in LIVE:
             self.enforce_slurm_kill(af, sid, stop)
             return
-        if state is not None and state.state in WAITING and state.restart_count >= job.attempt:
+        if state is not None and state.state in WAITING and state.restart_count >= run:
             # Requeued with no exit status of ours (a node failure, an admin's requeue).
             self.record(rs, job, "preempted", af, detail=f"requeued by Slurm ({state.reason})")
             return
@@ -177,15 +181,15 @@ class SlurmJobs(Reconciling):
 
     def slurm_ended(self, rs: RepoState, job: Job, af: RunFiles, rf: RunFiles,
                     outcome: Mapping[str, Any], stop: Optional[Mapping[str, Any]],
-                    state: Optional[slurm.SlurmJobState]) -> None:
-        if stop is not None and stop.get("kind") == "slurm":
-            # Slurm's signal: a preemption (it is requeued), its time limit, or someone's
-            # scancel --signal. Slurm's next word says which.
-            if state is not None and state.state in LIVE and \
-                    state.restart_count < job.attempt:
+                    state: Optional[slurm.SlurmJobState], run: int) -> None:
+        if stop is not None and stop.get("kind") in ("slurm", "timeout"):
+            # Slurm's signal: a preemption (it is requeued), its time limit (the node took
+            # it for the one before the limit: kind timeout), or someone's scancel. Slurm's
+            # next word says which.
+            if state is not None and state.state in LIVE and state.restart_count < run:
                 return
             requeued = state is not None and (state.state in WAITING or
-                                              state.restart_count >= job.attempt)
+                                              state.restart_count >= run)
             if requeued:
                 self.finish(rs, job, af, outcome, {**stop, "kind": "preempt",
                                                    "reason": "preempted (slurm)"})
@@ -271,6 +275,7 @@ class SlurmJobs(Reconciling):
                 "lock": rf.lock, "ident": rf.ident, "exit": rf.exit, "stop": rf.stop,
                 "ended": rf.ended, "stop_signal": spec.stop_signal,
                 "stop_target": spec.stop_target, "time_limit": spec.time_limit,
+                "grace": job.spec.grace,
                 "retries": spec.retries, "socket": self.home.socket_path(),
                 "attempt_base": job.attempt,
                 "results": {"common": rs.common, "worktree": worktree,
@@ -282,7 +287,10 @@ class SlurmJobs(Reconciling):
             }
             rf.write(rf.launch, launch)
             ensure_log_folder(logfile)
-            name = f"tq-{rs.key[:8]}-{job.id}"
+            # Unique to this repository and batch job (a retry's is a new one): a daemon
+            # killed mid-sbatch looks for it by this name, and must find no other.
+            digest = hashlib.sha256(rs.key.encode()).hexdigest()[:8]
+            name = f"tq-{digest}-{job.id}-{job.attempt + 1}"
             signame = spec.stop_signal.removeprefix("SIG")
             script = (f"#!/bin/sh\n# git tq job {job.id} of {rs.common}\n"
                       f"exec {shlex.quote(sys.executable)} -m git_tq.slurmjob "
@@ -290,7 +298,8 @@ class SlurmJobs(Reconciling):
             options = [f"--job-name={name}", "--requeue", "--open-mode=append",
                        f"--output={logfile}", f"--signal=B:{signame}@{max(1, job.spec.grace)}",
                        *spec.slurm_args]
-            rf.write(rf.slurm, {"name": name, "at": time.time(), "retried": job.retried})
+            rf.write(rf.slurm, {"name": name, "at": time.time(), "retried": job.retried,
+                                "base": job.attempt})
             sid = slurm.submit(script, options)
         except (TqError, OSError) as exc:
             reason = f"could not submit to Slurm: {exc}"
@@ -302,7 +311,7 @@ class SlurmJobs(Reconciling):
             self.forget_slurm(rf)
             return
         rf.write(rf.slurm, {"name": name, "id": sid, "at": time.time(),
-                            "retried": job.retried})
+                            "retried": job.retried, "base": job.attempt})
         log.info("job %d in %s: submitted to Slurm as job %s", job.id, rs.common, sid)
 
     def slurm_submitted(self, rs: RepoState, job_id: int) -> bool:
@@ -333,13 +342,25 @@ class SlurmJobs(Reconciling):
             if job_id in active or job_id in rs.active:
                 continue
             rf = RunFiles(self.home, rs.key, job_id)
-            sid = str((rf.read(rf.slurm) or {}).get("id") or "")
+            info = rf.read(rf.slurm) or {}
+            sid = str(info.get("id") or "")
+            if not sid and info.get("name"):  # an sbatch a killed daemon never heard back
+                with contextlib.suppress(TqError):
+                    sid = slurm.find_by_name(str(info["name"])) or ""
             if sid:
                 with contextlib.suppress(TqError):
                     slurm.cancel(sid)
                     log.info("job %d in %s: cancelled in Slurm (job %s)", job_id, rs.common,
                              sid)
             self.forget_slurm(rf)
+
+
+def batch_base(rf: RunFiles, info: Mapping[str, Any]) -> int:
+    """The attempts a job had before its current batch job (0 unless it was retried)."""
+    base = info.get("base")
+    if not isinstance(base, int):  # written by an older git tq: its launch file says
+        base = (rf.read(rf.launch) or {}).get("attempt_base")
+    return base if isinstance(base, int) else 0
 
 
 def slurm_words(state: Optional[slurm.SlurmJobState]) -> str:
