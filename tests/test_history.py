@@ -7,6 +7,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 from conftest import git, show, submit, tq, tq_json, wait_state, wait_until
 
 
@@ -57,7 +58,9 @@ def _stats(repo: Path) -> dict[str, int]:
     return stats
 
 
-def test_an_idle_daemon_reads_no_refs_until_one_changes(repo: Path, tmp_path: Path) -> None:
+def test_an_idle_daemon_reads_no_refs_until_one_changes(repo: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TQ_RESCAN_SECONDS", "0.5")  # the safety rescans come 6x as often
     tq(repo, "start")
     marker = tmp_path / "ran"
     job = submit(repo, "--cpu", "--", "touch", str(marker))

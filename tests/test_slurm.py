@@ -211,6 +211,7 @@ def test_a_slurm_job_that_ignores_its_stop_signal_is_killed_after_its_grace(
     wait_until(lambda: slurm_state(sid) not in ("RUNNING", "PENDING"), timeout=30)
 
 
+@pytest.mark.slow  # a requeue and Slurm's cred_expire: ~13 s (pytest -m slow)
 def test_a_failed_node_is_recorded_and_the_job_resumes(repo: Path, tmp_path: Path) -> None:
     (repo / "ckpt.py").write_text(CHECKPOINTING)
     marks = tmp_path / "marks"

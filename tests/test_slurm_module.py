@@ -165,6 +165,7 @@ def test_cluster_fixture(slurm_cluster: SlurmCluster) -> None:
 
 @pytest.mark.slurm
 @pytest.mark.xdist_group("slurm")
+@pytest.mark.slow  # the mechanism test_slurm.py's preemption test relies on (~14 s)
 def test_preemption_sends_one_sigterm_and_exit_75_requeues(slurm_cluster: SlurmCluster,
                                                             tmp_path: Path) -> None:
     """Mechanic 1: a `low` job with --requeue --signal=B:TERM@GRACE --open-mode=append is

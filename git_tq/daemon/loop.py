@@ -36,7 +36,14 @@ from git_tq.procs import become_subreaper, group_alive, reap_group
 from git_tq.server import BadRequest, RequestServer, check_request
 from git_tq.store import file_stamp, settled
 
-RESCAN_SECONDS = 3.0
+RESCAN_SECONDS = 3.0  # the safety rescan; TQ_RESCAN_SECONDS overrides it (tests, diagnosis)
+
+
+def rescan_seconds() -> float:
+    try:
+        return min(max(float(os.environ.get("TQ_RESCAN_SECONDS", RESCAN_SECONDS)), 0.2), 60.0)
+    except ValueError:
+        return RESCAN_SECONDS
 PROBE_SECONDS = 0.5
 PREPARE_AHEAD = 2  # waiting jobs whose worktrees are checked out before their turn
 
@@ -106,12 +113,13 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
         requests = RequestServer(self.server, sel, self.handle, client.PROTOCOL)
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         last_scan = 0.0
+        rescan = rescan_seconds()
         last_probe = 0.0
         try:
             while not self.stopping:
                 now = time.monotonic()
-                if self.dirty or now - last_scan >= RESCAN_SECONDS:
-                    timer = now - last_scan >= RESCAN_SECONDS
+                if self.dirty or now - last_scan >= rescan:
+                    timer = now - last_scan >= rescan
                     self.dirty = False
                     last_scan = now
                     last_probe = now
@@ -121,7 +129,7 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
                     if self.foreign_changed():
                         self.dirty = True
                         continue
-                timeout = RESCAN_SECONDS - (time.monotonic() - last_scan)
+                timeout = rescan - (time.monotonic() - last_scan)
                 if self.gpus_in_use:
                     timeout = min(timeout, PROBE_SECONDS - (time.monotonic() - last_probe))
                 if self.next_deadline is not None:

@@ -89,6 +89,7 @@ open("ckpt", "w").write("saved")
 """
 
 
+@pytest.mark.slow  # a requeue and Slurm's cred_expire: ~20 s (pytest -m slow)
 def test_a_retried_slurm_job_requeued_while_no_daemon_watched_is_recorded_resumed(
         repo: Path, tmp_path: Path) -> None:
     """Attempt 1 fails; its retry (a new batch job) is requeued by Slurm (a failed node)
@@ -169,6 +170,7 @@ while True:
 """
 
 
+@pytest.mark.slow  # waits for Slurm's time-limit signal: ~30 s (pytest -m slow)
 def test_a_slurm_job_stopped_by_its_time_limit_signal_is_timed_out_not_done(
         repo: Path) -> None:
     """Slurm sends the stop signal `grace` seconds before the time limit; a job that saves
