@@ -10,6 +10,7 @@ handles every index format, filter and worktree correctly.
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 from git_tq.errors import GitFailed, NoSpace, NotARepository
@@ -282,9 +283,24 @@ def remove_worktree(common_dir: str, path: str) -> str:
     return outcome
 
 
+def out_of_space(stderr: bytes) -> bool:
+    """Whether a git failure came from a full disk: git says so, or says only that it
+    "couldn't write" a file (a ref's lock file) on a filesystem with no room left."""
+    if b"No space left on device" in stderr or b"Disk quota exceeded" in stderr:
+        return True
+    found = re.search(rb"couldn't write '([^']+)'", stderr)
+    if found is None:
+        return False
+    try:
+        fs = os.statvfs(os.path.dirname(os.fsdecode(found.group(1))) or ".")
+    except OSError:
+        return False
+    return fs.f_bavail * fs.f_frsize < 64 * 1024
+
+
 def git_failure(args: Sequence[str], stderr: bytes) -> GitFailed:
     """The error for a git command that failed: NoSpace when the disk was full."""
-    if b"No space left on device" in stderr or b"Disk quota exceeded" in stderr:
+    if out_of_space(stderr):
         return NoSpace(git_message(args, stderr))
     return GitFailed(git_message(args, stderr))
 
@@ -411,7 +427,7 @@ class Repo(FrozenValue):
         if p.returncode == 0:
             return True
         err = p.stderr.decode(errors="replace")
-        if "No space left on device" in err or "Disk quota exceeded" in err:
+        if out_of_space(p.stderr):
             raise git_failure(["update-ref"], p.stderr)
         if "cannot lock ref" in err or "but expected" in err or "already exists" in err \
                 or "unable to resolve reference" in err or "is at" in err:

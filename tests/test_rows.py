@@ -138,8 +138,8 @@ def test_garbage_caches_are_rebuilt(repo: Path) -> None:
     for garbage in (b"", b"\x00garbage", b"\xe9" * 100):
         for name in names:
             (cache_dir(repo) / name).write_bytes(garbage)
-        assert views(repo) == good
-        assert views(repo) == good
+        assert views(repo) == good  # read past the garbage, and the caches written again
+    assert views(repo) == good  # ...and the rewritten caches read back
     # Files from two different writes do not mix.
     saved = (cache_dir(repo) / "json-v1.marshal").read_bytes()
     tq(repo, "note", "1", "changed")
