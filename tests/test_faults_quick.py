@@ -193,6 +193,7 @@ def test_hostile_local_records_are_shown_or_refused(repo: Path, outside: Path) -
     assert not crash.exists(), crash.read_text()
 
 
+@pytest.mark.slow  # (~7 s); adversarial/test_shared covers crafted fetched records: pytest -m slow
 def test_hostile_fetched_records_are_shown_or_refused(make_repo: object, tmp_path: Path,
                                                      outside: Path) -> None:
     """The same records pushed under another origin and taken with `git tq fetch`."""

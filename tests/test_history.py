@@ -114,6 +114,7 @@ def test_the_daemon_packs_loose_job_refs(repo: Path) -> None:
     wait_state(repo, job, "done")
 
 
+@pytest.mark.slow  # 5 kills (~10 s); test_faults_quick has 3, tests/soak 100: pytest -m slow
 def test_daemon_killed_again_and_again_loses_no_job_and_runs_none_twice(
         repo: Path, tmp_path: Path) -> None:
     """SIGKILL the daemon while short jobs start, end and are recorded (the next job

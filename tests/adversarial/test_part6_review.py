@@ -361,6 +361,7 @@ def test_a_sweep_near_the_highest_id_gets_only_valid_ids(repo: Path) -> None:
 # --- packing refs while jobs are written ----------------------------------------------------
 
 
+@pytest.mark.slow  # packing under load, ~13 s (test_history packs refs quickly)
 def test_packing_refs_while_jobs_are_written_loses_none(repo: Path) -> None:
     git(repo, "config", "tq.packRefsAfter", "4")
     ids = [submit(repo, "--cpu", "true") for _ in range(12)]

@@ -94,6 +94,7 @@ def test_racy_edit_quick_rounds(tmp_path: Path) -> None:
         assert snapshot_config(top, job_id) == "lr = 0.9\n", f"round {i}"
 
 
+@pytest.mark.slow  # the real clock, ~11 s (test_racy_edit_quick_rounds is quick)
 def test_racy_edit_real_clock(tmp_path: Path) -> None:
     """The issue's steps with the real clock, 20 rounds (one per repository, so that
     several share each second and the test waits ~2 s in all), the last one run by
