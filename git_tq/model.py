@@ -345,6 +345,12 @@ def stop_signal_name(text: str) -> str:
     return name
 
 
+def launch_stop_signal(name: object) -> str:
+    """The stop signal a launch file names, as a canonical name: the default for anything
+    that is not one (the file is ours, but is read as if it might not be)."""
+    return name if isinstance(name, str) and name in STOP_SIGNALS else DEFAULT_STOP_SIGNAL
+
+
 def stop_signal_number(name: str) -> int:
     """This machine's number of a canonical stop-signal name (SIGTERM if unknown here)."""
     import signal

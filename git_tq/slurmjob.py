@@ -28,12 +28,12 @@ import time
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from git_tq import jobtree, supervisor
+from git_tq import jobtree, slurm, supervisor
 from git_tq.errors import TqError
 from git_tq.home import ensure_private_dir, write_private_file
 from git_tq.lifecycle import now_iso
 from git_tq.localjobs import LocalSpec
-from git_tq.model import STOP_SIGNALS, stop_signal_number
+from git_tq.model import launch_stop_signal, stop_signal_number
 from git_tq.procs import ProcessId, plan_stop
 
 # What Slurm tells a job about its allocation, kept over the submitter's environment.
@@ -90,8 +90,7 @@ class Forwarder:
 
     def __init__(self, launch: Mapping[str, Any]) -> None:
         self.stop_path: str = launch["stop"]
-        name = launch.get("stop_signal")
-        self.signal = stop_signal_number(name) if name in STOP_SIGNALS else int(signal.SIGTERM)
+        self.signal = stop_signal_number(launch_stop_signal(launch.get("stop_signal")))
         self.whole_group = launch.get("stop_target") == "group"
         self.slurm_id = str(launch.get("slurm_id") or "")
         grace = launch.get("grace")
@@ -102,8 +101,8 @@ class Forwarder:
         if self.sent or job is None:
             return
         self.sent = True
-        stop = read_json(self.stop_path) or {"kind": "slurm", "reason": "signal from Slurm",
-                                             "deadline": time.time() + 3600}
+        stop = supervisor.read_json(self.stop_path) or {
+            "kind": "slurm", "reason": "signal from Slurm", "deadline": time.time() + 3600}
         if stop.get("kind") == "slurm" and self.slurm_id and \
                 time_limit_near(self.slurm_id, self.grace):
             # `--signal=B:SIG@grace` before the time limit: the job ends timed out, whatever
@@ -116,15 +115,6 @@ class Forwarder:
         plan.send(self.signal)
 
 
-def read_json(path: str) -> Optional[dict[str, Any]]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def job_fields(slurm_id: str) -> dict[str, str]:
     """`scontrol show job -o` of this job, as KEY -> VALUE ({} when it cannot say)."""
     try:
@@ -132,19 +122,25 @@ def job_fields(slurm_id: str) -> dict[str, str]:
                            text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return {}
-    return dict(w.partition("=")[::2] for w in p.stdout.split() if "=" in w)
+    return slurm.parse_scontrol(p.stdout.strip())
+
+
+def preempting(fields: Mapping[str, str]) -> bool:
+    """Whether Slurm is preempting the job whose `scontrol` fields these are (its
+    PreemptTime is set)."""
+    return fields.get("PreemptTime", "") not in ("", "None", "Unknown")
 
 
 def preempted(slurm_id: str) -> bool:
-    """Whether Slurm is preempting this job (its PreemptTime is set)."""
-    return job_fields(slurm_id).get("PreemptTime", "") not in ("", "None", "Unknown")
+    """Whether Slurm is preempting this job."""
+    return preempting(job_fields(slurm_id))
 
 
 def time_limit_near(slurm_id: str, grace: int) -> bool:
     """Whether a signal from Slurm now is the one it sends `grace` seconds before the
     job's time limit (checked every 30 s or so): not a preemption, and the end is near."""
     fields = job_fields(slurm_id)
-    if fields.get("PreemptTime", "") not in ("", "None", "Unknown"):
+    if preempting(fields):
         return False
     # Not EndTime: an scancel sets it to the time of the cancel.
     limit = slurm_duration(fields.get("TimeLimit", ""))
@@ -196,8 +192,8 @@ def run(launch_path: str, environ: Mapping[str, str]) -> int:
     launch["slurm_id"] = slurm_id
     forward = Forwarder(launch)
     supervisor.run(launch, forward, (signal.SIGTERM, forward.signal))
-    outcome = read_json(launch["exit"]) or {}
-    stop = read_json(launch["stop"]) or {}
+    outcome = supervisor.read_json(launch["exit"]) or {}
+    stop = supervisor.read_json(launch["stop"]) or {}
     if stop.get("kind") == "slurm" and preempted(slurm_id):
         # Saved and ended within the grace: back to the queue now, not at its end.
         subprocess.run(["scontrol", "requeue", slurm_id], capture_output=True)

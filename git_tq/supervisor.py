@@ -155,7 +155,7 @@ def run(launch: dict[str, Any], forward: Optional[SignalHandler] = None,
     status = _wait_for(child.pid)
     code = os.waitstatus_to_exitcode(status)
     signum = -code if code < 0 else None
-    stop = _read_stop(launch.get("stop"))
+    stop = read_json(launch.get("stop"))
     left_at_deadline = False
     if stop is not None and stop.get("target") in ("children", "group"):
         # The signal went to others than the main process: they get their grace too.
@@ -233,8 +233,9 @@ def _collect(launch: dict[str, Any], log: Log) -> dict[str, Any]:
         return {"tree": None, "files": 0, "bytes": 0, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _read_stop(path: Optional[str]) -> Optional[dict[str, Any]]:
-    """The pending stop the daemon wrote (`.stop`), if any."""
+def read_json(path: Optional[str]) -> Optional[dict[str, Any]]:
+    """A run file's object (the daemon's `.stop`, an `.exit`), or None: missing, unreadable
+    or not an object."""
     if not path:
         return None
     try:
@@ -259,7 +260,7 @@ def _wait_for_group(pgid: int, stop_path: str) -> bool:
         _reap_exited()
         if not group_alive(pgid):
             return False
-        stop = _read_stop(stop_path) or {}
+        stop = read_json(stop_path) or {}
         try:
             deadline = float(stop["deadline"])
         except (KeyError, TypeError, ValueError):

@@ -25,7 +25,7 @@ from git_tq.gitrepo import without_repo_vars
 from git_tq.home import RunFiles
 from git_tq.lifecycle import now_iso
 from git_tq.localjobs import LocalSpec
-from git_tq.model import STOP_SIGNALS, Job, stop_signal_number
+from git_tq.model import Job, launch_stop_signal, stop_signal_number
 from git_tq.procs import ProcessId, kill, plan_stop, shell_argv
 
 
@@ -141,8 +141,7 @@ class Launching(Worktrees, Hooks):
         if not stop.get("signalled"):
             # How to stop it comes from the launch file, written from the private record.
             launch = rf.read(rf.launch) or {}
-            name = launch.get("stop_signal")
-            sig = stop_signal_number(name) if name in STOP_SIGNALS else int(signal.SIGTERM)
+            sig = stop_signal_number(launch_stop_signal(launch.get("stop_signal")))
             plan = plan_stop(target, pgid, whole_group=launch.get("stop_target") == "group")
             # Recorded before it is sent: a stop is signalled once, even across a crash
             # (the deadline's SIGKILL is the safety net), and the supervisor learns whom

@@ -34,7 +34,7 @@ from git_tq.daemon.repostate import RepoState, advance
 from git_tq.errors import InvalidTransition, NotOurs, RefRace, TqError
 from git_tq.home import RunFiles, ensure_log_folder
 from git_tq.lifecycle import now_iso
-from git_tq.model import STOP_SIGNALS, Job, State
+from git_tq.model import Job, State, launch_stop_signal
 from git_tq.procs import shell_argv
 
 SLURM_POLL_SECONDS = 1.0  # how often the daemon asks Slurm while it has Slurm jobs
@@ -246,8 +246,7 @@ class SlurmJobs(Reconciling):
             slurm.cancel(sid)
         else:
             launch = info.read(info.launch) or {}
-            name = launch.get("stop_signal")
-            sig = name if name in STOP_SIGNALS else "SIGTERM"
+            sig = launch_stop_signal(launch.get("stop_signal"))
             slurm.cancel(sid, signal=sig.removeprefix("SIG"), full=True)
         log.info("job %d in %s: Slurm job %s killed%s", job.id, rs.common, sid,
                  " now" if now else f", {grace} s of grace")
