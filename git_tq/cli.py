@@ -233,6 +233,8 @@ def cli(ctx: click.Context) -> None:
               help="Queue it again, up to N times, when an attempt fails by itself "
                    "(non-zero exit, or a signal git tq did not send) [0].")
 @click.option("--backend", metavar="local|slurm",
+              shell_complete=lambda ctx, param, incomplete: [
+                  b for b in ("local", "slurm") if b.startswith(incomplete)],
               help="Where it runs: this machine's daemon, or a Slurm batch job "
                    "[tq.backend, else local].")
 @click.option("--slurm-arg", "slurm_args", multiple=True, metavar="OPTION",

@@ -4,6 +4,7 @@ refused at submission with one line, whether or not Slurm is installed."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,11 @@ def test_what_a_slurm_job_asks_of_slurm_is_not_edited(repo: Path) -> None:
     p = tq(repo, "edit", job.stdout.strip(), "-p", "3", check=False)
     assert p.returncode == 1 and "runs on Slurm: only its tag and dependencies" in p.stderr
     assert tq(repo, "edit", job.stdout.strip(), "-t", "kept").returncode == 0
+
+
+def test_the_backend_completes(repo: Path) -> None:
+    env = {**os.environ, "COMP_WORDS": "git-tq run --backend s", "COMP_CWORD": "3",
+           "_GIT_TQ_COMPLETE": "bash_complete"}
+    assert GIT_TQ
+    out = subprocess.run([GIT_TQ], cwd=repo, env=env, capture_output=True, text=True).stdout
+    assert out.split() == ["plain,slurm"]
