@@ -124,9 +124,13 @@ def test_a_full_disk_loses_no_exit_status(small_disk: Path) -> None:
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "initial")
     big = small_disk / "big"
-    j = submit(repo, "--cpu", "sh", "-c", f"echo filling; dd if=/dev/zero of={big} bs=64k "
-               "2>/dev/null; echo full; exit 3")
+    go = small_disk.parent / "go"  # off the small disk
+    # It fills the disk only once its start is on record (`.ident`): a disk full before
+    # then holds the supervisor's write of it until space returns, which is not this test.
+    j = submit(repo, "--cpu", "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.01; done; "
+               f"echo filling; dd if=/dev/zero of={big} bs=64k 2>/dev/null; echo full; exit 3")
     wait_until(lambda: bool(run_files(j, "ident")))
+    open_gate(go, "")
     job_pid = json.loads(run_files(j, "ident")[0].read_text())["job"][0]
     wait_until(lambda: not os.path.exists(f"/proc/{job_pid}"), timeout=20)
     # The job ended on a full disk: its supervisor keeps the status and its lock.
