@@ -379,7 +379,10 @@ def ls_cmd(show_all: bool, states: tuple[str, ...], tags: tuple[str, ...],
 
     ctx = open_context()
     keep = service.origin_filter(ctx, mine, origin)
-    if sort is not None:
+    text: Optional[str] = None  # ls --all --json of every job: often one file read
+    if as_json and show_all and not states and not tags and keep is None and sort is None:
+        text, unreadable = cached.every_json(ctx)
+    elif sort is not None:
         listed = service.list_queue(ctx, include_finished=show_all, states=states,
                                     tags=tags, sort=sort, metrics=metrics or None)
         jobs: list[Any] = [cached.from_view(v) for v in listed.views]
@@ -407,7 +410,7 @@ def ls_cmd(show_all: bool, states: tuple[str, ...], tags: tuple[str, ...],
                    f"{'s are' if len(unreadable) > 1 else ' is'} unreadable "
                    "(git tq ls --all lists them; git tq doctor explains)", err=True)
     if as_json:
-        output.print_json_text(cached.json_text(jobs))
+        output.print_json_text(text if text is not None else cached.json_text(jobs))
         return
     paused = service.queue_pause(ctx.home)
     if paused.active:
@@ -569,10 +572,15 @@ def log_cmd(revisions: tuple[str, ...], metrics: tuple[str, ...], mine: bool,
 
     tq_ctx = open_context()
     keep = service.origin_filter(tq_ctx, mine, origin)
-    got = cached.every(tq_ctx, json=as_json)
-    warn_broken(got.unreadable)
-    by_source: dict[Optional[str], list[cached.Row]] = {}
-    for r in got.rows:
+    if as_json:
+        got = cached.every(tq_ctx)
+        listed: Sequence[Any] = got.rows
+        warn_broken(got.unreadable)
+    else:
+        listed, unreadable = cached.log_rows(tq_ctx)
+        warn_broken(unreadable)
+    by_source: dict[Optional[str], list[Any]] = {}
+    for r in listed:
         if keep is not None and not keep(r.origin):
             continue
         by_source.setdefault(r.source, []).append(r)

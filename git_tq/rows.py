@@ -11,6 +11,11 @@ their refs, so a finished job's rows (its JSON object, its `ls` cells, its
                       the number of finished jobs)
     rows-v1.marshal   per finished tip: its rows and what they were made from (read
                       by `ls --all --json` and `log`)
+    json-v1.marshal   per finished tip: its JSON object as `ls --json` prints it
+    all-json-v1.marshal  the whole text of `ls --all --json` when every job had ended,
+                      stamped with what it was made from (see `every_json`)
+    log-v1.marshal    what `git tq log` prints of each job, under the same condition
+                      and stamp (see `log_rows`)
 
 A row depends on more than its record: whose record it is (the ledger), its
 note, its log file and folder. Each row keeps those inputs and is used only
@@ -30,19 +35,21 @@ import marshal
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from git_tq import output
 from git_tq.home import create_temp_beside, ensure_private_dir
 from git_tq.localjobs import LOCAL, LedgerEntry
-from git_tq.model import Job, Metric, State
+from git_tq.model import ORIGINS_PREFIX, Job, Metric, State
 from git_tq.safetext import json_safe, visible
 from git_tq.service import Context, JobView, job_pid, waiting_reasons
 from git_tq.store import (
     Unreadable,
     _job_from_row,
     _job_to_row,
+    file_stamp,
     refs_stamp,
+    settled,
     split_name,
 )
 
@@ -478,6 +485,85 @@ def every(ctx: Context, *, text: bool = True, json: bool = True) -> Rows:
                 for where, r in fresh.items()}))
     tips.save(folder, {tip for tip, _ in listed})
     return Rows(rows, bad)
+
+
+def _every_stamp(ctx: Context) -> Optional[list[Any]]:
+    """What the text of `ls --all --json` depends on when every job has ended, as stat
+    data: the job refs, packed-refs, the notes refs, our ledger (`_stamp`), the fetched
+    refs' folders, the log root's folders (a log filed elsewhere renames into one) and
+    the repository's config (where the log root is set); None when it cannot be told."""
+    base = _stamp(ctx)
+    if base is None:
+        return None
+    common = ctx.repo.common_dir
+    folders: list[str] = []
+    for top in (os.path.join(common, *ORIGINS_PREFIX.strip("/").split("/")),
+                ctx.store.log_root):
+        for dirpath, dirs, _files in os.walk(top):
+            dirs.sort()
+            folders.append(dirpath)
+    extra = tuple(file_stamp(path) for path in
+                  (os.path.join(common, "config"), *folders))
+    stamps = settled(base + extra)
+    return None if stamps is None else [ctx.store.log_root, *folders, *stamps]
+
+
+def every_json(ctx: Context) -> tuple[str, list[Unreadable]]:
+    """The text of `ls --all --json` (every job, as `json_text` of `every`'s rows) and
+    the unreadable refs. When every job had ended at the last call and nothing it
+    depends on changed since (`_every_stamp`), the text is read whole from
+    all-json-v1.marshal: no ref is listed and no row is read, so 10,000 jobs cost one
+    file read (an active job's row changes with time and the daemon, so it is never kept
+    this way)."""
+    folder = ctx.store.cache_dir
+    path = os.path.join(folder, "all-json-v1.marshal")
+    stamp = _every_stamp(ctx)
+    if stamp is not None:
+        kept = _load(path)
+        if kept is not None and len(kept) == 3 and kept[1] == stamp \
+                and isinstance(kept[2], str):
+            return kept[2], []
+    got = every(ctx, text=False)
+    text = json_text(got.rows)
+    if stamp is not None and not got.unreadable \
+            and all(r.state in _FINISHED for r in got.rows):
+        _save(folder, "all-json-v1.marshal", (VERSION, stamp, text))
+    return text, got.unreadable
+
+
+class LogRow(NamedTuple):
+    """What `git tq log` prints of a job (a `Row`'s fields that it reads)."""
+
+    id: int
+    origin: Optional[str]
+    source: Optional[str]  # the commit it was submitted on
+    state: str
+    line: tuple[str, ...]  # status, runtime, tag, command, changes, note, made visible
+    metrics: tuple[tuple[str, Metric], ...]
+
+    @property
+    def name(self) -> str:
+        return str(self.id) if self.origin is None else f"{self.origin}:{self.id}"
+
+
+def log_rows(ctx: Context) -> tuple[list[LogRow], list[Unreadable]]:
+    """Every job as `git tq log` prints it, and the unreadable refs; like `every_json`,
+    read whole from one file (log-v1.marshal) while every job has ended and nothing
+    they depend on changed."""
+    folder = ctx.store.cache_dir
+    stamp = _every_stamp(ctx)
+    if stamp is not None:
+        kept = _load(os.path.join(folder, "log-v1.marshal"))
+        if kept is not None and len(kept) == 3 and kept[1] == stamp:
+            try:
+                return [LogRow(*t) for t in kept[2]], []
+            except TypeError:
+                pass
+    got = every(ctx, json=False)
+    rows = [LogRow(r.id, r.origin, r.source, r.state, r.line, r.metrics) for r in got.rows]
+    if stamp is not None and not got.unreadable and all(r.state in _FINISHED for r in rows):
+        _save(folder, "log-v1.marshal", (VERSION, stamp, [tuple(r) for r in rows]))
+    return rows, got.unreadable
 
 
 def from_view(view: JobView) -> Row:

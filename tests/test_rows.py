@@ -202,3 +202,55 @@ def test_plain_ls_lists_no_ref_while_none_changed(repo: Path) -> None:
     for garbage in (b"", b"\x00garbage"):
         snapshot.write_bytes(garbage)
         assert [j["id"] for j in json.loads(tq(repo, "ls", "--json").stdout)] == [3]
+
+
+def test_listings_of_ended_jobs_are_read_whole_and_see_every_change(repo: Path) -> None:
+    """With every job ended, `ls --all --json` and `log` print from one file each
+    (all-json-v1, log-v1) once the refs, notes, ledger and log folders have settled;
+    any change to what they show is seen by the next call."""
+    from conftest import wait_until
+
+    finished_jobs(repo)
+    tq(repo, "rm", "3")  # every job ended
+    whole = [cache_dir(repo) / "all-json-v1.marshal", cache_dir(repo) / "log-v1.marshal"]
+
+    def settled_views() -> list[str]:
+        def saved() -> bool:
+            for path in whole:
+                path.unlink(missing_ok=True)
+            tq(repo, "ls", "--all", "--json")
+            tq(repo, "log")
+            return all(path.exists() for path in whole)
+        wait_until(saved, timeout=10)
+        return [tq(repo, "ls", "--all", "--json").stdout, tq(repo, "log").stdout]
+
+    first = settled_views()
+    assert_same_as_uncached(repo)
+    tq(repo, "note", "2", "a note")  # the notes ref moves
+    assert listed(repo)[2]["note"] == "a note" and "a note" in tq(repo, "log").stdout
+    settled_views()
+    tip = git(repo, "rev-parse", "refs/tq/jobs/1").strip()  # a fetched job arrives
+    git(repo, "update-ref", "refs/tq/origins/bob@box/jobs/1", tip)
+    names = {j["name"] for j in json.loads(tq(repo, "ls", "--all", "--json").stdout)}
+    assert "bob@box:1" in names
+    assert "#bob@box:1" in tq(repo, "log").stdout
+    settled_views()
+    git(repo, "update-ref", "-d", "refs/tq/origins/bob@box/jobs/1")
+    assert "#bob@box:1" not in tq(repo, "log").stdout
+    old = Path(listed(repo)[1]["log"])  # a log filed into a folder
+    settled_views()
+    folder = old.parent / "archived"
+    folder.mkdir(parents=True)
+    (folder / old.name).write_text("log\n")
+    assert listed(repo)[1]["category"] == "archived"
+    settled_views()
+    (folder / old.name).unlink()
+    assert listed(repo)[1]["category"] is None
+    settled_views()
+    tq(repo, "run", "-q", "--cpu", "--", "echo", "new")  # an active job: never kept whole
+    for path in whole:
+        path.unlink(missing_ok=True)
+    assert len(listed(repo)) == 4 and not whole[0].exists()
+    tq(repo, "rm", "4")
+    assert settled_views() != first
+    assert_same_as_uncached(repo)
