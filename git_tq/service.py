@@ -20,6 +20,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 from git_tq import backends
 from git_tq import gpus as gpu_inventory
 from git_tq import pause as pausing
+
+# Re-exported: the CLI, the console and other callers find every action here.
+from git_tq.context import Context as Context
+from git_tq.context import user_name
+from git_tq.context import wake_daemon as wake_daemon
 from git_tq.errors import (
     BadSpec,
     BrokenRef,
@@ -29,14 +34,17 @@ from git_tq.errors import (
     TqError,
     UsageError,
 )
-from git_tq.gitrepo import SETTINGS, Repo, locate, run_git, without_repo_vars
+from git_tq.gitrepo import Repo, run_git, without_repo_vars
 from git_tq.home import Home, default_home
+from git_tq.joblists import MAX_RANGE as MAX_RANGE
+from git_tq.joblists import parse_job_tokens as parse_job_tokens
+from git_tq.joblists import resolve_jobs as resolve_jobs
+from git_tq.joblists import token_parts
 from git_tq.lifecycle import apply_event, now_iso
-from git_tq.localjobs import FETCHED, LOCAL, TAMPERED, LedgerEntry, LocalJobs, LocalSpec
+from git_tq.localjobs import FETCHED, LOCAL, TAMPERED, LedgerEntry, LocalSpec
 from git_tq.model import (
     DEFAULT_GRACE,
     DEFAULT_PRIORITY,
-    DEFAULT_STOP_SIGNAL,
     GpuRequest,
     Job,
     JobSpec,
@@ -47,440 +55,28 @@ from git_tq.model import (
 )
 from git_tq.pause import Pause
 from git_tq.snapshot import Snapshot, nested_in_tree, take_snapshot
-from git_tq.snapshot import located as early_location
-from git_tq.store import MISSING, JobStore, Unreadable, identity_env, pending_in_queue_order
+from git_tq.store import MISSING, Unreadable, pending_in_queue_order
+from git_tq.submission import MAX_SWEEP as MAX_SWEEP
+from git_tq.submission import SHELL_CHARS
+from git_tq.submission import SubmitRequest as SubmitRequest
+from git_tq.submission import Submitted as Submitted
+from git_tq.submission import check_env as check_env
+from git_tq.submission import check_retries as check_retries
+from git_tq.submission import dependencies as dependencies
+from git_tq.submission import gpu_queue as gpu_queue
+from git_tq.submission import gpu_request as gpu_request
+from git_tq.submission import parse_sweep as parse_sweep
+from git_tq.submission import resolve_env_option as resolve_env_option
+from git_tq.submission import stop_settings as stop_settings
+from git_tq.submission import submit as submit
+from git_tq.submission import substitute as substitute
+from git_tq.submission import sweep_name as sweep_name
+from git_tq.submission import time_limit_setting as time_limit_setting
+from git_tq.submission import validate_tag as validate_tag
 
 if TYPE_CHECKING:
     from git_tq.jobtree import Kept
     from git_tq.sharing import Shared
-
-_SHELL_CHARS = re.compile(r"[\s|&;<>()$`\\\"'*?~#=]")
-_BAD_TAG = re.compile(r"[\x00-\x20/\\\x7f]")
-
-
-def _user_name() -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return os.environ.get("USER", str(os.getuid()))
-
-
-
-@dataclass
-class Context:
-    """An opened repository with its settings, job store and tq home."""
-
-    repo: Repo
-    config: dict[str, str]
-    store: JobStore
-    home: Home
-
-    @classmethod
-    def open(cls, cwd: Optional[str] = None, environ: Optional[Mapping[str, str]] = None) \
-            -> Context:
-        environ = os.environ if environ is None else environ
-        # One `git rev-parse` and one `git config` (the tq settings and the identity), side
-        # by side; `git tq run` had them run by its head start before click was imported.
-        found = early_location(cwd) or locate(cwd)
-        repo, config = found.repo, found.config
-        home = Home(default_home(config, environ))
-        store = JobStore(repo, identity_env(config, without_repo_vars(environ)),
-                         LocalJobs(home.path, repo.common_dir))
-        return cls(repo, config, store, home)
-
-    @classmethod
-    def at_common_dir(cls, common: str, home: Home) -> Context:
-        """Another repository registered in `home`, by its common git dir (no work tree:
-        for reading its jobs, as the daemon does)."""
-        repo = Repo(toplevel=None, git_dir=common, common_dir=common, prefix="",
-                    index_path=os.path.join(common, "index"))
-        config = repo.config(SETTINGS)
-        store = JobStore(repo, identity_env(config, without_repo_vars(os.environ)),
-                         LocalJobs(home.path, common))
-        return cls(repo, config, store, home)
-
-    @property
-    def local(self) -> LocalJobs:
-        assert self.store.local is not None
-        return self.store.local
-
-
-# --- submit ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SubmitRequest:
-    command: tuple[str, ...]
-    priority: int = DEFAULT_PRIORITY
-    grace: int = DEFAULT_GRACE
-    tag: Optional[str] = None
-    env: Optional[str] = None
-    gpu_ids: Optional[str] = None  # --gpu 0,1
-    gpu_count: Optional[int] = None  # --gpus N
-    cpu: bool = False  # --cpu
-    shell: Optional[bool] = None  # None: decide from the command's shape
-    stop_signal: Optional[str] = None  # --signal; None: tq.stopSignal, else SIGTERM
-    sweep: tuple[str, ...] = ()  # --sweep NAME=V1,V2 ...: one job per combination
-    sweep_name: Optional[str] = None
-    after: tuple[str, ...] = ()  # --after 12,14: start once these are done (exit 0)
-    after_any: tuple[str, ...] = ()  # --after-any 12: start once these have ended
-    time_limit: Optional[str] = None  # --time 2h (none: no limit); None: tq.defaultTime
-    retries: int = 0  # --retry N
-    backend: Optional[str] = None  # --backend local|slurm; None: tq.backend
-    slurm_args: tuple[str, ...] = ()  # --slurm-arg: sbatch options for this job
-
-
-@dataclass(frozen=True)
-class Submitted:
-    job: Job  # the first job (of a sweep)
-    snapshot: Snapshot
-    warnings: tuple[str, ...] = ()
-    daemon_hint: Optional[str] = None  # set when no daemon will run the job
-    jobs: tuple[Job, ...] = ()  # every job queued (one, or a sweep's)
-
-
-MAX_SWEEP = 10_000  # jobs one sweep may queue
-_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def parse_sweep(items: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
-    """`lr=1e-3,1e-4` ... -> [("lr", ("1e-3", "1e-4")), ...]; one-line errors."""
-    from git_tq.recordfmt import CONTROL_CHARACTERS, RecordFormatError, param_name
-
-    params: list[tuple[str, tuple[str, ...]]] = []
-    for item in items:
-        name, eq, values = item.partition("=")
-        try:
-            param_name(name.strip())
-        except RecordFormatError as exc:
-            raise UsageError(f"--sweep {item!r}: {exc}") from None
-        if not eq:
-            raise UsageError(f"--sweep {item!r}: give NAME=VALUE,VALUE...")
-        if name.strip() in (n for n, _ in params):
-            raise UsageError(f"--sweep: parameter {name.strip()} is given twice")
-        words = tuple(v.strip() for v in values.split(",") if v.strip())
-        if not words:
-            raise UsageError(f"--sweep: parameter {name.strip()} has no values")
-        if any(CONTROL_CHARACTERS.search(v) for v in words):  # a record could not hold it
-            raise UsageError(f"--sweep: a value of {name.strip()} holds control characters")
-        params.append((name.strip(), tuple(dict.fromkeys(words))))
-    return params
-
-
-def substitute(command: Sequence[str], values: Mapping[str, str]) -> tuple[str, ...]:
-    """Each `{name}` in the command's words replaced by its value (`{{`, `}}`: a brace);
-    an unknown `{name}` is an error (a typo would otherwise run the whole sweep wrong)."""
-    def one(m: re.Match[str]) -> str:
-        if m.group(0) in ("{{", "}}"):
-            return m.group(0)[0]
-        name = m.group(1)
-        if name not in values:
-            raise UsageError(f"unknown placeholder {{{name}}} in the command: no --sweep "
-                             f"{name}=... (write {{{{{name}}}}} for the text itself)")
-        return values[name]
-    return tuple(_PLACEHOLDER.sub(one, word) for word in command)
-
-
-def sweep_name(command: Sequence[str], now: str) -> str:
-    """A default sweep name: the script's name and the time, `train-20261203-072613`."""
-    words = [w for w in " ".join(command).split() if not w.startswith("-")]
-    script = next((w for w in words if w.endswith((".py", ".sh"))), words[0] if words else "sweep")
-    stem = os.path.splitext(os.path.basename(script))[0]
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._-")[:40] or "sweep"
-    stamp = f"{now[0:4]}{now[5:7]}{now[8:10]}-{now[11:13]}{now[14:16]}{now[17:19]}"
-    return f"{stem}-{stamp}"
-
-
-def gpu_request(req: SubmitRequest, config: Mapping[str, str]) -> GpuRequest:
-    chosen = sum(x for x in (req.gpu_ids is not None, req.gpu_count is not None, req.cpu))
-    if chosen > 1:
-        raise UsageError("give only one of --gpu, --gpus and --cpu")
-    if req.cpu:
-        return GpuRequest.any(0)
-    if req.gpu_ids is not None:
-        return GpuRequest.exact(gpu_inventory.parse_gpu_ids(req.gpu_ids))
-    if req.gpu_count is not None:
-        if req.gpu_count < 0:
-            raise BadSpec("--gpus takes a count of 0 or more")
-        return GpuRequest.any(req.gpu_count)
-    default = config.get("tq.gpu", "").strip()
-    if not default:
-        return GpuRequest.any(1)
-    try:
-        if default == "cpu" or default.startswith("any:"):
-            return GpuRequest.decode(default)
-        return GpuRequest.exact(gpu_inventory.parse_gpu_ids(default))
-    except (ValueError, BadSpec):
-        raise BadSpec(
-            f"git config tq.gpu is {default!r}: use cpu, any:N, or GPU ids like 0,1"
-        ) from None
-
-
-def stop_settings(config: Mapping[str, str], given: Optional[str] = None) -> tuple[str, str]:
-    """How a new job is stopped: (signal name, "main" or "group"), from --signal or
-    tq.stopSignal, and tq.stopTarget."""
-    from git_tq.model import STOP_TARGETS, stop_signal_name
-
-    if given is not None:
-        try:
-            name = stop_signal_name(given)
-        except ValueError as exc:
-            raise UsageError(f"--signal: {exc}") from None
-    else:
-        configured = config.get("tq.stopsignal", "").strip()
-        try:
-            name = stop_signal_name(configured) if configured else DEFAULT_STOP_SIGNAL
-        except ValueError as exc:
-            raise BadSpec(f"git config tq.stopSignal: {exc}") from None
-    target = config.get("tq.stoptarget", "").strip().lower() or "main"
-    if target not in STOP_TARGETS:
-        raise BadSpec(f"git config tq.stopTarget is {target[:20]!r}: use main or group")
-    return name, target
-
-
-def time_limit_setting(config: Mapping[str, str], given: Optional[str] = None) -> Optional[int]:
-    """A new job's time limit in seconds: --time (`none`: no limit), else tq.defaultTime,
-    else none."""
-    from git_tq.model import parse_duration
-
-    if given is not None:
-        if given.strip().lower() == "none":
-            return None
-        try:
-            return parse_duration(given)
-        except ValueError as exc:
-            raise UsageError(f"--time: {exc}") from None
-    configured = config.get("tq.defaulttime", "").strip()
-    if not configured or configured.lower() == "none":
-        return None
-    try:
-        return parse_duration(configured)
-    except ValueError as exc:
-        raise BadSpec(f"git config tq.defaultTime: {exc}") from None
-
-
-def check_retries(retries: int) -> int:
-    from git_tq.model import MAX_RETRIES
-
-    if not 0 <= retries <= MAX_RETRIES:
-        raise UsageError(f"--retry {retries}: give a count from 0 to {MAX_RETRIES}")
-    return retries
-
-
-def gpu_queue(ctx: Context, text: str) -> tuple[int, ...]:
-    """The GPU ids of a queue (`use 0,1` in the console), refused as `run --gpu` refuses
-    them: malformed, or naming a GPU this machine does not have."""
-    ids = gpu_inventory.parse_gpu_ids(text)
-    gpu_inventory.check_request(GpuRequest.exact(ids), gpu_inventory.machine_gpus(ctx.config))
-    return ids
-
-
-def validate_tag(tag: Optional[str]) -> Optional[str]:
-    if tag is None:
-        return None
-    if not tag or len(tag) > 64 or _BAD_TAG.search(tag) or tag.startswith((".", "-")):
-        raise BadSpec(
-            f"bad tag {tag!r}: use up to 64 characters without spaces or slashes, "
-            "not starting with . or -"
-        )
-    return tag
-
-
-def resolve_env_option(env: Optional[str], cwd: str) -> Optional[str]:
-    """A conda env name is kept as given; a path must exist and is made absolute."""
-    if env is None:
-        return None
-    if not env.strip() or "\n" in env:
-        raise BadSpec("empty or multi-line -e: give a conda env name or an env path")
-    if "/" in env or env.startswith(("~", ".")):
-        path = os.path.abspath(os.path.join(cwd, os.path.expanduser(env)))
-        if not os.path.isdir(path):
-            raise BadSpec(f"environment {env!r} is not a directory (give a venv or conda prefix)")
-        return path
-    return env
-
-
-def check_env(env: str, cwd: str) -> tuple[str, Optional[str]]:
-    """An environment chosen once for many jobs (the console's `env NAME`): a path is
-    checked and made absolute as `run -e` does (refused if it is not a directory); a conda
-    env name is looked up, and a warning comes back when no conda, mamba or micromamba
-    knows it (jobs given it would fail to start)."""
-    resolved = resolve_env_option(env, cwd)
-    assert resolved is not None
-    if "/" in resolved:
-        return resolved, None
-    from git_tq import envs
-
-    try:
-        envs.conda_prefix(resolved, os.environ)
-    except TqError as exc:
-        return resolved, f"{exc}: jobs run with it will not start"
-    except (OSError, subprocess.SubprocessError) as exc:
-        return resolved, f"could not ask conda about {resolved!r}: {exc}"
-    return resolved, None
-
-
-def submit(ctx: Context, req: SubmitRequest, *, environ: Optional[Mapping[str, str]] = None,
-           now: Optional[str] = None) -> Submitted:
-    """Snapshot the work tree and record a pending job."""
-    if not req.command or not any(w.strip() for w in req.command):
-        raise UsageError("no command given: git tq run [options] [--] COMMAND...")
-    if req.grace < 0:
-        raise BadSpec("grace period (-g) must be 0 seconds or more")
-    stop_signal, stop_target = stop_settings(ctx.config, req.stop_signal)
-    time_limit = time_limit_setting(ctx.config, req.time_limit)
-    retries = check_retries(req.retries)
-    toplevel = ctx.repo.require_worktree("git tq run")
-    if "\n" in ctx.repo.prefix:
-        raise BadSpec("the current directory's name contains a newline; run from elsewhere")
-    request = gpu_request(req, ctx.config)
-    backend = backends.choose(ctx.config, req.backend)
-    slurm_args: tuple[str, ...] = ()
-    if backend == "slurm":
-        slurm_args = backends.slurm_options(ctx.config, request, time_limit, req.priority,
-                                            req.slurm_args)
-        import shutil
-
-        if shutil.which("sbatch") is None:
-            raise BadSpec("the slurm backend needs sbatch, which is not on PATH (run from a "
-                          "machine that submits to your cluster)")
-    elif req.slurm_args:
-        raise UsageError("--slurm-arg is for jobs run by Slurm (--backend slurm)")
-    elif not request.cpu_only:
-        gpu_inventory.check_request(request, gpu_inventory.machine_gpus(ctx.config))
-    after, after_any = dependencies(ctx, req.after, req.after_any)
-    command = tuple(req.command)
-    shell = req.shell
-    if shell is None:
-        shell = len(command) == 1 and bool(_SHELL_CHARS.search(command[0]))
-    if shell and len(command) > 1:
-        command = (" ".join(command),)
-    spec = JobSpec(
-        command=command,
-        shell=shell,
-        priority=req.priority,
-        grace=req.grace,
-        tag=validate_tag(req.tag),
-        env=resolve_env_option(req.env, os.path.join(toplevel, ctx.repo.prefix)),
-        gpus=request,
-        cwd=ctx.repo.prefix,
-        submitted_at=now or now_iso(),
-        user=_user_name(),
-        host=os.uname().nodename,
-        stop_signal=stop_signal,
-        stop_target=stop_target,
-        after=after,
-        after_any=after_any,
-        time_limit=time_limit,
-        retries=retries,
-        backend=backend,
-    )
-    variants: list[tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = [((), command)]
-    if req.sweep:
-        import itertools
-
-        params = parse_sweep(req.sweep)
-        total = 1
-        for _, values in params:
-            total *= len(values)
-        if total > MAX_SWEEP:
-            raise UsageError(f"the sweep makes {total} jobs; at most {MAX_SWEEP} at once")
-        names = [n for n, _ in params]
-        variants = []
-        for combo in itertools.product(*(values for _, values in params)):
-            chosen = tuple(zip(names, combo))
-            variants.append((chosen, substitute(command, dict(chosen))))
-        name = req.sweep_name or ""
-        if _is_id(name) or re.fullmatch(r"[0-9]+-[0-9]+", name):
-            raise BadSpec(f"bad sweep name {name!r}: it would read as a job id or range")
-        spec = dataclasses.replace(spec, sweep=validate_tag(
-            req.sweep_name or sweep_name(command, spec.submitted_at)))
-    elif req.sweep_name:
-        raise UsageError("--sweep-name needs --sweep")
-    snap = take_snapshot(ctx.repo)
-    if spec.cwd and ctx.repo.resolve_object(f"{snap.tree}:{spec.cwd}") is None:
-        raise BadSpec(f"the current directory {spec.cwd}/ is not in the snapshot (it is empty "
-                      "or ignored), so the job could not start there: run from a directory "
-                      "with files git sees")
-    draft = Job(id=0, spec=spec, state=State.PENDING, event="submitted", attempt=0,
-                snapshot="", source=snap.source, changes=snap.changes)
-    environ = os.environ if environ is None else environ
-    captured = without_repo_vars(environ)
-    ctx.home.register_repo(ctx.repo.common_dir)
-
-    nested = tuple((n.path, n.git_dir, n.commit) for n in snap.nested)
-
-    def save_local(commit: str) -> None:
-        ctx.local.save_spec(LocalSpec(commit, spec.command, spec.shell, spec.cwd, spec.env,
-                                      toplevel, captured, nested, snap.outside_cone,
-                                      spec.stop_signal, spec.stop_target,
-                                      time_limit=spec.time_limit, retries=spec.retries,
-                                      backend=backend, slurm_args=slurm_args))
-
-    if not req.sweep:
-        job = ctx.store.create(draft, snap.tree, before_publish=save_local,
-                               after_lost_race=ctx.local.drop_spec)
-        return Submitted(job, snap, snap.warnings, wake_daemon(ctx, (job.id,)), (job,))
-    drafts = [draft.evolve(spec=dataclasses.replace(spec, command=words, params=chosen))
-              for chosen, words in variants]
-
-    def save_all(commits: list[str]) -> None:
-        # What runs comes from these private records: the command with its values
-        # substituted, and TQ_PARAM_<name> in the environment.
-        for d, commit in zip(drafts, commits):
-            s = d.spec
-            env = {**captured, **{f"TQ_PARAM_{k}": v for k, v in s.params}}
-            ctx.local.save_spec(LocalSpec(commit, s.command, s.shell, s.cwd, s.env, toplevel,
-                                          env, nested, snap.outside_cone, s.stop_signal,
-                                          s.stop_target, time_limit=s.time_limit,
-                                          retries=s.retries, backend=backend,
-                                          slurm_args=slurm_args))
-
-    def drop_all(commits: list[str]) -> None:
-        for commit in commits:
-            ctx.local.drop_spec(commit)
-
-    jobs = ctx.store.create_many(drafts, snap.tree, before_publish=save_all,
-                                 after_lost_race=drop_all)
-    return Submitted(jobs[0], snap, snap.warnings, wake_daemon(ctx, [j.id for j in jobs]),
-                     tuple(jobs))
-
-
-def dependencies(ctx: Context, after: Sequence[str], after_any: Sequence[str], *,
-                 editing: Optional[int] = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The ids `--after` and `--after-any` name (ids, ranges, sweeps, tags), sorted; a
-    job in both counts as `--after`. Refused: a job that does not exist (every id of a
-    range must), one not submitted here by this user (it never runs here), and for
-    `--after` one that already failed or was cancelled (this one could never start)."""
-    if not after and not after_any:
-        return (), ()
-    entries = ctx.local.entries()
-    chosen: dict[str, tuple[int, ...]] = {}
-    for option, tokens in (("--after", after), ("--after-any", after_any)):
-        if not tokens:
-            chosen[option] = ()
-            continue
-        try:
-            jobs = resolve_jobs(ctx, tokens, missing_ok_in_ranges=False)
-        except TqError as exc:
-            raise type(exc)(f"{option}: {exc}") from None
-        for job in jobs:
-            trust = ctx.store.trust(job, entries)
-            if trust != LOCAL:
-                raise NotOurs(f"{option}: job {job.name} was not submitted here by you "
-                              f"({trust}): it never runs here, so nothing could follow it")
-            if job.id == editing:
-                raise BadSpec(f"{option}: job {job.id} cannot wait for itself")
-            if option == "--after" and job.state in (State.FAILED, State.CANCELLED):
-                ended = "failed" if job.state is State.FAILED else "was cancelled"
-                raise BadSpec(f"--after: job {job.id} {ended}, so a job after it could never "
-                              "start (--after-any waits for any ending)")
-        chosen[option] = tuple(sorted(j.id for j in jobs))
-    firm = chosen["--after"]
-    return firm, tuple(i for i in chosen["--after-any"] if i not in set(firm))
-
 
 @dataclass(frozen=True)
 class EditRequest:
@@ -645,21 +241,6 @@ def quick_edit_request(letter: str, value: str) -> EditRequest:
         EditRequest(grace=number)
 
 
-def _flag(ctx: Context, name: str, default: bool) -> bool:
-    value = ctx.config.get(name)
-    if value is None:
-        return default
-    return value.strip().lower() in ("true", "yes", "on", "1")
-
-
-def wake_daemon(ctx: Context, jobs: Sequence[int] = ()) -> Optional[str]:
-    """Nudge the daemon (starting it unless tq.autostart is false); a hint if it is off.
-    `jobs`: the jobs whose refs changed (the daemon then reads just those)."""
-    from git_tq import client
-
-    return client.nudge(ctx.home, autostart=_flag(ctx, "tq.autostart", True),
-                        repo=ctx.repo.common_dir, jobs=jobs)
-
 
 # --- the daemon ----------------------------------------------------------------
 
@@ -797,12 +378,12 @@ def requeue(ctx: Context, token: str, *, command: Sequence[str] = (),
         raise UsageError(f"job {old.name} was not written here by you ({trust}): its command is "
                          f"not trusted; give one: git tq requeue {old.name} -- COMMAND...")
     # Its dependencies have ended long since (one may have failed): the copy has none.
-    spec = dataclasses.replace(old.spec, submitted_at=now or now_iso(), user=_user_name(),
+    spec = dataclasses.replace(old.spec, submitted_at=now or now_iso(), user=user_name(),
                                host=os.uname().nodename, after=(), after_any=())
     if command:
         if not any(w.strip() for w in command):
             raise UsageError("empty command")
-        shell = len(command) == 1 and bool(_SHELL_CHARS.search(command[0]))
+        shell = len(command) == 1 and bool(SHELL_CHARS.search(command[0]))
         spec = dataclasses.replace(spec, command=tuple(command), shell=shell,
                                    cwd=ctx.repo.prefix if trust != LOCAL else spec.cwd)
     if trust != LOCAL:
@@ -1995,82 +1576,6 @@ def set_note(ctx: Context, token: str, text: Optional[str], *, append: bool = Fa
     return job
 
 
-MAX_RANGE = 100_000  # jobs one range may name
-
-
-def parse_job_tokens(tokens: Sequence[str]) -> list[str]:
-    """`1 3 5`, `1,3,5` or `1-3,5` (or all of these) -> ['1', '2', '3', '5']; other
-    tokens (tags, sweep names, commits) are passed on as they are."""
-    result: list[str] = []
-    for part in _token_parts(tokens):
-        ids = _job_range(part)
-        if ids is None:
-            result.append(part)
-        else:
-            result.extend(map(str, ids))
-    if not result:
-        raise UsageError("no job given")
-    return result
-
-
-def _token_parts(tokens: Sequence[str]) -> Iterator[str]:
-    """The comma-separated, non-empty parts of job tokens."""
-    for token in tokens:
-        yield from (t.strip() for t in token.split(",") if t.strip())
-
-
-def _job_range(part: str) -> Optional[range]:
-    """The ids of a range `12-15`, None when `part` is not one; a one-line error for
-    a backwards or huge range."""
-    low, dash, high = part.partition("-")
-    if not (dash and _is_id(low) and _is_id(high)):
-        return None
-    a, b = int(low), int(high)
-    if a > b:
-        raise UsageError(f"bad job range {part!r}: {a} is after {b}")
-    if b - a >= MAX_RANGE:
-        raise UsageError(f"job range {part!r} names more than {MAX_RANGE} jobs")
-    return range(a, b + 1)
-
-
-def _is_id(text: str) -> bool:
-    return text.isascii() and text.isdigit() and len(text) <= 18
-
-
-def resolve_jobs(ctx: Context, tokens: Sequence[str], *,
-                 missing_ok_in_ranges: bool = True) -> list[Job]:
-    """The jobs a list of tokens names, in order, each once: ids, ranges (`12-15`: the
-    ids of it that exist, unless none does), `tq/jobs/7`, job commits, and the name of a
-    sweep or a tag (every job that has it). Unknown names are a one-line error."""
-    from git_tq.errors import UnknownJob
-
-    jobs: dict[str, Job] = {}  # by name: a local 7 and alice@gpu1:7 are two jobs
-    listing: Optional[list[Job]] = None
-    for part in _token_parts(tokens):
-        span = _job_range(part)
-        if span is not None:
-            listing = ctx.store.list_jobs() if listing is None else listing
-            found = [j for j in listing if j.id in span]
-            if not found or not missing_ok_in_ranges and len(found) != len(span):
-                raise UnknownJob(f"no job in range {part} (see git tq ls --all)")
-            jobs.update((j.name, j) for j in found)
-            continue
-        try:
-            job = ctx.store.resolve(part)
-        except UnknownJob:
-            if _is_id(part) or part.startswith(("tq/", "refs/")):
-                raise
-            listing = ctx.store.list_jobs() if listing is None else listing
-            named = [j for j in listing if part in (j.spec.sweep, j.spec.tag)]
-            if not named:
-                raise UnknownJob(f"no job, sweep or tag {part!r} (see git tq ls --all)") \
-                    from None
-            jobs.update((j.name, j) for j in named)
-            continue
-        jobs[job.name] = job
-    if not jobs:
-        raise UsageError("no job given")
-    return list(jobs.values())
 
 
 @dataclass(frozen=True)
@@ -2098,7 +1603,7 @@ def remove(ctx: Context, tokens: Sequence[str], *, forget: bool = False,
             done.append(Removal(exc.job_id, "forgotten (its ref was broken)"))
             gone = {str(exc.job_id), f"tq/jobs/{exc.job_id}", f"refs/tq/jobs/{exc.job_id}",
                     f"jobs/{exc.job_id}"}
-            tokens = [t for t in _token_parts(tokens) if t.strip() not in gone]
+            tokens = [t for t in token_parts(tokens) if t.strip() not in gone]
             if not tokens:
                 return done
     for job in jobs.values():
@@ -2592,7 +2097,7 @@ def this_origin(ctx: Context) -> str:
     short host name)."""
     from git_tq import origins
 
-    return origins.this_origin(ctx.config, _user_name())
+    return origins.this_origin(ctx.config, user_name())
 
 
 def push_jobs(ctx: Context, remote: Optional[str], *, dry_run: bool = False) -> Shared:

@@ -24,6 +24,9 @@ LAYERS: list[set[str]] = [
     {"rows"},  # ready-to-print rows of ls and log, cached by tip
     {"output"},  # CLI-side rendering
     {"service"},
+    {"submission"},  # `git tq run`: imported without the other actions
+    {"joblists"},  # ids, ranges, tags, sweep names -> jobs
+    {"context"},  # an opened repository, its store and tq home; the daemon's nudge
     {"daemon"},
     {"sharing"},  # push, fetch and the notes merge (the git CLI's own)
     {"slurmjob"},  # a Slurm batch job's payload on its node: runs the supervisor
