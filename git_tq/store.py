@@ -495,11 +495,6 @@ class JobStore:
             return self.next_free_id()
         return last + 1
 
-    def ref_exists(self, ref: str) -> bool:
-        """Whether exactly this ref exists (rev-parse would also find refs/tags/<ref>)."""
-        p = self.repo.git("show-ref", "--verify", "-q", "--end-of-options", ref, check=False)
-        return p.returncode == 0
-
     def create(self, draft: Job, tree: str,
                before_publish: Optional[Callable[[str], None]] = None,
                after_lost_race: Optional[Callable[[str], None]] = None) -> Job:
@@ -523,15 +518,14 @@ class JobStore:
                 commit = self._commit(tree, draft.source, recordfmt.encode(job))
                 if before_publish:
                     before_publish(commit)
-                ref = job_ref(job_id)
-                won = not self.ref_exists(ref)
+                # No look first: the ref's creation (old value zero) fails if the id
+                # is taken, and the ledger line is then withdrawn (one process less).
+                local.record(job_id, LedgerEntry(commit, None, commit))
+                won = self.repo.update_ref(job_ref(job_id), commit, "0" * len(commit),
+                                           f"tq: submit job {job_id}")
+                local.record(job_id, LedgerEntry(commit, commit, None) if won else None)
                 if won:
-                    local.record(job_id, LedgerEntry(commit, None, commit))
-                    won = self.repo.update_ref(ref, commit, "0" * len(commit),
-                                               f"tq: submit job {job_id}")
-                    local.record(job_id, LedgerEntry(commit, commit, None) if won else None)
-                    if won:
-                        local.remember_id(job_id)
+                    local.remember_id(job_id)
             if won:
                 return job.evolve(snapshot=commit, tip=commit)
             if after_lost_race:
