@@ -35,6 +35,18 @@ make_venv() {  # make_venv DIR: a virtualenv, with a fallback where python3-venv
     fi
 }
 
+LAUNCHER_MARK="git tq's launcher, written by setup.sh"
+
+write_launcher() {  # write_launcher PATH: `git-tq` for PATH, running the venv's python
+    # Not a link to pip's script: that one imports `re` before anything else, and
+    # `git tq run` starts its first git process sooner without it.
+    local path=$1 tmp="$1.tmp.$$"
+    printf '#!%s\n# %s (bash setup.sh --uninstall removes it)\nimport sys\n\nfrom git_tq.entry import main\n\nsys.exit(main())\n' \
+        "$venv/bin/python" "$LAUNCHER_MARK" > "$tmp"
+    chmod 755 "$tmp"
+    mv -f "$tmp" "$path"
+}
+
 install() {
     command -v git >/dev/null || die "git is not installed"
     "$python" -c 'import sys; sys.exit(sys.version_info < (3, 9))' \
@@ -61,7 +73,7 @@ install() {
         "$venv/bin/python" -m pip install --quiet "nvidia-ml-py>=12" \
             || say "warning: nvidia-ml-py did not install; declare GPUs with git config tq.gpus"
     fi
-    ln -sfn "$venv/bin/git-tq" "$bin_dir/git-tq"
+    write_launcher "$bin_dir/git-tq"
     cp "$here/man/git-tq.1" "$man_dir/git-tq.1"
     cp "$here/git_tq/completion/git-tq.bash" "$bash_dir/git-tq"
     cp "$here/git_tq/completion/_git-tq" "$zsh_dir/_git-tq"
@@ -87,8 +99,10 @@ uninstall() {
     fi
     while IFS= read -r path; do
         case "$path" in
-            "$bin_dir/git-tq")  # only our own link, never someone else's git-tq
+            "$bin_dir/git-tq")  # only our own launcher (or link), never someone else's git-tq
                 if [ -L "$path" ] && [ "$(readlink "$path")" = "$venv/bin/git-tq" ]; then
+                    rm -f "$path"
+                elif [ -f "$path" ] && [ ! -L "$path" ] && grep -qF "$LAUNCHER_MARK" "$path"; then
                     rm -f "$path"
                 fi ;;
             "$man_dir/git-tq.1"|"$bash_dir/git-tq"|"$zsh_dir/_git-tq"|"$fish_dir/git-tq.fish")

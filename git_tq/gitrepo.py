@@ -10,7 +10,6 @@ handles every index format, filter and worktree correctly.
 from __future__ import annotations
 
 import os
-import re
 import stat
 
 from git_tq.errors import GitFailed, NoSpace, NotARepository
@@ -288,6 +287,8 @@ def out_of_space(stderr: bytes) -> bool:
     "couldn't write" a file (a ref's lock file) on a filesystem with no room left."""
     if b"No space left on device" in stderr or b"Disk quota exceeded" in stderr:
         return True
+    import re  # here: `git tq run` starts git before `re` is imported
+
     found = re.search(rb"couldn't write '([^']+)'", stderr)
     if found is None:
         return False

@@ -53,6 +53,18 @@ def test_first_git_process_starts_before_heavy_imports(repo: Path) -> None:
     assert git(repo, "rev-parse", "--verify", "-q", "refs/tq/jobs/1").strip()
 
 
+def test_the_head_start_imports_no_regular_expressions() -> None:
+    """`re` (with enum and functools) costs a few ms of start-up: the modules that start
+    `run`'s first git processes import it only when they need it. (Without site: an
+    editable install's finder imports it at start-up.)"""
+    root = Path(__file__).resolve().parent.parent
+    code = (f"import sys; sys.path.insert(0, {str(root)!r}); import git_tq.entry, "
+            "git_tq.snapshot; print(sorted({'re', 'enum'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_run_locates_the_repository_once(repo: Path, tmp_path: Path) -> None:
     (repo / "train.py").write_text("changed\n")
     (repo / "new.py").write_text("new\n")
