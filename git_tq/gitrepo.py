@@ -449,7 +449,7 @@ class Repo(FrozenValue):
 SETTINGS = r"^(tq|user)\."  # what a command's context reads: the tq settings and the identity
 
 
-REPEATABLE = frozenset({"tq.slurm.args"})  # settings given many times: every value counts
+REPEATABLE = frozenset({"tq.slurm.args", "tq.link"})  # given many times: every value counts
 
 
 def settings_dict(items: list[tuple[str, Optional[str]]]) -> dict[str, str]:

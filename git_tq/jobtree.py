@@ -204,8 +204,8 @@ def link_ignored(common: str, path: str, source: str, config: Mapping[str, str])
             top = line.rstrip("/")
             if top and "/" not in top:
                 names.append(top)
-    out = _git(["config", "--get-all", "tq.link"], source, check=False)
-    names += [n.strip().strip("/") for n in out.decode().splitlines() if n.strip()]
+    # Every tq.link value, one per line (gitrepo.REPEATABLE): read with the settings.
+    names += [n.strip().strip("/") for n in config.get("tq.link", "").split("\n") if n.strip()]
     linked = []
     for name in names:
         src, dst = os.path.join(source, name), os.path.join(path, name)

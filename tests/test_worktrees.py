@@ -117,6 +117,21 @@ def test_an_empty_ignored_folder_is_linked(repo: Path) -> None:
     assert show(repo, j)["kept_worktree"] is None
 
 
+def test_every_tq_link_path_is_linked(repo: Path) -> None:
+    """`tq.link` may be given many times (each an untracked or ignored path of the source
+    tree); a path outside it is never linked."""
+    (repo / ".gitignore").write_text("data/\nckpt/\n")  # not in the snapshot
+    for name in ("data", "ckpt"):
+        (repo / name).mkdir()
+        (repo / name / "x").write_text(name)
+    git(repo, "config", "tq.linkIgnored", "false")  # only what tq.link names
+    for value in ("data", "ckpt/", "../outside"):
+        git(repo, "config", "--add", "tq.link", value)
+    j = submit(repo, "--cpu", "sh", "-c", "cat data/x ckpt/x > both; ls -d ../outside || true")
+    wait_state(repo, j, "done")
+    assert git(repo, "show", f"refs/tq/jobs/{j}:both") == "datackpt"
+
+
 def test_jobs_taken_out_of_the_queue_leave_no_worktree(repo: Path, tmp_path: Path) -> None:
     git(repo, "config", "tq.gpus", "0")
     (repo / "wait.py").write_text(WAITER)
