@@ -1755,13 +1755,13 @@ def code_differences(ctx: Context, jobs: Sequence[Job]) -> list[CodeDiff]:
 MAX_COMPARE = 100  # jobs one comparison shows
 
 
-def compare(ctx: Context, tokens: Sequence[str]) -> Comparison:
-    """Jobs side by side (ids, ranges, tags, sweeps; at least two): their properties,
-    how their code differs from the first one's, and every metric any of them has, with
-    the best value of each marked (lower for loss, error, ... and `tq.compare.lower`
-    names; higher for the others)."""
+def compare(ctx: Context, tokens: Sequence[str], *, least: int = 2) -> Comparison:
+    """Jobs side by side (ids, ranges, tags, sweeps; at least `least`: two for `compare`,
+    one for a report): their properties, how their code differs from the first one's,
+    and every metric any of them has, with the best value of each marked (lower for
+    loss, error, ... and `tq.compare.lower` names; higher for the others)."""
     jobs = resolve_jobs(ctx, tokens)
-    if len(jobs) < 2:
+    if len(jobs) < least:
         only = f"job {jobs[0].id}" if jobs else "none"
         raise UsageError(f"git tq compare needs at least 2 jobs ({' '.join(tokens)} names "
                          f"only {only})")
@@ -1837,6 +1837,61 @@ def job_tree(ctx: Context, job: Job) -> str:
 def outputs_tree(ctx: Context, job: Job) -> str:
     """The code of a job plus what its last ended attempt wrote: its tip's tree."""
     return ctx.repo.out("rev-parse", "--verify", "--end-of-options", f"{job.tip}^{{tree}}")
+
+
+@dataclass(frozen=True)
+class SnapshotDiff:
+    """What a job ran beyond its source commit: its submission commit against its parent
+    (HEAD at submission; nothing on an unborn branch), as a patch with a summary."""
+
+    files: tuple[tuple[str, Optional[int], Optional[int]], ...]  # path, +lines, -lines
+    patch: str  # git's patch of the files not omitted (surrogate escapes for bad bytes)
+    omitted: tuple[str, ...] = ()  # large files left out of `patch` (named in `files`)
+
+
+DIFF_MAX_LINES = 20_000  # changed lines a snapshot diff shows in full
+
+
+def snapshot_diff(ctx: Context, job: Job, max_lines: int = DIFF_MAX_LINES) -> SnapshotDiff:
+    """The code a job ran against its source commit: `git diff-tree` of its submission
+    commit (checked: `store.submission`), plumbing that runs no external diff or textconv
+    driver. Files are counted first (`--numstat`); when their changed lines add up to more
+    than `max_lines`, the largest are left out of the patch and only named, so one
+    snapshotted data file cannot make a page of hundreds of megabytes."""
+    from git_tq.localjobs import is_oid
+
+    commit = ctx.store.submission(job)
+    if not is_oid(commit):  # only object ids reach git's arguments
+        raise TqError(f"could not find the code of job {job.name}")
+    base = ["diff-tree", "-r", "-M", "--root", "--no-commit-id", "--no-color"]
+    out = ctx.repo.git(*base, "--numstat", "-z", "--end-of-options", commit) \
+        .stdout.decode(errors="surrogateescape")
+    files: list[tuple[str, Optional[int], Optional[int]]] = []
+    parts = out.split("\0")
+    i = 0
+    while i < len(parts) and parts[i]:
+        added, deleted, path = (parts[i].split("\t", 2) + ["", ""])[:3]
+        if path:
+            i += 1
+        else:  # a rename: "A\tD\t" then the old and the new path
+            path = parts[i + 2] if i + 2 < len(parts) else ""
+            i += 3
+        files.append((path, int(added) if added.isdigit() else None,
+                      int(deleted) if deleted.isdigit() else None))
+    size = {path: (a or 0) + (d or 0) for path, a, d in files}
+    shown, omitted, total = [], [], 0
+    for path in sorted(size, key=size.__getitem__):
+        if total + size[path] <= max_lines:
+            shown.append(path)
+            total += size[path]
+        else:
+            omitted.append(path)
+    patch = ""
+    if shown:
+        only = ["--", *shown] if omitted else []
+        patch = ctx.repo.git("--literal-pathspecs", *base, "-p", "--end-of-options", commit,
+                             *only).stdout.decode(errors="surrogateescape")
+    return SnapshotDiff(tuple(files), patch, tuple(sorted(omitted)))
 
 
 def run_diff(ctx: Context, first: str, second: Optional[str], stat: bool,
@@ -2382,6 +2437,44 @@ def follow_log(ctx: Context, token: str, *, from_start: bool = True,
                 return
             path = ctx.store.log_path(job)
         time.sleep(poll)
+
+
+@dataclass(frozen=True)
+class LogPiece:
+    """Bytes of a job's log from `start` to `end`, for a page that follows it."""
+
+    start: int
+    end: int  # where the next read starts
+    data: bytes
+    ended: bool  # the job has finished and nothing more will come
+    stored: bool  # read from the copy kept in git (the file is not on this machine)
+
+
+def log_piece(ctx: Context, job: Job, offset: Optional[int] = None,
+              limit: int = 64 * 1024) -> LogPiece:
+    """At most `limit` bytes of the job's log from `offset` (None: its last `limit`
+    bytes), from the file while it is here, else from the copy kept in git; never more
+    than `limit` bytes are read. An offset past the end (a log filed and replaced)
+    starts again from the tail."""
+    path = ctx.store.log_path(job)
+    ended = job.state.finished
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                start = max(0, size - limit) if offset is None or offset > size else offset
+                fh.seek(start)
+                data = fh.read(limit)
+            return LogPiece(start, start + len(data), data,
+                            ended and start + len(data) >= size, False)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+    stored = ctx.store.stored_log(job) if ended or job.origin is not None else None
+    if stored is None:
+        return LogPiece(0, 0, b"", ended, False)
+    start = max(0, len(stored) - limit) if offset is None or offset > len(stored) else offset
+    data = stored[start:start + limit]
+    return LogPiece(start, start + len(data), data, start + len(data) >= len(stored), True)
 
 
 @dataclass(frozen=True)
