@@ -43,9 +43,11 @@ from git_tq.model import (
     Metric,
     Outputs,
     State,
+    epoch,
     format_duration,
 )
 from git_tq.pause import Pause
+from git_tq.series import AttemptSeries, JobCurves
 from git_tq.snapshot import Snapshot, nested_in_tree, take_snapshot
 from git_tq.snapshot import located as early_location
 from git_tq.store import MISSING, JobStore, Unreadable, identity_env, pending_in_queue_order
@@ -1806,6 +1808,79 @@ def compare(ctx: Context, tokens: Sequence[str], *, least: int = 2) -> Compariso
         lower = lower_is_better(name, extra)
         rows.append(CompareRow(name, "metric", values, best_index(values, lower), lower))
     return Comparison(views, rows, code)
+
+
+# --- metric series: plot, report, serve -----------------------------------------------
+
+
+MAX_PLOT_JOBS = 200  # jobs one plot (or report) draws
+
+
+def max_points(config: Mapping[str, str]) -> int:
+    """`tq.metrics.maxPoints`: points kept per series (default 100,000; a bad value is
+    the default, as a job's end must never fail on it)."""
+    from git_tq import series
+
+    text = config.get("tq.metrics.maxpoints", "").strip()
+    return int(text) if text.isdigit() and 0 < int(text) <= 10**8 \
+        else series.DEFAULT_MAX_POINTS
+
+
+def curve_jobs(ctx: Context, tokens: Sequence[str], *, every: bool = False) -> list[Job]:
+    """The jobs a plot names: the job list tokens (ids, ranges, tags, sweeps), or with
+    `every` all jobs, fetched ones too (`ls --all`'s)."""
+    if every:
+        jobs = ctx.store.list_jobs(fetched=True)
+        if tokens:
+            raise UsageError("give job lists or --all, not both")
+    else:
+        jobs = resolve_jobs(ctx, tokens)
+    if len(jobs) > MAX_PLOT_JOBS:
+        raise UsageError(f"{len(jobs)} jobs: at most {MAX_PLOT_JOBS} are drawn at once; "
+                         "name fewer (a range, a tag, a sweep)")
+    return jobs
+
+
+def job_curves(ctx: Context, jobs: Sequence[str] | Sequence[Job],
+               metrics: Optional[Sequence[str]] = None) -> list[JobCurves]:
+    """Every metric series of `jobs` (job list tokens, or jobs already resolved), per
+    job in order: the series stored in git for ended attempts, plus, for a running job
+    of ours, the points written so far in its metrics files. `metrics` keeps only those
+    names (all numeric ones when None). A job recorded before series were kept shows
+    its final metrics as one point each."""
+    from git_tq import series
+
+    resolved = [j for j in jobs if isinstance(j, Job)]
+    if len(resolved) != len(jobs):
+        resolved = resolve_jobs(ctx, [str(t) for t in jobs])
+    limit = max_points(ctx.config)
+    entries = ctx.local.entries()
+    blobs = ctx.store.note_blobs(series.SERIES_REF)
+    keys = _note_keys(ctx, resolved, entries, blobs)
+    data = ctx.store.blobs((blobs[k] for k in keys.values() if k in blobs),
+                           series.MAX_NOTE_BYTES)
+    found = []
+    for job in resolved:
+        blob = blobs.get(keys[job.name])
+        attempts = series.decode_attempts(data.get(blob, b""), limit) if blob else []
+        trust = ctx.store.trust(job, entries)
+        if trust == LOCAL and job.state in (State.RUNNING, State.STOPPING):
+            attempts += _live_attempt(ctx, job, attempts, limit)
+        resumes, curves = series.merge_attempts(attempts, metrics, limit)
+        if not attempts and job.metrics:
+            when = epoch(job.ended_at) or epoch(job.started_at) or 0.0
+            curves = {k: v for k, v in series.from_final_metrics(job.metrics, job.attempt,
+                                                                 when).items()
+                      if metrics is None or k in metrics}
+        found.append(series.JobCurves(job.name, job.spec.tag, dict(job.spec.params),
+                                      job.state.value, resumes, curves))
+    return found
+
+
+def _live_attempt(ctx: Context, job: Job, stored: Sequence[AttemptSeries],
+                  limit: int) -> list[AttemptSeries]:
+    """The running attempt's points so far (none yet: filled in by the live reader)."""
+    return []
 
 
 # --- code: diff and checkout ---------------------------------------------------

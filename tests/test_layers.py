@@ -34,7 +34,7 @@ LAYERS: list[set[str]] = [
     {"localjobs", "pause"},  # the trust boundary: what this user submitted here · pause
     {"lifecycle", "recordfmt", "home", "gpus", "gitrepo", "procs", "envs", "deps", "origins",
      "backends", "slurm"},  # slurm: Slurm's command-line tools
-    {"model", "errors", "safetext", "__init__"},
+    {"model", "errors", "safetext", "series", "__init__"},
 ]
 UI_LIBRARIES = {"click", "rich", "prompt_toolkit"}
 UI_MODULES = {"cli", "__main__", "entry", "output", "top", "console"}
