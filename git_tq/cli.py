@@ -711,8 +711,8 @@ def report(jobs: tuple[str, ...], path: str, metrics: tuple[str, ...], open_it: 
     from git_tq import service, web
 
     web.require("report", web.REPORT_NEEDS)
-    from git_tq.web import report as reporting
     from git_tq.output import size_text
+    from git_tq.web import report as reporting
 
     written = reporting.write(open_context(), jobs, path,
                               service.metric_names(metrics) or None)

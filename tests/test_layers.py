@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"entry"},
     {"console"},  # a thin modal layer that runs the CLI's own commands
     {"cli"},
-    {"top"},
+    {"top", "web"},  # the dashboard · report and serve (the web stack, imported lazily)
     {"rows"},  # ready-to-print rows of ls and log, cached by tip
     {"output"},  # CLI-side rendering
     {"service"},
