@@ -16,7 +16,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 SERIES_REF = "refs/notes/tq-series"  # each job's series, on its submission commit
 DEFAULT_MAX_POINTS = 100_000  # per series (tq.metrics.maxPoints)
@@ -89,7 +89,10 @@ def _num(x: float) -> float | int:
     return int(x) if x.is_integer() and abs(x) < 2**53 else x
 
 
-def downsample(points: Sequence[Point], limit: int) -> tuple[Point, ...]:
+T = TypeVar("T")
+
+
+def downsample(points: Sequence[T], limit: int) -> tuple[T, ...]:
     """At most `limit` points, picked evenly (the first and the last always kept)."""
     n = len(points)
     if limit <= 0 or n <= limit:

@@ -1816,16 +1816,6 @@ def compare(ctx: Context, tokens: Sequence[str], *, least: int = 2) -> Compariso
 MAX_PLOT_JOBS = 200  # jobs one plot (or report) draws
 
 
-def max_points(config: Mapping[str, str]) -> int:
-    """`tq.metrics.maxPoints`: points kept per series (default 100,000; a bad value is
-    the default, as a job's end must never fail on it)."""
-    from git_tq import series
-
-    text = config.get("tq.metrics.maxpoints", "").strip()
-    return int(text) if text.isdigit() and 0 < int(text) <= 10**8 \
-        else series.DEFAULT_MAX_POINTS
-
-
 def curve_jobs(ctx: Context, tokens: Sequence[str], *, every: bool = False) -> list[Job]:
     """The jobs a plot names: the job list tokens (ids, ranges, tags, sweeps), or with
     `every` all jobs, fetched ones too (`ls --all`'s)."""
@@ -1842,18 +1832,22 @@ def curve_jobs(ctx: Context, tokens: Sequence[str], *, every: bool = False) -> l
 
 
 def job_curves(ctx: Context, jobs: Sequence[str] | Sequence[Job],
-               metrics: Optional[Sequence[str]] = None) -> list[JobCurves]:
+               metrics: Optional[Sequence[str]] = None, *,
+               hints: Optional[list[str]] = None) -> list[JobCurves]:
     """Every metric series of `jobs` (job list tokens, or jobs already resolved), per
     job in order: the series stored in git for ended attempts, plus, for a running job
-    of ours, the points written so far in its metrics files. `metrics` keeps only those
+    of ours, the points written so far in its metrics files (read incrementally: a
+    process that asks again reads only what was added). `metrics` keeps only those
     names (all numeric ones when None). A job recorded before series were kept shows
-    its final metrics as one point each."""
+    its final metrics as one point each. `hints` gets a line for what could not be
+    read (TensorBoard files without the extra)."""
     from git_tq import series
+    from git_tq.results import max_points_setting
 
     resolved = [j for j in jobs if isinstance(j, Job)]
     if len(resolved) != len(jobs):
         resolved = resolve_jobs(ctx, [str(t) for t in jobs])
-    limit = max_points(ctx.config)
+    limit = max_points_setting(ctx.config)
     entries = ctx.local.entries()
     blobs = ctx.store.note_blobs(series.SERIES_REF)
     keys = _note_keys(ctx, resolved, entries, blobs)
@@ -1865,7 +1859,7 @@ def job_curves(ctx: Context, jobs: Sequence[str] | Sequence[Job],
         attempts = series.decode_attempts(data.get(blob, b""), limit) if blob else []
         trust = ctx.store.trust(job, entries)
         if trust == LOCAL and job.state in (State.RUNNING, State.STOPPING):
-            attempts += _live_attempt(ctx, job, attempts, limit)
+            attempts += _live_attempt(ctx, job, limit, hints)
         resumes, curves = series.merge_attempts(attempts, metrics, limit)
         if not attempts and job.metrics:
             when = epoch(job.ended_at) or epoch(job.started_at) or 0.0
@@ -1877,10 +1871,50 @@ def job_curves(ctx: Context, jobs: Sequence[str] | Sequence[Job],
     return found
 
 
-def _live_attempt(ctx: Context, job: Job, stored: Sequence[AttemptSeries],
-                  limit: int) -> list[AttemptSeries]:
-    """The running attempt's points so far (none yet: filled in by the live reader)."""
-    return []
+# Live readers of running attempts' metrics files, kept while this process lives (plot
+# -f, serve): by (repository, job, attempt), each file read from where the last read ended.
+_LIVE: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+def _live_attempt(ctx: Context, job: Job, limit: int,
+                  hints: Optional[list[str]]) -> list[AttemptSeries]:
+    """The running attempt's points so far, from its metrics files (where they began and
+    when their bytes came: the supervisor's run file); none if it has not started."""
+    from git_tq import metricfiles
+    from git_tq.home import RunFiles, repo_key
+    from git_tq.series import downsample
+
+    rf = RunFiles(ctx.home, repo_key(ctx.repo.common_dir), job.id)
+    launch = rf.read(rf.launch) if os.path.exists(rf.series) else None
+    side = metricfiles.read_sidecar(rf.series)
+    spec = (launch or {}).get("results")
+    if launch is None or side is None or not isinstance(spec, dict) \
+            or side.attempt != job.attempt:
+        return []
+    key = (ctx.repo.common_dir, job.id, side.attempt)
+    readers = _LIVE.setdefault(key, {})
+    for old in [k for k in _LIVE if k[:2] == key[:2] and k != key]:
+        del _LIVE[old]  # an earlier attempt's
+    try:
+        names = tuple(str(n) for n in spec["limits"]["metrics_files"])
+        paths = metricfiles.metrics_paths(spec.get("metrics_file"), str(launch["cwd"]),
+                                          names)
+    except (KeyError, TypeError):
+        return []
+    columns: dict[str, list[tuple[float, float, float]]] = {}
+    for path in paths:
+        reader = readers.get(path)
+        if reader is None:
+            reader = readers[path] = metricfiles.FileSeries(path, side.marks.get(path),
+                                                            side.started)
+        reader.read(side.checkpoints.get(path))
+        if reader.hint and hints is not None and reader.hint not in hints:
+            hints.append(reader.hint)
+        for name, rows in reader.rows.items():
+            columns.setdefault(name, []).extend(rows)
+    return [AttemptSeries(side.attempt, side.started,
+                          {n: downsample(r, limit) for n, r in columns.items()},
+                          {n: len(r) for n, r in columns.items()})]
 
 
 # --- code: diff and checkout ---------------------------------------------------

@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
     {"slurmjob"},  # a Slurm batch job's payload on its node: runs the supervisor
     {"scheduler", "supervisor", "client", "server"},
     {"results"},  # what a run produced: outputs, metrics, its log
+    {"metricfiles"},  # a job's metrics files read as points (JSON lines, CSV, TensorBoard)
     {"jobtree"},
     {"store", "snapshot"},
     {"localjobs", "pause"},  # the trust boundary: what this user submitted here · pause
