@@ -117,7 +117,7 @@
         title: {text: plotlyText(metric), x: 0.02}, uirevision: metric + (byTime ? "t" : "s"),
         margin: {l: 60, r: 20, t: 40, b: 40}, height: 320, shapes: shapes,
         xaxis: {title: {text: byTime ? "time" : "step"}, type: byTime ? "date" : "linear"},
-        legend: {orientation: "h", y: -0.2}, showlegend: total > 0,
+        showlegend: total > 0,
       };
       Plotly.react(div, traces, layout, {displaylogo: false, responsive: true});
     });
