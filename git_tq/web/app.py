@@ -216,7 +216,7 @@ class Views:
                 data = pages.curves_json(ctx, tokens, metrics)
         except TqError as exc:
             return JSONResponse({"error": visible(str(exc))}, status_code=400)
-        return JSONResponse(render.finite(data), headers={"cache-control": "no-store"})
+        return JSONResponse(data, headers={"cache-control": "no-store"})
 
     def log(self, request: Request) -> Response:
         given = request.query_params.get("offset")
@@ -309,7 +309,11 @@ def serve(cwd: str, host: str, port: Optional[int], announce: Callable[[str], No
 
     from git_tq import rows
 
-    rows.every(service.Context.open(cwd), json=False)  # the rows cache made before the URL
+    # The caches the first pages read (the job list's rows, the records the board lists)
+    # are made before the URL is shown.
+    ctx = service.Context.open(cwd)
+    rows.every(ctx, json=False)
+    ctx.store.listing()
     sock = listen(host, port)
     token = secrets.token_urlsafe(32)
     cookie = f"tq-token-{sock.getsockname()[1]}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import math
 import os
 from typing import Any
 
@@ -36,17 +35,6 @@ def _visible(value: Any) -> Any:
     return value
 
 
-def finite(data: Any) -> Any:
-    """`data` with every float that JSON cannot hold (nan, inf) as its text."""
-    if isinstance(data, float):
-        return data if math.isfinite(data) else str(data)
-    if isinstance(data, dict):
-        return {k: finite(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [finite(v) for v in data]
-    return data
-
-
 @functools.lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
@@ -56,6 +44,7 @@ def environment() -> jinja2.Environment:
     env.filters["duration"] = output.duration
     env.filters["since"] = output.since
     env.filters["size"] = output.size_text
+    # Series hold finite numbers only (series.py); a nan would make JSON.parse fail.
     env.policies["json.dumps_kwargs"] = {"sort_keys": False, "allow_nan": False}
     return env
 

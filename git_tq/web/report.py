@@ -55,7 +55,7 @@ def build(ctx: service.Context, tokens: Sequence[str],
         written=now, version=__version__, csp=csp, table=table, links=False,
         views=found.views, style=Markup(render.static_text("tq.css")), plotly=plotly,
         script=script, live=False,
-        data={"kind": "report", "curves": render.finite(series.to_json(curves))})
+        data={"kind": "report", "curves": series.to_json(curves)})
     shown = {name for c in curves for name in c.series}
     return html, len(names), len(shown)
 
