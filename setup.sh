@@ -5,6 +5,10 @@
 #   bash setup.sh              install (or update) from this checkout
 #   bash setup.sh --uninstall  remove everything this script installed, nothing else
 #   bash setup.sh --test       make ./.venv with the test tools and run the whole suite
+#
+# TQ_SETUP_EXTRAS (default: web) names the extras installed with it; `web` is what
+# `git tq report` and `git tq serve` need. TQ_SETUP_EXTRAS= installs the core only
+# (a machine that only runs jobs).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -56,7 +60,9 @@ install() {
     say "installing git tq into $venv"
     "$venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
     # The web extra: Jinja2, plotly's JavaScript, Starlette, uvicorn (git tq report, serve).
-    "$venv/bin/python" -m pip install --quiet "$here[web]" || die "pip install failed"
+    local extras=${TQ_SETUP_EXTRAS-web}
+    "$venv/bin/python" -m pip install --quiet "$here${extras:+[$extras]}" \
+        || die "pip install failed"
     # nvidia-ml-py lets git tq find GPUs through NVML; optional where no driver exists.
     if [ -e /proc/driver/nvidia/version ] || command -v nvidia-smi >/dev/null 2>&1; then
         "$venv/bin/python" -m pip install --quiet "nvidia-ml-py>=12" \

@@ -23,6 +23,10 @@ from typing import Any, Optional
 import pytest
 from conftest import BIN_DIR, stop_everything, wait_until
 
+# One worker runs them all (`--dist loadgroup`): the module's site and browser are
+# made once.
+pytestmark = pytest.mark.xdist_group("web")
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("TQ_TEST_ARTIFACTS") or ROOT / "tests" / "artifacts")
 NOTE_SCRIPT = "<script>alert(1)</script> lr too high"
