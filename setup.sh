@@ -5,6 +5,10 @@
 #   bash setup.sh              install (or update) from this checkout
 #   bash setup.sh --uninstall  remove everything this script installed, nothing else
 #   bash setup.sh --test       make ./.venv with the test tools and run the whole suite
+#
+# TQ_SETUP_EXTRAS (default: web) names the extras installed with it; `web` is what
+# `git tq report` and `git tq serve` need. TQ_SETUP_EXTRAS= installs the core only
+# (a machine that only runs jobs).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -67,7 +71,10 @@ install() {
     make_venv "$venv"
     say "installing git tq into $venv"
     "$venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-    "$venv/bin/python" -m pip install --quiet "$here" || die "pip install failed"
+    # The web extra: Jinja2, plotly's JavaScript, Starlette, uvicorn (git tq report, serve).
+    local extras=${TQ_SETUP_EXTRAS-web}
+    "$venv/bin/python" -m pip install --quiet "$here${extras:+[$extras]}" \
+        || die "pip install failed"
     # nvidia-ml-py lets git tq find GPUs through NVML; optional where no driver exists.
     if [ -e /proc/driver/nvidia/version ] || command -v nvidia-smi >/dev/null 2>&1; then
         "$venv/bin/python" -m pip install --quiet "nvidia-ml-py>=12" \
@@ -119,12 +126,34 @@ uninstall() {
     say "uninstalled (job records in your repositories and the tq home are kept)"
 }
 
+find_chromium() {  # the browser the tests drive (Debian's chromium; no download of its own)
+    local name
+    for name in "${TQ_CHROMIUM:-}" chromium chromium-browser google-chrome; do
+        [ -n "$name" ] && command -v "$name" && return 0
+    done
+    return 1
+}
+
+ensure_chromium() {  # as the README tells developers: apt-get install chromium
+    find_chromium >/dev/null && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        say "installing chromium (apt-get) for the browser tests"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q chromium >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
+            || say "warning: chromium did not install: the browser tests will fail under CI"
+    else
+        say "no chromium: the browser tests will be skipped (sudo apt-get install chromium)"
+    fi
+}
+
 run_tests() {
     cd "$here"
     make_venv "$here/.venv"
     "$here/.venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
     "$here/.venv/bin/python" -m pip install --quiet -e "$here[test]" || die "pip install failed"
     export PATH="$here/.venv/bin:$PATH"
+    ensure_chromium
     # Byte-compile the package now: where PYTHONDONTWRITEBYTECODE is set, every git-tq the
     # suite starts would otherwise compile it again (0.34 s a start instead of 0.15 s).
     python -m compileall -q "$here/git_tq" >/dev/null || die "compileall failed"

@@ -705,6 +705,60 @@ def compare(jobs: tuple[str, ...], as_json: bool) -> None:
     output.print_segment_table([""] + [f"#{v.job.name}" for v in found.views], rows, footer)
 
 
+@cli.command(context_settings=CONTEXT)
+@click.argument("jobs", nargs=-1, required=True, shell_complete=complete_jobs)
+@click.option("-o", "--output", "path", default="tq-report.html", show_default=True,
+              metavar="FILE", help="Where to write the report ('-': standard output).")
+@click.option("-m", "--metrics", "metrics", multiple=True, metavar="NAMES",
+              shell_complete=complete_metrics,
+              help="Only these metrics' curves, e.g. loss,acc [every metric].")
+@click.option("--open", "open_it", is_flag=True, help="Open it in the default browser.")
+def report(jobs: tuple[str, ...], path: str, metrics: tuple[str, ...], open_it: bool) -> None:
+    """Write one self-contained HTML file: the jobs' compare table and interactive curves
+    (it needs no network to open). JOBS: ids, ranges (12-15), a tag or a sweep name."""
+    from git_tq import service, web
+
+    web.require("report", web.REPORT_NEEDS)
+    from git_tq.output import size_text
+    from git_tq.web import report as reporting
+
+    written = reporting.write(open_context(), jobs, path,
+                              service.metric_names(metrics) or None)
+    if path == "-":
+        return
+    say(f"wrote {written.path}: {written.jobs} job{'s' if written.jobs != 1 else ''}, "
+        f"{written.metrics} metric{'s' if written.metrics != 1 else ''} "
+        f"({size_text(written.size)})")
+    if open_it and not reporting.open_in_browser(written.path):
+        say("git tq: no browser could be started: open the file yourself", err=True)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (another makes the queue visible to anyone who "
+                   "can reach it and has the token).")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Port to listen on (0: any free one) [8765, else any free one].")
+def serve(host: str, port: Optional[int]) -> None:
+    """A live, read-only view of the queue in your browser: GPUs, jobs, logs, curves.
+    Open the URL it prints (it carries the token every request needs); Ctrl-C stops it."""
+    from git_tq import web
+
+    web.require("serve", web.SERVE_NEEDS)
+    from git_tq.web import app
+
+    open_context()  # a repository, or one clear line
+
+    def announce(url: str) -> None:
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            say(f"git tq serve: listening on {host}: anyone who can reach it and has the "
+                "token sees this repository's jobs", err=True)
+        say(f"git tq serve: {url}")
+        say("(read-only; Ctrl-C stops it)", err=True)
+
+    app.serve(os.getcwd(), host, port, announce)
+
+
 # --- code ----------------------------------------------------------------------
 
 

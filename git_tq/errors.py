@@ -109,6 +109,11 @@ class ShareRefused(TqError):
     """A push or fetch that git refused for some refs (it would rewind a job's history)."""
 
 
+class MissingDependency(TqError):
+    """An optional dependency (the `web` extra of `report` and `serve`) is not installed;
+    the message says how to install it."""
+
+
 class SlurmError(TqError):
     """A Slurm tool is missing, failed or did not answer; the message names it and carries
     the first line of Slurm's own complaint."""

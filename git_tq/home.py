@@ -371,6 +371,9 @@ class RunFiles:
         # $TQ_METRICS: written by the job, read at each attempt's end, kept across
         # attempts (the last write wins), removed when the job has finished.
         self.metrics = base + ".metrics"
+        # Where the running attempt's series begin in each metrics file, and when their
+        # bytes appeared (the supervisor's; read by live views: plot -f, serve).
+        self.series = base + ".series"
         # The supervisor has killed what was left of the job and is recording what it
         # produced: its own git processes are not the job's, and must not be killed.
         self.ended = base + ".ended"
@@ -383,7 +386,7 @@ class RunFiles:
         on whichever node Slurm picks, maybe while no daemon reads the last one's end, so
         no attempt's files may overwrite another's."""
         files = copy.copy(self)
-        for name in ("lock", "ident", "exit", "stop", "ended"):
+        for name in ("lock", "ident", "exit", "stop", "ended", "series"):
             setattr(files, name, f"{getattr(self, name)}.{attempt}")
         files.attempt = attempt  # the launch file serves every attempt: clear() keeps it
         return files
@@ -407,6 +410,7 @@ class RunFiles:
     def clear(self) -> None:
         """Forget the run (after its outcome is recorded on the job's ref)."""
         for path in (self.ident, self.exit, self.stop, self.lock, self.announced, self.ended,
+                     self.series,
                      *(() if self.attempt else (self.launch,))):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -7,9 +7,12 @@ When an attempt ends, its supervisor calls `collect` in the job's worktree:
   a tree = the submission's tree + those files, which the ending commit records. A file
   over `tq.outputs.maxFileSize`, or past `tq.outputs.maxTotal` in all, is not recorded:
   it is named in the record and stays on disk (the worktree is kept);
-- metrics: the JSON object the job last wrote to `$TQ_METRICS` or to one of the files
-  `tq.metrics` names (default metrics.json, relative to its cwd), flattened
-  (`{"val": {"loss": 1}}` -> `val.loss`) to numbers and short texts;
+- metrics: what the job wrote to `$TQ_METRICS` or to the files `tq.metrics` names
+  (default metrics.json, relative to its cwd, globs allowed): JSON lines, CSV/TSV,
+  TensorBoard events (metricfiles). Its final metrics are the last value of each key,
+  flattened (`{"val": {"loss": 1}}` -> `val.loss`) to numbers and short texts; the
+  points this attempt added are its series, a one-line blob (series.encode_attempt)
+  that the daemon appends to the note of the submission commit in refs/notes/tq-series;
 - the log, cut to `tq.logs.maxStored` (head and tail), as a blob the daemon hangs on
   the job's submission commit in `refs/notes/tq-logs`.
 
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import re
 import stat
@@ -29,15 +31,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from git_tq import jobtree
+from git_tq import jobtree, metricfiles, series
 from git_tq.errors import TqError, UsageError
 from git_tq.gitrepo import run_git, without_repo_vars
+from git_tq.metricfiles import flatten as flatten
 from git_tq.model import OUTPUTS_LISTED, Metric, Outputs
 from git_tq.recordfmt import (
     CONTROL_CHARACTERS,
-    MAX_METRICS,
     RecordFormatError,
-    metric_value,
     relative_path,
 )
 
@@ -47,10 +48,8 @@ DEFAULT_MAX_TOTAL = 200 * MiB
 DEFAULT_MAX_LOG = 8 * MiB
 DEFAULT_METRICS_FILES = ("metrics.json",)
 LOGS_REF = "refs/notes/tq-logs"
-MAX_METRICS_FILE = 4 * MiB  # a metrics file larger than this is not read
 
 _SIZE = re.compile(r"\s*([0-9]+)\s*([kmgt]?)(i?b)?\s*\Z", re.IGNORECASE)
-_BAD_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.:/@+-]")
 
 
 def human_size(n: int) -> str:
@@ -80,6 +79,7 @@ class Limits:
     max_total: int = DEFAULT_MAX_TOTAL
     max_log: int = DEFAULT_MAX_LOG
     metrics_files: tuple[str, ...] = DEFAULT_METRICS_FILES
+    max_points: int = series.DEFAULT_MAX_POINTS  # per series (tq.metrics.maxPoints)
 
     @classmethod
     def from_config(cls, config: Mapping[str, str]) -> Limits:
@@ -94,16 +94,26 @@ class Limits:
         return cls(size("tq.outputs.maxfilesize", DEFAULT_MAX_FILE),
                    size("tq.outputs.maxtotal", DEFAULT_MAX_TOTAL),
                    size("tq.logs.maxstored", DEFAULT_MAX_LOG),
-                   names or DEFAULT_METRICS_FILES)
+                   names or DEFAULT_METRICS_FILES, max_points_setting(config))
 
     def to_json(self) -> dict[str, Any]:
         return {"max_file": self.max_file, "max_total": self.max_total,
-                "max_log": self.max_log, "metrics_files": list(self.metrics_files)}
+                "max_log": self.max_log, "metrics_files": list(self.metrics_files),
+                "max_points": self.max_points}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Limits:
         return cls(int(data["max_file"]), int(data["max_total"]), int(data["max_log"]),
-                   tuple(str(n) for n in data["metrics_files"]))
+                   tuple(str(n) for n in data["metrics_files"]),
+                   int(data.get("max_points", series.DEFAULT_MAX_POINTS)))
+
+
+def max_points_setting(config: Mapping[str, str]) -> int:
+    """`tq.metrics.maxPoints`: points kept per series (default 100,000; a bad value is
+    the default: a job's end must never fail on it)."""
+    text = config.get("tq.metrics.maxpoints", "").strip()
+    return int(text) if text.isdigit() and 0 < int(text) <= 10**8 \
+        else series.DEFAULT_MAX_POINTS
 
 
 @dataclass(frozen=True)
@@ -115,12 +125,21 @@ class Collected:
     not_recorded: tuple[tuple[str, int, str], ...]  # every file left out (all of them)
     metrics: tuple[tuple[str, Metric], ...]
     log_blob: Optional[str]
+    series_blob: Optional[str] = None  # the attempt's points (one line), None if none
+    problems: tuple[str, ...] = ()  # bad input in the metrics files, a line per file
 
     def to_json(self) -> dict[str, Any]:
         o = self.outputs
         return {"tree": self.tree, "files": o.files, "bytes": o.bytes, "error": o.error,
                 "not_recorded": [list(s) for s in self.not_recorded],
-                "metrics": [[k, v] for k, v in self.metrics], "log_blob": self.log_blob}
+                "metrics": [[k, v] for k, v in self.metrics], "log_blob": self.log_blob,
+                "series_blob": self.series_blob}
+
+
+def series_blob_of(data: Mapping[str, Any]) -> Optional[str]:
+    """The series blob of an exit file's "results", if it names one."""
+    blob = data.get("series_blob")
+    return blob if isinstance(blob, str) and re.fullmatch(r"[0-9a-f]{40,64}", blob) else None
 
 
 def outputs_from_json(data: Mapping[str, Any]) -> tuple[Optional[str], Outputs,
@@ -142,9 +161,11 @@ def outputs_from_json(data: Mapping[str, Any]) -> tuple[Optional[str], Outputs,
 
 
 def collect(common: str, worktree: str, submission: str, cwd: str, limits: Limits,
-            metrics_file: Optional[str]) -> Collected:
-    """The outputs and metrics of the attempt that just ended in `worktree` (see the
-    module doc); the log is added by `with_log` once everything is written to it."""
+            metrics_file: Optional[str],
+            watch: Optional[metricfiles.Watch] = None) -> Collected:
+    """The outputs, metrics and series of the attempt that just ended in `worktree` (see
+    the module doc; `watch`: where the files stood when it began, and when their lines
+    came); the log is added by `with_log` once everything is written to it."""
     tree: Optional[str] = None
     recorded: list[tuple[str, int]] = []
     skipped: list[tuple[str, int, str]] = []
@@ -153,13 +174,28 @@ def collect(common: str, worktree: str, submission: str, cwd: str, limits: Limit
         tree, recorded, skipped = _outputs_tree(common, worktree, submission, limits)
     except (TqError, OSError) as exc:
         error = CONTROL_CHARACTERS.sub("?", str(exc))[:500] or type(exc).__name__
-    metrics = read_metrics(metrics_file, cwd, limits.metrics_files)
+    if watch is None:  # no marks: every point is this attempt's
+        read = metricfiles.read_attempt(
+            metricfiles.metrics_paths(metrics_file, cwd, limits.metrics_files), {}, {}, 1,
+            0.0, limits.max_points, display=cwd,
+            labels={metrics_file: "$TQ_METRICS"} if metrics_file else {})
+    else:
+        read = watch.read(limits.max_points, display=cwd)
+    metrics = read.metrics
+    series_blob = None
+    if any(read.attempt.columns.values()):
+        try:
+            series_blob = _git(["--git-dir", common, "hash-object", "-w", "--stdin"], common,
+                               input=series.encode_attempt(read.attempt))
+        except (TqError, OSError):
+            series_blob = None
     # The record names the first of them, those whose names a record can hold (no
     # control characters); the counts cover all, and the log names every one.
     listed = tuple(s for s in skipped if _recordable(s[0]))[:OUTPUTS_LISTED]
     outputs = Outputs(len(recorded), sum(n for _, n in recorded), listed, len(skipped),
                       sum(n for _, n, _ in skipped), error)
-    return Collected(tree, outputs, tuple(skipped), metrics, None)
+    return Collected(tree, outputs, tuple(skipped), metrics, None, series_blob,
+                     read.problems)
 
 
 def _recordable(path: str) -> bool:
@@ -182,6 +218,7 @@ def left_out_lines(collected: Collected) -> list[str]:
                      + (f" and {more} more" if more > 0 else ""))
     if collected.outputs.error:
         lines.append(f"the job's outputs could not be recorded: {collected.outputs.error}")
+    lines.extend(collected.problems)
     return lines
 
 
@@ -245,52 +282,12 @@ def _outputs_tree(common: str, worktree: str, submission: str, limits: Limits) \
     return tree, recorded, skipped
 
 
-def flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Metric]]:
-    """Numbers and short texts of a JSON object, nested keys joined with dots; names
-    made safe (other characters become `_`), at most MAX_METRICS."""
-    found: list[tuple[str, Metric]] = []
-    for key, value in data.items():
-        name = _BAD_NAME_CHARS.sub("_", f"{prefix}{key}")[:128]
-        if not name[:1].isascii() or not (name[:1].isalnum() or name[:1] == "_"):
-            name = "_" + name[1:]  # a name starts with a letter, a digit or _
-        if isinstance(value, dict):
-            found.extend(flatten(value, name + "."))
-            continue
-        try:
-            found.append((name, metric_value(value)))
-        except RecordFormatError:
-            continue  # lists, nulls, long texts: not a metric
-    return found[:MAX_METRICS]
-
-
 def read_metrics(metrics_file: Optional[str], cwd: str, names: Sequence[str]) \
         -> tuple[tuple[str, Metric], ...]:
-    """The metrics of an attempt: from `$TQ_METRICS` and the `tq.metrics` files, the one
-    written last winning key by key."""
-    candidates = [metrics_file] if metrics_file else []
-    real_cwd = os.path.realpath(cwd)
-    for name in names:
-        path = os.path.realpath(os.path.join(cwd, name))
-        if os.path.commonpath([path, real_cwd]) == real_cwd:  # never outside the job
-            candidates.append(path)
-    loaded = []
-    for path in candidates:
-        try:
-            # O_NONBLOCK: a FIFO there must not hang the job's end; only regular files.
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-            with os.fdopen(fd, "rb") as fh:
-                st = os.fstat(fh.fileno())
-                if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_METRICS_FILE:
-                    continue
-                data = json.loads(fh.read(MAX_METRICS_FILE + 1))
-        except (OSError, ValueError, RecursionError):
-            continue
-        if isinstance(data, dict):
-            loaded.append((st.st_mtime, data))
-    merged: dict[str, Metric] = {}
-    for _, data in sorted(loaded, key=lambda item: item[0]):
-        merged.update(flatten(data))
-    return tuple(list(merged.items())[:MAX_METRICS])
+    """The final metrics of an attempt: the last value of each key in `$TQ_METRICS` and
+    the `tq.metrics` files, the file written last winning key by key."""
+    paths = metricfiles.metrics_paths(metrics_file, cwd, names)
+    return metricfiles.read_attempt(paths, {}, {}, 1, 0.0, 1).metrics
 
 
 def read_cut_log(log_path: str, limit: int) -> bytes:

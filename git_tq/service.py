@@ -51,9 +51,11 @@ from git_tq.model import (
     Metric,
     Outputs,
     State,
+    epoch,
     format_duration,
 )
 from git_tq.pause import Pause
+from git_tq.series import AttemptSeries, JobCurves
 from git_tq.snapshot import Snapshot, nested_in_tree, take_snapshot
 from git_tq.store import MISSING, Unreadable, pending_in_queue_order
 from git_tq.submission import MAX_SWEEP as MAX_SWEEP
@@ -1336,13 +1338,13 @@ def code_differences(ctx: Context, jobs: Sequence[Job]) -> list[CodeDiff]:
 MAX_COMPARE = 100  # jobs one comparison shows
 
 
-def compare(ctx: Context, tokens: Sequence[str]) -> Comparison:
-    """Jobs side by side (ids, ranges, tags, sweeps; at least two): their properties,
-    how their code differs from the first one's, and every metric any of them has, with
-    the best value of each marked (lower for loss, error, ... and `tq.compare.lower`
-    names; higher for the others)."""
+def compare(ctx: Context, tokens: Sequence[str], *, least: int = 2) -> Comparison:
+    """Jobs side by side (ids, ranges, tags, sweeps; at least `least`: two for `compare`,
+    one for a report): their properties, how their code differs from the first one's,
+    and every metric any of them has, with the best value of each marked (lower for
+    loss, error, ... and `tq.compare.lower` names; higher for the others)."""
     jobs = resolve_jobs(ctx, tokens)
-    if len(jobs) < 2:
+    if len(jobs) < least:
         only = f"job {jobs[0].id}" if jobs else "none"
         raise UsageError(f"git tq compare needs at least 2 jobs ({' '.join(tokens)} names "
                          f"only {only})")
@@ -1389,6 +1391,113 @@ def compare(ctx: Context, tokens: Sequence[str]) -> Comparison:
     return Comparison(views, rows, code)
 
 
+# --- metric series: plot, report, serve -----------------------------------------------
+
+
+MAX_PLOT_JOBS = 200  # jobs one plot (or report) draws
+
+
+def curve_jobs(ctx: Context, tokens: Sequence[str], *, every: bool = False) -> list[Job]:
+    """The jobs a plot names: the job list tokens (ids, ranges, tags, sweeps), or with
+    `every` all jobs, fetched ones too (`ls --all`'s)."""
+    if every:
+        jobs = ctx.store.list_jobs(fetched=True)
+        if tokens:
+            raise UsageError("give job lists or --all, not both")
+    else:
+        jobs = resolve_jobs(ctx, tokens)
+    if len(jobs) > MAX_PLOT_JOBS:
+        raise UsageError(f"{len(jobs)} jobs: at most {MAX_PLOT_JOBS} are drawn at once; "
+                         "name fewer (a range, a tag, a sweep)")
+    return jobs
+
+
+def job_curves(ctx: Context, jobs: Sequence[str] | Sequence[Job],
+               metrics: Optional[Sequence[str]] = None, *,
+               hints: Optional[list[str]] = None) -> list[JobCurves]:
+    """Every metric series of `jobs` (job list tokens, or jobs already resolved), per
+    job in order: the series stored in git for ended attempts, plus, for a running job
+    of ours, the points written so far in its metrics files (read incrementally: a
+    process that asks again reads only what was added). `metrics` keeps only those
+    names (all numeric ones when None). A job recorded before series were kept shows
+    its final metrics as one point each. `hints` gets a line for what could not be
+    read (TensorBoard files without the extra)."""
+    from git_tq import series
+    from git_tq.results import max_points_setting
+
+    resolved = [j for j in jobs if isinstance(j, Job)]
+    if len(resolved) != len(jobs):
+        resolved = resolve_jobs(ctx, [str(t) for t in jobs])
+    limit = max_points_setting(ctx.config)
+    entries = ctx.local.entries()
+    blobs = ctx.store.note_blobs(series.SERIES_REF)
+    keys = _note_keys(ctx, resolved, entries, blobs)
+    data = ctx.store.blobs((blobs[k] for k in keys.values() if k in blobs),
+                           series.MAX_NOTE_BYTES)
+    found = []
+    for job in resolved:
+        blob = blobs.get(keys[job.name])
+        attempts = series.decode_attempts(data.get(blob, b""), limit) if blob else []
+        trust = ctx.store.trust(job, entries)
+        if trust == LOCAL and job.state in (State.RUNNING, State.STOPPING):
+            attempts += _live_attempt(ctx, job, limit, hints)
+        resumes, curves = series.merge_attempts(attempts, metrics, limit)
+        if not attempts and job.metrics:
+            when = epoch(job.ended_at) or epoch(job.started_at) or 0.0
+            curves = {k: v for k, v in series.from_final_metrics(job.metrics, job.attempt,
+                                                                 when).items()
+                      if metrics is None or k in metrics}
+        found.append(series.JobCurves(job.name, job.spec.tag, dict(job.spec.params),
+                                      job.state.value, resumes, curves))
+    return found
+
+
+# Live readers of running attempts' metrics files, kept while this process lives (plot
+# -f, serve): by (repository, job, attempt), each file read from where the last read ended.
+_LIVE: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+def _live_attempt(ctx: Context, job: Job, limit: int,
+                  hints: Optional[list[str]]) -> list[AttemptSeries]:
+    """The running attempt's points so far, from its metrics files (where they began and
+    when their bytes came: the supervisor's run file); none if it has not started."""
+    from git_tq import metricfiles
+    from git_tq.home import RunFiles, repo_key
+    from git_tq.series import downsample
+
+    rf = RunFiles(ctx.home, repo_key(ctx.repo.common_dir), job.id)
+    launch = rf.read(rf.launch) if os.path.exists(rf.series) else None
+    side = metricfiles.read_sidecar(rf.series)
+    spec = (launch or {}).get("results")
+    if launch is None or side is None or not isinstance(spec, dict) \
+            or side.attempt != job.attempt:
+        return []
+    key = (ctx.repo.common_dir, job.id, side.attempt)
+    readers = _LIVE.setdefault(key, {})
+    for old in [k for k in _LIVE if k[:2] == key[:2] and k != key]:
+        del _LIVE[old]  # an earlier attempt's
+    try:
+        names = tuple(str(n) for n in spec["limits"]["metrics_files"])
+        paths = metricfiles.metrics_paths(spec.get("metrics_file"), str(launch["cwd"]),
+                                          names)
+    except (KeyError, TypeError):
+        return []
+    columns: dict[str, list[tuple[float, float, float]]] = {}
+    for path in paths:
+        reader = readers.get(path)
+        if reader is None:
+            reader = readers[path] = metricfiles.FileSeries(path, side.marks.get(path),
+                                                            side.started)
+        reader.read(side.checkpoints.get(path))
+        if reader.hint and hints is not None and reader.hint not in hints:
+            hints.append(reader.hint)
+        for name, rows in reader.rows.items():
+            columns.setdefault(name, []).extend(rows)
+    return [AttemptSeries(side.attempt, side.started,
+                          {n: downsample(r, limit) for n, r in columns.items()},
+                          {n: len(r) for n, r in columns.items()})]
+
+
 # --- code: diff and checkout ---------------------------------------------------
 
 
@@ -1418,6 +1527,61 @@ def job_tree(ctx: Context, job: Job) -> str:
 def outputs_tree(ctx: Context, job: Job) -> str:
     """The code of a job plus what its last ended attempt wrote: its tip's tree."""
     return ctx.repo.out("rev-parse", "--verify", "--end-of-options", f"{job.tip}^{{tree}}")
+
+
+@dataclass(frozen=True)
+class SnapshotDiff:
+    """What a job ran beyond its source commit: its submission commit against its parent
+    (HEAD at submission; nothing on an unborn branch), as a patch with a summary."""
+
+    files: tuple[tuple[str, Optional[int], Optional[int]], ...]  # path, +lines, -lines
+    patch: str  # git's patch of the files not omitted (surrogate escapes for bad bytes)
+    omitted: tuple[str, ...] = ()  # large files left out of `patch` (named in `files`)
+
+
+DIFF_MAX_LINES = 20_000  # changed lines a snapshot diff shows in full
+
+
+def snapshot_diff(ctx: Context, job: Job, max_lines: int = DIFF_MAX_LINES) -> SnapshotDiff:
+    """The code a job ran against its source commit: `git diff-tree` of its submission
+    commit (checked: `store.submission`), plumbing that runs no external diff or textconv
+    driver. Files are counted first (`--numstat`); when their changed lines add up to more
+    than `max_lines`, the largest are left out of the patch and only named, so one
+    snapshotted data file cannot make a page of hundreds of megabytes."""
+    from git_tq.localjobs import is_oid
+
+    commit = ctx.store.submission(job)
+    if not is_oid(commit):  # only object ids reach git's arguments
+        raise TqError(f"could not find the code of job {job.name}")
+    base = ["diff-tree", "-r", "-M", "--root", "--no-commit-id", "--no-color"]
+    out = ctx.repo.git(*base, "--numstat", "-z", "--end-of-options", commit) \
+        .stdout.decode(errors="surrogateescape")
+    files: list[tuple[str, Optional[int], Optional[int]]] = []
+    parts = out.split("\0")
+    i = 0
+    while i < len(parts) and parts[i]:
+        added, deleted, path = (parts[i].split("\t", 2) + ["", ""])[:3]
+        if path:
+            i += 1
+        else:  # a rename: "A\tD\t" then the old and the new path
+            path = parts[i + 2] if i + 2 < len(parts) else ""
+            i += 3
+        files.append((path, int(added) if added.isdigit() else None,
+                      int(deleted) if deleted.isdigit() else None))
+    size = {path: (a or 0) + (d or 0) for path, a, d in files}
+    shown, omitted, total = [], [], 0
+    for path in sorted(size, key=size.__getitem__):
+        if total + size[path] <= max_lines:
+            shown.append(path)
+            total += size[path]
+        else:
+            omitted.append(path)
+    patch = ""
+    if shown:
+        only = ["--", *shown] if omitted else []
+        patch = ctx.repo.git("--literal-pathspecs", *base, "-p", "--end-of-options", commit,
+                             *only).stdout.decode(errors="surrogateescape")
+    return SnapshotDiff(tuple(files), patch, tuple(sorted(omitted)))
 
 
 def run_diff(ctx: Context, first: str, second: Optional[str], stat: bool,
@@ -1887,6 +2051,44 @@ def follow_log(ctx: Context, token: str, *, from_start: bool = True,
                 return
             path = ctx.store.log_path(job)
         time.sleep(poll)
+
+
+@dataclass(frozen=True)
+class LogPiece:
+    """Bytes of a job's log from `start` to `end`, for a page that follows it."""
+
+    start: int
+    end: int  # where the next read starts
+    data: bytes
+    ended: bool  # the job has finished and nothing more will come
+    stored: bool  # read from the copy kept in git (the file is not on this machine)
+
+
+def log_piece(ctx: Context, job: Job, offset: Optional[int] = None,
+              limit: int = 64 * 1024) -> LogPiece:
+    """At most `limit` bytes of the job's log from `offset` (None: its last `limit`
+    bytes), from the file while it is here, else from the copy kept in git; never more
+    than `limit` bytes are read. An offset past the end (a log filed and replaced)
+    starts again from the tail."""
+    path = ctx.store.log_path(job)
+    ended = job.state.finished
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                start = max(0, size - limit) if offset is None or offset > size else offset
+                fh.seek(start)
+                data = fh.read(limit)
+            return LogPiece(start, start + len(data), data,
+                            ended and start + len(data) >= size, False)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+    stored = ctx.store.stored_log(job) if ended or job.origin is not None else None
+    if stored is None:
+        return LogPiece(0, 0, b"", ended, False)
+    start = max(0, len(stored) - limit) if offset is None or offset > len(stored) else offset
+    data = stored[start:start + limit]
+    return LogPiece(start, start + len(data), data, start + len(data) >= len(stored), True)
 
 
 @dataclass(frozen=True)

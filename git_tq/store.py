@@ -42,6 +42,7 @@ from git_tq.model import (
     State,
     job_ref,
 )
+from git_tq.series import SERIES_REF
 
 JOBS_PREFIX = "refs/tq/jobs/"
 LIFECYCLE_MAX = 20_000  # records read from one job's history
@@ -687,9 +688,9 @@ class JobStore:
         texts = self.note_texts(blobs.values())
         return {target: texts[blob] for target, blob in blobs.items() if blob in texts}
 
-    def note_blobs(self) -> dict[str, str]:
+    def note_blobs(self, ref: str = NOTES_REF) -> dict[str, str]:
         """The blob of each note, by annotated commit (one `git notes list`)."""
-        p = self.repo.git("notes", f"--ref={NOTES_REF}", "list", check=False)
+        p = self.repo.git("notes", f"--ref={ref}", "list", check=False)
         pairs = [ln.split() for ln in p.stdout.decode().splitlines() if ln.strip()]
         return {target: blob for blob, target in pairs}
 
@@ -713,6 +714,45 @@ class JobStore:
             texts[blob] = body.decode(errors="replace").rstrip("\n")
             pos = header_end + 1 + size + 1
         return texts
+
+    def blobs(self, blobs: Iterable[str], limit: int) -> dict[str, bytes]:
+        """The bytes of each blob no larger than `limit` (sizes asked first: a fetched
+        note may be anything); two `git cat-file` processes."""
+        wanted = sorted({b for b in blobs if is_oid(b)})
+        if not wanted:
+            return {}
+        check = self.repo.git("cat-file", "--batch-check=%(objectname) %(objecttype) "
+                              "%(objectsize)", input="".join(f"{b}\n" for b in wanted)
+                              .encode(), check=False).stdout.decode(errors="replace")
+        small = [f[0] for f in (ln.split() for ln in check.splitlines())
+                 if len(f) == 3 and f[1] == "blob" and f[2].isdigit() and int(f[2]) <= limit]
+        if not small:
+            return {}
+        batch = self.repo.git("cat-file", "--batch",
+                              input="".join(f"{b}\n" for b in small).encode()).stdout
+        found: dict[str, bytes] = {}
+        pos = 0
+        for blob in small:
+            header_end = batch.index(b"\n", pos)
+            header = batch[pos:header_end].split()
+            if len(header) < 3:
+                pos = header_end + 1
+                continue
+            size = int(header[2])
+            found[blob] = batch[header_end + 1: header_end + 1 + size]
+            pos = header_end + 1 + size + 1
+        return found
+
+    # --- series ---------------------------------------------------------------
+
+    def store_series(self, job: Job, blob: str) -> None:
+        """Keep an attempt's series (a blob already written: one line) in git: appended to
+        the note of the job's submission commit in refs/notes/tq-series (CAS, retried).
+        Storing the same attempt again (a daemon restarted before recording the end)
+        adds a line that readers take in place of the first."""
+        if not is_oid(blob):
+            raise TqError(f"not a blob id: {blob[:20]!r}")
+        self._edit_notes(job, "append", "-C", blob, ref=SERIES_REF)
 
     def _edit_notes(self, job: Job, *args: str, text: Optional[str] = None,
                     ref: str = NOTES_REF) -> None:

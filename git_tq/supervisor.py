@@ -130,6 +130,7 @@ def run(launch: dict[str, Any], forward: Optional[SignalHandler] = None,
     raw = open(open_private(launch["log"]), "ab", buffering=0)  # noqa: SIM115 - job's life
     log = Log(raw)
     log.write(launch["banner"].encode())
+    watch = _watch(launch)  # before the job starts: its metrics files as they are now
     try:
         child = subprocess.Popen(
             launch["argv"], cwd=launch["cwd"], env=launch["env"], stdin=subprocess.DEVNULL,
@@ -152,6 +153,7 @@ def run(launch: dict[str, Any], forward: Optional[SignalHandler] = None,
                                  **{k: launch[k] for k in ("node", "batch_started")
                                     if launch.get(k)}})
     nudge(launch["socket"], (launch.get("results") or {}).get("common"))
+    watching = _start_watching(watch)
     status = _wait_for(child.pid)
     code = os.waitstatus_to_exitcode(status)
     signum = -code if code < 0 else None
@@ -168,6 +170,8 @@ def run(launch: dict[str, Any], forward: Optional[SignalHandler] = None,
     if group_alive(child.pid) or _reap_exited():
         kill(job, child.pid, me)
     _reap_exited()
+    if watching is not None:
+        watching.set()
     text = f"killed by signal {signum}" if signum else f"exited with code {code}"
     forced = signum == signal.SIGKILL or left_at_deadline
     if stop is not None and isinstance(stop.get("signalled_at"), (int, float)):
@@ -187,13 +191,13 @@ def run(launch: dict[str, Any], forward: Optional[SignalHandler] = None,
             with contextlib.suppress(OSError):
                 os.nice(10)
             nudge(launch["socket"], launch["results"].get("common"))
-        outcome["results"] = _collect(launch, log)
+        outcome["results"] = _collect(launch, log, watch)
 
     def collect_again() -> None:
         # A full disk made the exit file's write fail, and likely the results' too (git
         # could write no object): collected again, the log blob included, once it lands.
         if (outcome.get("results") or {}).get("error"):
-            outcome["results"] = _collect(launch, log)
+            outcome["results"] = _collect(launch, log, watch)
 
     # The exit status is known: it is never lost to a full disk.
     write_until_written(launch["exit"], outcome, collect_again)
@@ -204,7 +208,34 @@ def run(launch: dict[str, Any], forward: Optional[SignalHandler] = None,
     return 0
 
 
-def _collect(launch: dict[str, Any], log: Log) -> dict[str, Any]:
+def _watch(launch: dict[str, Any]) -> Any:
+    """The watch over the job's metrics files (metricfiles.Watch), or None; never raises."""
+    spec = launch.get("results")
+    if not spec:
+        return None
+    try:
+        from git_tq import metricfiles, results
+
+        limits = results.Limits.from_json(spec["limits"])
+        return metricfiles.Watch(spec.get("metrics_file"), launch["cwd"],
+                                 limits.metrics_files, int(launch["attempt"]), time.time(),
+                                 spec.get("series"))
+    except Exception:  # noqa: BLE001 - the job runs whatever happens here
+        return None
+
+
+def _start_watching(watch: Any) -> Any:
+    """A thread polling the metrics files while the job runs; the Event that stops it."""
+    if watch is None:
+        return None
+    import threading
+
+    done = threading.Event()
+    threading.Thread(target=watch.run, args=(done,), daemon=True, name="tq-watch").start()
+    return done
+
+
+def _collect(launch: dict[str, Any], log: Log, watch: Any = None) -> dict[str, Any]:
     """What the attempt produced (outputs, metrics, the log as a blob), for the daemon to
     record; never raises (a job's end is recorded whatever happens here)."""
     from git_tq import results
@@ -218,7 +249,7 @@ def _collect(launch: dict[str, Any], log: Log) -> dict[str, Any]:
             log_path = launch["log"]
         def collect() -> results.Collected:
             return results.collect(spec["common"], spec["worktree"], spec["submission"],
-                                   launch["cwd"], limits, spec.get("metrics_file"))
+                                   launch["cwd"], limits, spec.get("metrics_file"), watch)
 
         collected = collect()
         if collected.outputs.error is not None:

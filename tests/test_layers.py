@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"entry"},
     {"console"},  # a thin modal layer that runs the CLI's own commands
     {"cli"},
-    {"top"},
+    {"top", "web"},  # the dashboard · report and serve (the web stack, imported lazily)
     {"rows"},  # ready-to-print rows of ls and log, cached by tip
     {"output"},  # CLI-side rendering
     {"service"},
@@ -32,12 +32,13 @@ LAYERS: list[set[str]] = [
     {"slurmjob"},  # a Slurm batch job's payload on its node: runs the supervisor
     {"scheduler", "supervisor", "client", "server"},
     {"results"},  # what a run produced: outputs, metrics, its log
+    {"metricfiles"},  # a job's metrics files read as points (JSON lines, CSV, TensorBoard)
     {"jobtree"},
     {"store", "snapshot"},
     {"localjobs", "pause"},  # the trust boundary: what this user submitted here · pause
     {"lifecycle", "recordfmt", "home", "gpus", "gitrepo", "procs", "envs", "deps", "origins",
      "backends", "slurm"},  # slurm: Slurm's command-line tools
-    {"model", "errors", "safetext", "__init__"},
+    {"model", "errors", "safetext", "series", "__init__"},
 ]
 UI_LIBRARIES = {"click", "rich", "prompt_toolkit"}
 UI_MODULES = {"cli", "__main__", "entry", "output", "top", "console"}

@@ -80,6 +80,7 @@ class Launching(Worktrees, Hooks):
                 "socket": self.home.socket_path(),
                 "results": {"common": rs.common, "worktree": worktree,
                             "submission": entry.submission, "metrics_file": rf.metrics,
+                            "series": rf.series,
                             "limits": results.Limits.from_config(rs.config).to_json()},
             }
             rf.write(rf.launch, launch)

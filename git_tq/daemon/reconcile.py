@@ -264,7 +264,8 @@ class Reconciling(Launching):
                 tree, outputs, metrics, blob = results.outputs_from_json(outcome["results"])
             except (TypeError, ValueError, KeyError):
                 tree, outputs, metrics, blob = None, None, (), None
-            produced = {"tree": tree, "outputs": outputs, "log_blob": blob}
+            produced = {"tree": tree, "outputs": outputs, "log_blob": blob,
+                        "series_blob": results.series_blob_of(outcome["results"])}
             if metrics:  # an attempt that reported none keeps the last one's
                 produced["metrics"] = metrics
         # Neither a command that could not be started nor one whose supervisor died has an
@@ -345,13 +346,22 @@ class Reconciling(Launching):
 
     def record(self, rs: RepoState, job: Job, event: str, rf: RunFiles,
                tree: Optional[str] = None, log_blob: Optional[str] = None,
-               **fields: Any) -> Job:
+               series_blob: Optional[str] = None, **fields: Any) -> Job:
         """Record an attempt's end (or a start that failed): the event, and what the
         attempt produced (`tree`: the code plus its outputs; its metrics and outputs
         summary in `fields`); then the log is stored, run files go, hooks run."""
         when = now_iso()
         if fields.get("outputs") is None:
             fields.pop("outputs", None)
+        if series_blob:
+            # Like the log: before the ending, so a crash in between stores it again (a
+            # second line for the same attempt, which readers take in place of the first).
+            try:
+                rs.store.store_series(job, series_blob)
+            except (TqError, OSError) as exc:
+                if not self.short_of_space(rs, job.id, f"record {event}", exc):
+                    log.warning("job %d: its metric series could not be kept in git: %s",
+                                job.id, exc)
         if log_blob:
             # Before the ending is recorded: a crash in between leaves the exit file,
             # so the next daemon stores it again (the same blob) and records the end.

@@ -279,6 +279,7 @@ class SlurmJobs(Reconciling):
                 "attempt_base": job.attempt,
                 "results": {"common": rs.common, "worktree": worktree,
                             "submission": entry.submission, "metrics_file": rf.metrics,
+                            "series": rf.series,
                             "limits": results.Limits.from_config(rs.config).to_json()},
                 "slurm": {"common": rs.common, "worktree": worktree,
                           "submission": entry.submission, "spec": spec.to_json(),
