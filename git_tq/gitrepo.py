@@ -285,17 +285,26 @@ def remove_worktree(common_dir: str, path: str) -> str:
 
 def out_of_space(stderr: bytes) -> bool:
     """Whether a git failure came from a full disk: git says so, or says only that it
-    "couldn't write" a file (a ref's lock file) on a filesystem with no room left."""
-    if b"No space left on device" in stderr or b"Disk quota exceeded" in stderr:
-        return True
-    found = re.search(rb"couldn't write '([^']+)'", stderr)
-    if found is None:
-        return False
-    try:
-        fs = os.statvfs(os.path.dirname(os.fsdecode(found.group(1))) or ".")
-    except OSError:
-        return False
-    return fs.f_bavail * fs.f_frsize < 64 * 1024
+    "couldn't write" a file (a ref's lock file: a few bytes, which only a full disk or
+    quota refuses; the space may be back by the time we look, so none is measured)."""
+    return b"No space left on device" in stderr or b"Disk quota exceeded" in stderr \
+        or re.search(rb"couldn't write '[^']+'", stderr) is not None
+
+
+def free_space(path: str) -> Optional[int]:
+    """Bytes free to us on the filesystem holding `path` (or its nearest existing
+    folder); None when none can be read."""
+    while True:
+        try:
+            fs = os.statvfs(path)
+            return fs.f_bavail * fs.f_frsize
+        except FileNotFoundError:
+            parent = os.path.dirname(path)
+            if not parent or parent == path:
+                return None
+            path = parent
+        except OSError:
+            return None
 
 
 def git_failure(args: Sequence[str], stderr: bytes) -> GitFailed:

@@ -68,7 +68,7 @@ def reap_group(pgid: int) -> None:
     """Reap the exited children of ours that were in process group `pgid` (a job's
     processes that came to us, as child subreaper, once their parents died). Children
     in other groups (a Popen's, whose status is its own) are never touched."""
-    for pid in _children():
+    for pid in children():
         try:
             if os.getpgid(pid) == pgid:
                 os.waitpid(pid, os.WNOHANG)
@@ -76,7 +76,7 @@ def reap_group(pgid: int) -> None:
             continue
 
 
-def _children() -> list[int]:
+def children() -> list[int]:
     """Our children's pids, from /proc (every thread's list); empty where unreadable."""
     pids: list[int] = []
     with contextlib.suppress(OSError):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from git_tq import jobtree
-from git_tq.errors import TqError, UsageError
+from git_tq.errors import NO_SPACE, NoSpace, TqError, UsageError
 from git_tq.gitrepo import run_git, without_repo_vars
 from git_tq.model import OUTPUTS_LISTED, Metric, Outputs
 from git_tq.recordfmt import (
@@ -115,12 +115,14 @@ class Collected:
     not_recorded: tuple[tuple[str, int, str], ...]  # every file left out (all of them)
     metrics: tuple[tuple[str, Metric], ...]
     log_blob: Optional[str]
+    no_space: bool = False  # the outputs or the log could not be stored for want of space
 
     def to_json(self) -> dict[str, Any]:
         o = self.outputs
         return {"tree": self.tree, "files": o.files, "bytes": o.bytes, "error": o.error,
                 "not_recorded": [list(s) for s in self.not_recorded],
-                "metrics": [[k, v] for k, v in self.metrics], "log_blob": self.log_blob}
+                "metrics": [[k, v] for k, v in self.metrics], "log_blob": self.log_blob,
+                **({"no_space": True} if self.no_space else {})}
 
 
 def outputs_from_json(data: Mapping[str, Any]) -> tuple[Optional[str], Outputs,
@@ -149,17 +151,23 @@ def collect(common: str, worktree: str, submission: str, cwd: str, limits: Limit
     recorded: list[tuple[str, int]] = []
     skipped: list[tuple[str, int, str]] = []
     error: Optional[str] = None
+    no_space = False
     try:
         tree, recorded, skipped = _outputs_tree(common, worktree, submission, limits)
     except (TqError, OSError) as exc:
         error = CONTROL_CHARACTERS.sub("?", str(exc))[:500] or type(exc).__name__
+        no_space = _no_space(exc)
     metrics = read_metrics(metrics_file, cwd, limits.metrics_files)
     # The record names the first of them, those whose names a record can hold (no
     # control characters); the counts cover all, and the log names every one.
     listed = tuple(s for s in skipped if _recordable(s[0]))[:OUTPUTS_LISTED]
     outputs = Outputs(len(recorded), sum(n for _, n in recorded), listed, len(skipped),
                       sum(n for _, n, _ in skipped), error)
-    return Collected(tree, outputs, tuple(skipped), metrics, None)
+    return Collected(tree, outputs, tuple(skipped), metrics, None, no_space)
+
+
+def _no_space(exc: BaseException) -> bool:
+    return isinstance(exc, NoSpace) or isinstance(exc, OSError) and exc.errno in NO_SPACE
 
 
 def _recordable(path: str) -> bool:
@@ -189,8 +197,8 @@ def with_log(collected: Collected, common: str, log_path: str, limit: int) -> Co
     """`collected` with the job's log stored as a blob (None if that failed)."""
     try:
         blob = store_log(common, log_path, limit)
-    except (TqError, OSError):
-        blob = None
+    except (TqError, OSError) as exc:
+        return dataclasses.replace(collected, log_blob=None, no_space=_no_space(exc))
     return dataclasses.replace(collected, log_blob=blob)
 
 

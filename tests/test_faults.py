@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import git, open_gate, show, submit, tq, wait_state, wait_until
+from conftest import SmallDisk, git, open_gate, show, submit, tq, wait_state, wait_until
 
 
 def run_files(job_id: int, suffix: str) -> list[Path]:
@@ -94,37 +92,16 @@ def test_a_job_ref_at_a_missing_object_is_named_and_can_be_forgotten(repo: Path)
 # ------------------------------------------------------------ a full disk
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """An 8 MB tmpfs holding the repository and the tq home (root only)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {p.stderr.strip()}")
-    monkeypatch.setenv("TQ_HOME", str(mnt / "tqhome"))
-    try:
-        yield mnt
-    finally:
-        from conftest import stop_everything
-
-        stop_everything(tmp_path)
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
 @pytest.mark.usefixtures("autostart")
-def test_a_full_disk_loses_no_exit_status(small_disk: Path) -> None:
-    repo = small_disk / "repo"
+def test_a_full_disk_loses_no_exit_status(small_disk: SmallDisk) -> None:
+    repo = small_disk.path / "repo"
     repo.mkdir()
     git(repo, "init", "-q")
     (repo / "a.txt").write_text("a\n")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "initial")
-    big = small_disk / "big"
-    go = small_disk.parent / "go"  # off the small disk
+    big = small_disk.path / "big"
+    go = small_disk.scratch / "go"  # off the small disk
     # It fills the disk only once its start is on record (`.ident`): a disk full before
     # then holds the supervisor's write of it until space returns, which is not this test.
     j = submit(repo, "--cpu", "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.01; done; "

@@ -177,6 +177,7 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
                 self.removals.pop(pid, None)
                 self.dirty = True
         self.reap_orphans()
+        self.reap_concluding()
         for pgid in list(self.orphan_groups):  # what their groups left comes to us too
             reap_group(pgid)
             if not group_alive(pgid):
@@ -184,6 +185,7 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
         self.hooks = [h for h in self.hooks if h.poll() is None]
         self.packing = {c: p for c, p in self.packing.items() if p.poll() is None}
         self.reap_pushes()
+        self.reap_hook_leftovers()
         declined = []
         for path, checkout in self.preparing.items():
             if path in self.abandoned:
@@ -269,6 +271,8 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
         # Jobs Slurm runs, by repository, and those of them whose dependencies are met.
         elsewhere: dict[str, tuple[RepoState, list[Job]]] = {}
         slurm_ready: set[scheduler.JobKey] = set()
+        pending_keys: set[scheduler.JobKey] = set()
+        held_for_room: dict[scheduler.JobKey, tuple[RepoState, Job]] = {}
         for rs in repos:
             verdicts = self.follow_dependencies(rs)
             for job_id in sorted(rs.tampered - rs.active.keys()):
@@ -316,6 +320,11 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
                                                      job.state is State.STOPPING))
                     jobs[key] = (rs, job)
                 elif job.state is State.PENDING:
+                    pending_keys.add(key)
+                    room = self.no_room.get(key)
+                    if room is not None and not room.room_again():
+                        held_for_room[key] = (rs, job)  # its last start found no space
+                        continue
                     verdict = verdicts.get(job.id)
                     # One still here with a broken dependency (its cancellation lost a
                     # race) waits for the next cycle's judgement, never starts.
@@ -360,6 +369,13 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
         for s in plan.starts:
             rs, job = jobs[s.key]
             self.start(rs, job, s.gpus)
+        # Jobs whose start found no space wait for room, and say so (`ls`).
+        jobs.update(held_for_room)
+        for key in list(self.no_room):
+            if key not in pending_keys and key[0] in {rs.key for rs in repos}:
+                del self.no_room[key]  # it left the queue
+            elif key in jobs and jobs[key][1].state is State.PENDING:
+                reasons[key] = scheduler.Reason("space", self.no_room[key].reason)
         # Endings are recorded after the starts they made room for: storing the log and
         # writing the record take a dozen milliseconds the next job need not wait.
         endings, self.endings = self.endings, []
@@ -368,7 +384,7 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
         if endings:
             self.dirty = True  # a preempted job is waiting again: plan with it at once
         self.counts = {"running": len(holding) + len(plan.starts), "pending":
-                       len(waiting) - len(plan.starts), "repos": len(repos),
+                       len(waiting) - len(plan.starts) + len(held_for_room), "repos": len(repos),
                        "held": sum(1 for r in plan.reasons.values() if r.kind == "paused")}
         self.update_deadline(repos)
         self.tell_reasons(repos, reasons, jobs)
