@@ -183,6 +183,8 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
             if not group_alive(pgid):
                 self.orphan_groups.discard(pgid)
         self.hooks = [h for h in self.hooks if h.poll() is None]
+        for spare in self.spares.values():
+            spare.proc.poll()  # reaped now (no zombie); its status kept for `take_spare`
         self.packing = {c: p for c, p in self.packing.items() if p.poll() is None}
         self.reap_pushes()
         self.reap_hook_leftovers()
