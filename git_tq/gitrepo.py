@@ -318,7 +318,16 @@ def git_message(args: Sequence[str], stderr: bytes) -> str:
     lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
     msg = next((ln for ln in lines if ln.startswith(("fatal:", "error:"))), None)
     msg = msg or (lines[-1] if lines else "failed")
-    return f"git {args[0]}: {msg}"
+    return f"git {subcommand(args)}: {msg}"
+
+
+def subcommand(args: Sequence[str]) -> str:
+    """The git command in `args`, past git's own options (`-c NAME=VALUE`, `--git-dir
+    DIR`, `-C DIR`...)."""
+    i = 0
+    while i < len(args) and args[i].startswith("-"):
+        i += 2 if args[i] in ("-c", "-C", "--git-dir", "--work-tree", "--namespace") else 1
+    return args[i] if i < len(args) else (args[0] if args else "")
 
 
 class FrozenValue:

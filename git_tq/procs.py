@@ -87,6 +87,20 @@ def children() -> list[int]:
     return pids
 
 
+def zombie_children() -> list[int]:
+    """Our children that have exited and wait to be reaped (from /proc)."""
+    found = []
+    for pid in children():
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                state = fh.read().rpartition(b")")[2].split()[:1]
+        except OSError:
+            continue
+        if state == [b"Z"]:
+            found.append(pid)
+    return found
+
+
 def descendants(root: ProcessId) -> list[psutil.Process]:
     proc = root.process()
     if proc is None:

@@ -63,9 +63,6 @@ class DaemonBase:
         self.warned: set[tuple[str, str]] = set()  # (repository, tip) already reported
         self.ledgers: dict[str, LocalJobs] = {}  # per repository, read incrementally
         self.hooks: list[subprocess.Popen[bytes]] = []
-        # Sessions of the hooks and pushes we started (each its own): what they leave
-        # running comes to us, as child subreaper, and is reaped (`reap_hook_leftovers`).
-        self.hook_sessions: set[int] = set()
         self.last_foreign: dict[int, str] = {}
         self.last_probe: set[tuple[int, int]] = set()
         self.next_deadline: Optional[float] = None

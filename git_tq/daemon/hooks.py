@@ -17,7 +17,6 @@ from git_tq.daemon.repostate import RepoState
 from git_tq.gitrepo import without_repo_vars
 from git_tq.home import RunFiles
 from git_tq.model import Job
-from git_tq.procs import children, group_alive
 
 AUTO_PUSH_TIMEOUT = 600.0  # seconds a background `git tq push` (tq.autoPush) may take
 
@@ -60,7 +59,6 @@ class Hooks(DaemonBase):
             log.warning("%s: tq.autoPush could not start git tq push: %s", rs.common, exc)
             return
         self.pushing[rs.common] = (proc, time.monotonic(), err_path)
-        self.hook_sessions.add(proc.pid)
 
     def reap_pushes(self) -> None:
         """Log the pushes that failed, give up on any that ran too long (killed, not
@@ -113,35 +111,6 @@ class Hooks(DaemonBase):
             log.warning("hook %s failed to start: %s", path, exc)
             return
         self.hooks.append(proc)
-        self.hook_sessions.add(proc.pid)  # its session: what it leaves behind comes to us
-
-    def reap_hook_leftovers(self) -> None:
-        """Reap what hooks and pushes left in their sessions. The daemon is a child
-        subreaper, so a hook's background process (`sleep 60 &`) becomes its child when
-        the hook exits, and would stay a zombie once it ends. Only children in those
-        sessions that lead no process group are waited for: a hook or push still
-        tracked (a Popen keeps its own status), a supervisor, a job or a checkout never
-        is. A session is forgotten once
-        its leader is done and nothing is left in its process group."""
-        if not self.hook_sessions:
-            return
-        tracked = {p.pid for p in self.hooks} | {p.pid for p, _, _ in self.pushing.values()}
-        seen: set[int] = set()
-        for pid in children():
-            if pid in tracked:
-                continue
-            try:
-                sid, leader = os.getsid(pid), os.getpgid(pid) == pid
-            except OSError:
-                continue
-            # A group leader is never a hook's leftover we reap: a job's main process, a
-            # supervisor, a stand-in all lead theirs (and a pid can be given again).
-            if sid in self.hook_sessions and not leader:
-                seen.add(sid)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
-        self.hook_sessions = {s for s in self.hook_sessions
-                              if s in tracked or s in seen or group_alive(s)}
 
 
 def hook_env(job: Job, event: str, common: str) -> dict[str, str]:

@@ -32,7 +32,7 @@ from git_tq.daemon.worktrees import Worktrees
 from git_tq.errors import TqError
 from git_tq.home import Home, RunFiles, ensure_private_dir, tighten_home, write_private_file
 from git_tq.model import Job, State
-from git_tq.procs import become_subreaper, group_alive, reap_group
+from git_tq.procs import become_subreaper, group_alive, reap_group, zombie_children
 from git_tq.server import BadRequest, RequestServer, check_request
 from git_tq.store import file_stamp, settled
 
@@ -187,7 +187,6 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
             spare.proc.poll()  # reaped now (no zombie); its status kept for `take_spare`
         self.packing = {c: p for c, p in self.packing.items() if p.poll() is None}
         self.reap_pushes()
-        self.reap_hook_leftovers()
         declined = []
         for path, checkout in self.preparing.items():
             if path in self.abandoned:
@@ -200,6 +199,49 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
         for path in declined:  # prepared the usual way by the next cycle
             del self.preparing[path]
             self.dirty = True
+        self.reap_strays()
+
+    def reap_strays(self) -> None:
+        """Reap the exited children that nobody waits for. As child subreaper the daemon
+        inherits every orphan below it: what a tq-* hook or a push left running (`sleep
+        60 &`), what a job left when its supervisor died, what a killed git left. Each
+        would stay a zombie. The children whose status someone reads are left to them:
+        supervisors, stand-ins, checkouts, spares, removals, hooks, pushes, `pack-refs`,
+        and followed orphans; so is every running job's main process, a group leader
+        whose supervisor may just have died (its status is `adopt_orphan`'s)."""
+        zombies = zombie_children()
+        if not zombies:
+            return
+        owned = {*self.supervisors, *self.removals, *self.orphans, *self.concluding,
+                 *(p.pid for p in self.hooks), *(p.pid for p in self.packing.values()),
+                 *(p.pid for p, _, _ in self.pushing.values()),
+                 *(c.proc.pid for c in self.preparing.values()),
+                 *(s.proc.pid for s in self.spares.values())}
+        jobs: Optional[set[int]] = None
+        for pid in zombies:
+            if pid in owned:
+                continue
+            try:
+                leader = os.getpgid(pid) == pid
+            except OSError:
+                continue
+            if leader:
+                jobs = self.running_job_pids() if jobs is None else jobs
+                if pid in jobs:
+                    continue
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+    def running_job_pids(self) -> set[int]:
+        """The main processes of the running and stopping jobs, from their `.ident`."""
+        pids: set[int] = set()
+        for rs in self.repos.values():
+            for job in rs.active.values():
+                if job.state in (State.RUNNING, State.STOPPING):
+                    rf = RunFiles(self.home, rs.key, job.id)
+                    with contextlib.suppress(OSError, KeyError, TypeError, ValueError):
+                        pids.add(int((rf.read(rf.ident) or {})["job"][0]))
+        return pids
 
     # --- the socket -------------------------------------------------------------
 

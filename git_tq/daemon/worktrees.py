@@ -62,6 +62,8 @@ class Forked:
 
 
 class Waitable(Protocol):
+    pid: int
+
     def poll(self) -> Optional[int]: ...
     def wait(self) -> int: ...
 
@@ -179,7 +181,10 @@ class Worktrees(Reading):
                 # git removes what it made of a checkout that failed, unless it was killed.
                 self.discard_worktree(rs, path)
                 room = self.no_room_for(rs, path, submission, said)
-                if out_of_space(p.stderr) or room.needed > (free_space(path) or 0):
+                # ("unable to write file" is a checkout's write that failed: a full disk,
+                # which may have been freed by the time it is measured)
+                if out_of_space(p.stderr) or b"unable to write file" in p.stderr or \
+                        room.needed > (free_space(path) or 0):
                     raise room
                 raise TqError("git worktree add failed: " + said)
         try:
