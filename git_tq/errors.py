@@ -6,6 +6,8 @@ log under the tq home); 124 `wait --timeout` ran out; 130 interrupted.
 
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_USER = 1
 EXIT_USAGE = 2
@@ -80,9 +82,17 @@ def broken_ref_text(name: object, tip: str, origin: str | None = None) -> str:
             "clone that has it)")
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # the errors of a write that found no room
+
+
 class NoSpace(GitFailed):
     """git could not write for want of space (a full disk or quota); the CLI says what
-    was being done."""
+    was being done. `path`: a folder on the filesystem that is full, and `needed`: the
+    bytes the write needs there (0: not known), when the raiser knows them."""
+
+    def __init__(self, message: str, path: str | None = None, needed: int = 0) -> None:
+        super().__init__(message)
+        self.path, self.needed = path, needed
 
 
 class WaitTimedOut(TqError):

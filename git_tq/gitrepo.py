@@ -284,19 +284,29 @@ def remove_worktree(common_dir: str, path: str) -> str:
 
 def out_of_space(stderr: bytes) -> bool:
     """Whether a git failure came from a full disk: git says so, or says only that it
-    "couldn't write" a file (a ref's lock file) on a filesystem with no room left."""
+    "couldn't write" a file (a ref's lock file: a few bytes, which only a full disk or
+    quota refuses; the space may be back by the time we look, so none is measured)."""
     if b"No space left on device" in stderr or b"Disk quota exceeded" in stderr:
         return True
     import re  # here: `git tq run` starts git before `re` is imported
 
-    found = re.search(rb"couldn't write '([^']+)'", stderr)
-    if found is None:
-        return False
-    try:
-        fs = os.statvfs(os.path.dirname(os.fsdecode(found.group(1))) or ".")
-    except OSError:
-        return False
-    return fs.f_bavail * fs.f_frsize < 64 * 1024
+    return re.search(rb"couldn't write '[^']+'", stderr) is not None
+
+
+def free_space(path: str) -> Optional[int]:
+    """Bytes free to us on the filesystem holding `path` (or its nearest existing
+    folder); None when none can be read."""
+    while True:
+        try:
+            fs = os.statvfs(path)
+            return fs.f_bavail * fs.f_frsize
+        except FileNotFoundError:
+            parent = os.path.dirname(path)
+            if not parent or parent == path:
+                return None
+            path = parent
+        except OSError:
+            return None
 
 
 def git_failure(args: Sequence[str], stderr: bytes) -> GitFailed:
@@ -310,7 +320,16 @@ def git_message(args: Sequence[str], stderr: bytes) -> str:
     lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
     msg = next((ln for ln in lines if ln.startswith(("fatal:", "error:"))), None)
     msg = msg or (lines[-1] if lines else "failed")
-    return f"git {args[0]}: {msg}"
+    return f"git {subcommand(args)}: {msg}"
+
+
+def subcommand(args: Sequence[str]) -> str:
+    """The git command in `args`, past git's own options (`-c NAME=VALUE`, `--git-dir
+    DIR`, `-C DIR`...)."""
+    i = 0
+    while i < len(args) and args[i].startswith("-"):
+        i += 2 if args[i] in ("-c", "-C", "--git-dir", "--work-tree", "--namespace") else 1
+    return args[i] if i < len(args) else (args[0] if args else "")
 
 
 class FrozenValue:

@@ -409,8 +409,14 @@ class RunFiles:
 
     def clear(self) -> None:
         """Forget the run (after its outcome is recorded on the job's ref)."""
-        for path in (self.ident, self.exit, self.stop, self.lock, self.announced, self.ended,
-                     self.series,
-                     *(() if self.attempt else (self.launch,))):
+        self.clear_attempt()
+        for path in (self.announced, *(() if self.attempt else (self.launch,))):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def clear_attempt(self) -> None:
+        """Forget what an attempt's supervisor wrote (before the next attempt starts)."""
+        for path in (self.ident, self.exit, self.stop, self.lock, self.ended,
+                     self.series):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Optional
 
-from git_tq.errors import UsageError
+from git_tq.errors import BrokenRef, UsageError
 from git_tq.model import Job
 
 if TYPE_CHECKING:
@@ -55,10 +55,13 @@ def is_id(text: str) -> bool:
 
 
 def resolve_jobs(ctx: Context, tokens: Sequence[str], *,
-                 missing_ok_in_ranges: bool = True) -> list[Job]:
+                 missing_ok_in_ranges: bool = True,
+                 broken: Optional[list[BrokenRef]] = None) -> list[Job]:
     """The jobs a list of tokens names, in order, each once: ids, ranges (`12-15`: the
     ids of it that exist, unless none does), `tq/jobs/7`, job commits, and the name of a
-    sweep or a tag (every job that has it). Unknown names are a one-line error."""
+    sweep or a tag (every job that has it). Unknown names are a one-line error, and so
+    is a local job ref at a missing object, unless `broken` is given: then it is added
+    there (once) and the rest are resolved."""
     from git_tq.errors import UnknownJob
 
     jobs: dict[str, Job] = {}  # by name: a local 7 and alice@gpu1:7 are two jobs
@@ -74,6 +77,12 @@ def resolve_jobs(ctx: Context, tokens: Sequence[str], *,
             continue
         try:
             job = ctx.store.resolve(part)
+        except BrokenRef as exc:
+            if broken is None or exc.origin is not None:
+                raise
+            if exc.job_id not in {b.job_id for b in broken}:
+                broken.append(exc)
+            continue
         except UnknownJob:
             if is_id(part) or part.startswith(("tq/", "refs/")):
                 raise
@@ -85,6 +94,6 @@ def resolve_jobs(ctx: Context, tokens: Sequence[str], *,
             jobs.update((j.name, j) for j in named)
             continue
         jobs[job.name] = job
-    if not jobs:
+    if not jobs and not broken:
         raise UsageError("no job given")
     return list(jobs.values())

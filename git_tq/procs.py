@@ -68,7 +68,7 @@ def reap_group(pgid: int) -> None:
     """Reap the exited children of ours that were in process group `pgid` (a job's
     processes that came to us, as child subreaper, once their parents died). Children
     in other groups (a Popen's, whose status is its own) are never touched."""
-    for pid in _children():
+    for pid in children():
         try:
             if os.getpgid(pid) == pgid:
                 os.waitpid(pid, os.WNOHANG)
@@ -76,7 +76,7 @@ def reap_group(pgid: int) -> None:
             continue
 
 
-def _children() -> list[int]:
+def children() -> list[int]:
     """Our children's pids, from /proc (every thread's list); empty where unreadable."""
     pids: list[int] = []
     with contextlib.suppress(OSError):
@@ -85,6 +85,20 @@ def _children() -> list[int]:
                     open(f"/proc/self/task/{task}/children", encoding="ascii") as fh:
                 pids.extend(int(p) for p in fh.read().split())
     return pids
+
+
+def zombie_children() -> list[int]:
+    """Our children that have exited and wait to be reaped (from /proc)."""
+    found = []
+    for pid in children():
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                state = fh.read().rpartition(b")")[2].split()[:1]
+        except OSError:
+            continue
+        if state == [b"Z"]:
+            found.append(pid)
+    return found
 
 
 def descendants(root: ProcessId) -> list[psutil.Process]:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from git_tq import jobtree, metricfiles, series
-from git_tq.errors import TqError, UsageError
+from git_tq.errors import NO_SPACE, NoSpace, TqError, UsageError
 from git_tq.gitrepo import run_git, without_repo_vars
 from git_tq.metricfiles import flatten as flatten
 from git_tq.model import OUTPUTS_LISTED, Metric, Outputs
@@ -127,13 +127,15 @@ class Collected:
     log_blob: Optional[str]
     series_blob: Optional[str] = None  # the attempt's points (one line), None if none
     problems: tuple[str, ...] = ()  # bad input in the metrics files, a line per file
+    no_space: bool = False  # the outputs or the log could not be stored for want of space
 
     def to_json(self) -> dict[str, Any]:
         o = self.outputs
         return {"tree": self.tree, "files": o.files, "bytes": o.bytes, "error": o.error,
                 "not_recorded": [list(s) for s in self.not_recorded],
                 "metrics": [[k, v] for k, v in self.metrics], "log_blob": self.log_blob,
-                "series_blob": self.series_blob}
+                "series_blob": self.series_blob,
+                **({"no_space": True} if self.no_space else {})}
 
 
 def series_blob_of(data: Mapping[str, Any]) -> Optional[str]:
@@ -170,10 +172,12 @@ def collect(common: str, worktree: str, submission: str, cwd: str, limits: Limit
     recorded: list[tuple[str, int]] = []
     skipped: list[tuple[str, int, str]] = []
     error: Optional[str] = None
+    no_space = False
     try:
         tree, recorded, skipped = _outputs_tree(common, worktree, submission, limits)
     except (TqError, OSError) as exc:
         error = CONTROL_CHARACTERS.sub("?", str(exc))[:500] or type(exc).__name__
+        no_space = _no_space(exc)
     if watch is None:  # no marks: every point is this attempt's
         read = metricfiles.read_attempt(
             metricfiles.metrics_paths(metrics_file, cwd, limits.metrics_files), {}, {}, 1,
@@ -187,15 +191,20 @@ def collect(common: str, worktree: str, submission: str, cwd: str, limits: Limit
         try:
             series_blob = _git(["--git-dir", common, "hash-object", "-w", "--stdin"], common,
                                input=series.encode_attempt(read.attempt))
-        except (TqError, OSError):
+        except (TqError, OSError) as exc:
             series_blob = None
+            no_space = no_space or _no_space(exc)  # tried again once there is room
     # The record names the first of them, those whose names a record can hold (no
     # control characters); the counts cover all, and the log names every one.
     listed = tuple(s for s in skipped if _recordable(s[0]))[:OUTPUTS_LISTED]
     outputs = Outputs(len(recorded), sum(n for _, n in recorded), listed, len(skipped),
                       sum(n for _, n, _ in skipped), error)
     return Collected(tree, outputs, tuple(skipped), metrics, None, series_blob,
-                     read.problems)
+                     read.problems, no_space)
+
+
+def _no_space(exc: BaseException) -> bool:
+    return isinstance(exc, NoSpace) or isinstance(exc, OSError) and exc.errno in NO_SPACE
 
 
 def _recordable(path: str) -> bool:
@@ -226,8 +235,8 @@ def with_log(collected: Collected, common: str, log_path: str, limit: int) -> Co
     """`collected` with the job's log stored as a blob (None if that failed)."""
     try:
         blob = store_log(common, log_path, limit)
-    except (TqError, OSError):
-        blob = None
+    except (TqError, OSError) as exc:
+        return dataclasses.replace(collected, log_blob=None, no_space=_no_space(exc))
     return dataclasses.replace(collected, log_blob=blob)
 
 

@@ -39,7 +39,6 @@ from git_tq.home import Home, default_home
 from git_tq.joblists import MAX_RANGE as MAX_RANGE
 from git_tq.joblists import parse_job_tokens as parse_job_tokens
 from git_tq.joblists import resolve_jobs as resolve_jobs
-from git_tq.joblists import token_parts
 from git_tq.lifecycle import apply_event, now_iso
 from git_tq.localjobs import FETCHED, LOCAL, TAMPERED, LedgerEntry, LocalSpec
 from git_tq.model import (
@@ -1752,24 +1751,14 @@ def remove(ctx: Context, tokens: Sequence[str], *, forget: bool = False,
            now: Optional[str] = None) -> list[Removal]:
     """Cancel pending jobs (they leave the queue; their records stay).
 
-    With `forget`, finished jobs' records are deleted instead. Every job is
-    checked before anything changes, so a bad id changes nothing.
+    With `forget`, finished jobs' records are deleted instead, and so are job refs at
+    missing objects (that is their repair). Every job is checked before anything
+    changes, so a bad id changes nothing; forgetting is one ref transaction (all of
+    the jobs or none).
     """
-    done: list[Removal] = []
-    while True:
-        try:
-            jobs = {job.id: job for job in resolve_jobs(ctx, tokens)}
-            break
-        except BrokenRef as exc:  # a ref at a missing object: forgetting it is the repair
-            if not forget or exc.origin is not None or exc.job_id in {r.job_id for r in done}:
-                raise
-            ctx.store.forget_broken(exc)
-            done.append(Removal(exc.job_id, "forgotten (its ref was broken)"))
-            gone = {str(exc.job_id), f"tq/jobs/{exc.job_id}", f"refs/tq/jobs/{exc.job_id}",
-                    f"jobs/{exc.job_id}"}
-            tokens = [t for t in token_parts(tokens) if t.strip() not in gone]
-            if not tokens:
-                return done
+    broken: list[BrokenRef] = []
+    jobs = {job.id: job for job in resolve_jobs(ctx, tokens,
+                                                 broken=broken if forget else None)}
     for job in jobs.values():
         ctx.store.require_ours(job, "forgotten" if forget else "removed")
         if forget and job.state.active:
@@ -1784,23 +1773,25 @@ def remove(ctx: Context, tokens: Sequence[str], *, forget: bool = False,
         if kept is not None:  # its id may be given again: the worktree must go first
             raise TqError(f"job {job.id}'s worktree {kept.path} is {kept.reason}; take what "
                           f"you need, run `git tq gc --outputs {job.id}`, then forget it")
-    when = now or now_iso()
-    for job in jobs.values():
-        if forget:
-            log = ctx.store.log_path(job)
-            entry = ctx.store.forget(job)
+    done: list[Removal] = []
+    if forget:
+        logs = [ctx.store.log_path(job) for job in jobs.values()]
+        entries = ctx.store.forget(list(jobs.values()), broken)
+        done.extend(Removal(b.job_id, "forgotten (its ref was broken)") for b in broken)
+        for job, entry, log in zip(jobs.values(), entries, logs):
             ctx.local.drop_spec(entry.submission)
             if os.path.exists(log):
                 # Kept, but no longer a job's log: a later job may get this id again.
                 os.replace(log, log + ".forgotten")
             done.append(Removal(job.id, "forgotten"))
-        else:
-            ctx.store.update(job.id, lambda j: apply_event(j, "cancelled", when,
-                                                           detail="removed from the queue"),
-                             f"tq: cancel job {job.id}")
-            done.append(Removal(job.id, "cancelled"))
-    if not forget:
-        _nudge(ctx)  # the daemon removes their prepared worktrees
+        return done
+    when = now or now_iso()
+    for job in jobs.values():
+        ctx.store.update(job.id, lambda j: apply_event(j, "cancelled", when,
+                                                       detail="removed from the queue"),
+                         f"tq: cancel job {job.id}")
+        done.append(Removal(job.id, "cancelled"))
+    _nudge(ctx)  # the daemon removes their prepared worktrees
     return done
 
 

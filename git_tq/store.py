@@ -9,6 +9,7 @@ Notes are `git notes --ref=tq` on the submission commit (git locks them).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import marshal
 import os
@@ -28,7 +29,7 @@ from git_tq.errors import (
     UnknownJob,
     UnreadableRecord,
 )
-from git_tq.gitrepo import Repo, git_message
+from git_tq.gitrepo import Repo, git_failure, git_message, out_of_space
 from git_tq.home import create_temp_beside, ensure_private_dir
 from git_tq.lifecycle import apply_event
 from git_tq.localjobs import FETCHED, LOCAL, TAMPERED, LedgerEntry, LocalJobs, is_oid
@@ -519,14 +520,29 @@ class JobStore:
                 commit = self._commit(tree, draft.source, recordfmt.encode(job))
                 if before_publish:
                     before_publish(commit)
-                # No look first: the ref's creation (old value zero) fails if the id
-                # is taken, and the ledger line is then withdrawn (one process less).
-                local.record(job_id, LedgerEntry(commit, None, commit))
-                won = self.repo.update_ref(job_ref(job_id), commit, "0" * len(commit),
-                                           f"tq: submit job {job_id}")
-                local.record(job_id, LedgerEntry(commit, commit, None) if won else None)
+                ref = job_ref(job_id)
+                try:
+                    # No look first: the ref's creation (old value zero) fails if the id
+                    # is taken, and the ledger line is then withdrawn (one process less).
+                    local.record(job_id, LedgerEntry(commit, None, commit))
+                    won = self.repo.update_ref(ref, commit, "0" * len(commit),
+                                               f"tq: submit job {job_id}")
+                    local.record(job_id, LedgerEntry(commit, commit, None) if won else None)
+                except BaseException as exc:
+                    made = False
+                    with contextlib.suppress(Exception):
+                        made = self.repo.resolve_ref(ref) == commit
+                    if made and isinstance(exc, Exception):
+                        won = True  # only the ledger's last line failed (a full disk):
+                    else:  # its "about to write" line, on record, vouches for the job
+                        # No job (a full disk, Ctrl-C): its private record does not stay.
+                        if after_lost_race and not made:
+                            with contextlib.suppress(OSError):
+                                after_lost_race(commit)
+                        raise
                 if won:
-                    local.remember_id(job_id)
+                    with contextlib.suppress(OSError):  # (the refs are listed without it)
+                        local.remember_id(job_id)
             if won:
                 return job.evolve(snapshot=commit, tip=commit)
             if after_lost_race:
@@ -655,25 +671,31 @@ class JobStore:
         return self.update(job_id, lambda j: apply_event(j, event, now, **fields),
                            f"tq: job {job_id} {event}", tree)
 
-    def forget_broken(self, broken: BrokenRef) -> None:
-        """Delete a job ref that points at a missing object (only if it still does)."""
+    def forget(self, jobs: Sequence[Job], broken: Sequence[BrokenRef] = ()) \
+            -> list[LedgerEntry]:
+        """Delete our jobs' refs, and refs at missing objects (`broken`), in one ref
+        transaction: all of them, or none if any moved since it was read (RefRace) or
+        git could not write (NoSpace). The jobs' ledger entries, in order."""
         local = self._require_local()
         with local.locked():
-            if not self.repo.delete_ref(job_ref(broken.job_id), broken.tip,
-                                        f"tq: forget broken job {broken.job_id}"):
-                raise RefRace(f"job {broken.job_id} changed while being removed; try again")
-            if local.entry(broken.job_id) is not None:
-                local.record(broken.job_id, None)
-
-    def forget(self, job: Job) -> LedgerEntry:
-        """Delete our job's ref (only if it has not moved since `job` was read)."""
-        local = self._require_local()
-        with local.locked():
-            entry = self.require_ours(job, "forgotten")
-            if not self.repo.delete_ref(job.ref, job.tip, f"tq: forget job {job.id}"):
-                raise RefRace(f"job {job.id} changed while being removed; try again")
-            local.record(job.id, None)
-        return entry
+            entries = [self.require_ours(job, "forgotten") for job in jobs]
+            refs = [(job.ref, job.tip) for job in jobs] + \
+                [(job_ref(b.job_id), b.tip) for b in broken]
+            if not refs:
+                return entries
+            script = "".join(f"delete {ref} {tip}\n" for ref, tip in refs)
+            names = ", ".join([str(j.id) for j in jobs] + [str(b.job_id) for b in broken])
+            p = self.repo.git("update-ref", "--stdin", "-m", f"tq: forget jobs {names}",
+                              input=script.encode(), check=False)
+            if p.returncode != 0:
+                if out_of_space(p.stderr):
+                    raise git_failure(["update-ref"], p.stderr)
+                raise RefRace(f"{'a job' if len(refs) > 1 else 'the job'} changed while "
+                              "being removed; nothing was removed; try again")
+            local.record_many([(job.id, None) for job in jobs] +
+                              [(b.job_id, None) for b in broken
+                               if local.entry(b.job_id) is not None])
+        return entries
 
     # --- notes ----------------------------------------------------------------
 
@@ -771,13 +793,18 @@ class JobStore:
                 # The scratch ref starts as a copy of the notes ref (update-ref reads it);
                 # the old value for the compare-and-swap is then the parent of the commit
                 # `git notes` makes on it. Four git processes, none to read a ref first.
-                copied = self.repo.git("update-ref", scratch, ref, check=False).returncode == 0
+                cp = self.repo.git("update-ref", scratch, ref, check=False)
+                copied = cp.returncode == 0
                 if not copied:
+                    if out_of_space(cp.stderr):  # (not "no notes yet")
+                        raise git_failure(["update-ref"], cp.stderr)
                     self.repo.git("update-ref", "-d", scratch)  # no notes yet: a root commit
                 p = self.repo.git("notes", f"--ref={scratch}", *args, "--end-of-options", target,
                                   env=self.commit_env,
                                   input=None if text is None else text.encode(), check=False)
                 if p.returncode != 0:
+                    if out_of_space(p.stderr):
+                        raise git_failure(["notes"], p.stderr)
                     lines = p.stderr.decode(errors="replace").strip().splitlines()
                     raise TqError(f"git notes: {lines[-1] if lines else 'failed'}")
                 # Our own ref names (never options): the new tip, the notes ref now, and
@@ -795,10 +822,13 @@ class JobStore:
                     continue  # the notes ref moved or went away meanwhile: redo it
                 script = (f"update {ref} {new} {old or '0' * len(new)}\n"
                           f"delete {scratch}\n")
-                if self.repo.git("update-ref", "--stdin", "-m", f"tq: note on job {job.id}",
-                                 input=script.encode(), check=False).returncode == 0:
+                landed = self.repo.git("update-ref", "--stdin", "-m", f"tq: note on job {job.id}",
+                                       input=script.encode(), check=False)
+                if landed.returncode == 0:
                     scratch_left = False  # deleted by the same transaction
                     return
+                if out_of_space(landed.stderr):
+                    raise git_failure(["update-ref"], landed.stderr)
             raise RefRace("notes kept changing under us; try again")
         finally:
             if scratch_left:

@@ -18,7 +18,6 @@ the group to empty, or the stop's deadline (the daemon's `.stop` run file).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -29,7 +28,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
-from git_tq.errors import TqError
+from git_tq.errors import NO_SPACE, TqError
+from git_tq.gitrepo import free_space
 from git_tq.home import connect_private, ensure_log_folder, open_private, write_private_file
 from git_tq.lifecycle import now_iso
 from git_tq.procs import ProcessId, become_subreaper, group_alive, kill
@@ -57,16 +57,32 @@ def write_json(path: str, data: dict[str, Any]) -> None:
     write_private_file(path, json.dumps(data).encode())
 
 
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 RETRY_MAX_SECONDS = 5.0  # the longest pause between two tries of a write that must land
+ROOM_POLL_SECONDS = 0.1  # how often a pause looks whether space came back
+
+
+def wait_for_room(folder: str, pause: float) -> None:
+    """Sleep `pause` seconds, or less: until the filesystem holding `folder` has more
+    room than now (a statfs every ROOM_POLL_SECONDS), so that a write that found no
+    space is tried again soon after space returns, and seldom while it does not."""
+    before = free_space(folder)
+    deadline = time.monotonic() + pause
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, ROOM_POLL_SECONDS))
+        now = free_space(folder)
+        if before is not None and now is not None and now > before:
+            return
 
 
 def write_until_written(path: str, data: dict[str, Any],
                         again: Optional[Callable[[], None]] = None) -> None:
     """Write a run file that must not be lost (`.ident`, `.exit`): on a full disk, try
-    again with a growing pause until it lands (the supervisor's lock, held meanwhile,
-    tells the daemon it lives). `again` runs before each retry (results collected
-    again). Other errors are raised."""
+    again with a growing pause (cut short when space returns) until it lands (the
+    supervisor's lock, held meanwhile, tells the daemon it lives). `again` runs before
+    each retry (results collected again). Other errors are raised."""
     pause = 0.05
     while True:
         try:
@@ -75,7 +91,7 @@ def write_until_written(path: str, data: dict[str, Any],
         except OSError as exc:
             if exc.errno not in NO_SPACE:
                 raise
-        time.sleep(pause)
+        wait_for_room(os.path.dirname(path), pause)
         pause = min(pause * 2, RETRY_MAX_SECONDS)
         if again is not None:
             again()
@@ -86,14 +102,14 @@ class Log:
     written (a full disk) is dropped, never fatal."""
 
     def __init__(self, fh: Any) -> None:
-        self.fh = fh
+        self.fh = fh  # None: no log could be opened
 
     def write(self, data: bytes) -> None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, AttributeError):
             self.fh.write(data)
 
     def fileno(self) -> int:
-        return int(self.fh.fileno())
+        return -1 if self.fh is None else int(self.fh.fileno())
 
 
 # Told of a signal sent to the supervisor itself, with the job's identity (main process,
@@ -182,16 +198,43 @@ def run(launch: dict[str, Any], forward: Optional[SignalHandler] = None,
               f"{now_iso()}\n".encode())
     outcome: dict[str, Any] = {"exit_code": None if signum else code, "signal": signum,
                                "ended_at": now_iso(), "ended": ended, "forced": forced}
+    conclude(launch, outcome, log, watch)
+    # Release the lock before the nudge: the daemon reads "lock free + exit file" as
+    # "ended", and must see both when it wakes.
+    os.close(lock_fd)
+    nudge(launch["socket"], (launch.get("results") or {}).get("common"))
+    return 0
+
+
+def conclude(launch: dict[str, Any], outcome: dict[str, Any], log: Log,
+             watch: Any = None) -> None:
+    """After the job's processes are gone, its lock held: say so (`.ended`: its GPUs are
+    free), collect what the attempt produced, and write its exit status (`.exit`). Also
+    what the daemon does for a job whose supervisor died (see daemon/reconcile.py).
+
+    On a full disk nothing known is lost: the exit status is written as soon as it can
+    be, and while the outputs cannot be recorded for want of space they are collected
+    again until they can (the lock held, so the daemon waits; a supervisor killed
+    meanwhile leaves the exit status without them). `watch`: the attempt's metrics
+    files as they stood when it began (none for the daemon's stand-in: then every point
+    in them counts as this attempt's)."""
     if launch.get("results"):
         if launch.get("ended"):  # from now on the daemon kills nothing of ours
             with contextlib.suppress(OSError):  # (on a full disk, it may: none are left)
-                write_json(launch["ended"], {"at": ended})
+                write_json(launch["ended"], {"at": outcome.get("ended", time.time())})
             # ...and the job's GPUs are free: the next job starts while this one's
             # outputs, metrics and log are collected, at a lower priority than its start.
             with contextlib.suppress(OSError):
                 os.nice(10)
             nudge(launch["socket"], launch["results"].get("common"))
         outcome["results"] = _collect(launch, log, watch)
+        pause = 0.05
+        while outcome["results"].get("no_space"):
+            if not launch.get("node"):  # (a Slurm job's daemon reads `.exit` at once)
+                write_until_written(launch["exit"], outcome)  # the status first, then room
+            wait_for_room(os.path.join(launch["results"]["common"], "objects"), pause)
+            pause = min(pause * 2, RETRY_MAX_SECONDS)
+            outcome["results"] = _collect(launch, log, watch)
 
     def collect_again() -> None:
         # A full disk made the exit file's write fail, and likely the results' too (git
@@ -201,11 +244,6 @@ def run(launch: dict[str, Any], forward: Optional[SignalHandler] = None,
 
     # The exit status is known: it is never lost to a full disk.
     write_until_written(launch["exit"], outcome, collect_again)
-    # Release the lock before the nudge: the daemon reads "lock free + exit file" as
-    # "ended", and must see both when it wakes.
-    os.close(lock_fd)
-    nudge(launch["socket"], (launch.get("results") or {}).get("common"))
-    return 0
 
 
 def _watch(launch: dict[str, Any]) -> Any:
@@ -244,7 +282,7 @@ def _collect(launch: dict[str, Any], log: Log, watch: Any = None) -> dict[str, A
     try:
         limits = results.Limits.from_json(spec["limits"])
         # The log is read through our own descriptor: `catg` may have moved the file.
-        log_path = f"/proc/self/fd/{log.fileno()}"
+        log_path = f"/proc/self/fd/{log.fileno()}" if log.fileno() >= 0 else launch["log"]
         if not os.path.exists(log_path):
             log_path = launch["log"]
         def collect() -> results.Collected:
@@ -252,13 +290,14 @@ def _collect(launch: dict[str, Any], log: Log, watch: Any = None) -> dict[str, A
                                    launch["cwd"], limits, spec.get("metrics_file"), watch)
 
         collected = collect()
-        if collected.outputs.error is not None:
+        if collected.outputs.error is not None and not collected.no_space:
             # Once more: a stop's SIGKILL sent just before `.ended` appeared may have hit
             # our own git processes.
             collected = collect()
-        for line in results.left_out_lines(collected):
-            log.write(f"[git tq] {line}\n".encode())
-        collected = results.with_log(collected, spec["common"], log_path, limits.max_log)
+        if not collected.no_space:  # (collected again once there is room: said then)
+            for line in results.left_out_lines(collected):
+                log.write(f"[git tq] {line}\n".encode())
+            collected = results.with_log(collected, spec["common"], log_path, limits.max_log)
         return collected.to_json()
     except Exception as exc:  # noqa: BLE001 - the exit status must be written regardless
         return {"tree": None, "files": 0, "bytes": 0, "error": f"{type(exc).__name__}: {exc}"}

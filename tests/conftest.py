@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -176,6 +177,89 @@ def make_repo(tmp_path: Path) -> RepoFactory:
 @pytest.fixture
 def repo(make_repo: RepoFactory) -> Path:
     return make_repo("work")
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+class SmallDisk:
+    """An 8 MB tmpfs (`path`) holding the tests's repository and tq home, and folders that
+    the test fills up and frees again (`full_dir`). Root only: mounting needs it."""
+
+    def __init__(self, path: Path, scratch: Path) -> None:
+        self.path = path
+        self.scratch = scratch  # off the small disk: the full folders' own filesystems
+        self.mounts: list[Path] = []  # to unmount, last first
+
+    def full_dir(self, target: Path, size: str = "1m") -> Filler:
+        """Put the folder `target` (made if missing) on a tmpfs of its own, its contents
+        copied: a bind mount of a folder of that tmpfs, whose filler file (beside it,
+        never inside `target`) fills it up."""
+        target.mkdir(parents=True, exist_ok=True)
+        store = self.scratch / f"full{len(self.mounts)}"
+        store.mkdir()
+        mount("-t", "tmpfs", "-o", f"size={size},mode=700", "tmpfs", str(store))
+        self.mounts.append(store)
+        data = store / "data"
+        data.mkdir(mode=0o700)
+        subprocess.run(["cp", "-a", f"{target}/.", str(data)], check=True)
+        os.chmod(data, os.stat(target).st_mode & 0o7777)
+        mount("--bind", str(data), str(target))
+        self.mounts.append(target)
+        return Filler(store / "filler")
+
+    def unmount_all(self) -> None:
+        for path in reversed(self.mounts):
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+
+
+class Filler:
+    """A file that takes every free byte of its filesystem (`fill`), and gives them back
+    (`free`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fill(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for chunk in (1 << 16, 1 << 12, 1):
+                try:
+                    while True:
+                        os.write(fd, b"\0" * chunk)
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        self.path.unlink()
+
+
+def mount(*args: str) -> None:
+    p = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {p.stderr.strip()}")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SmallDisk]:
+    """An 8 MB tmpfs holding the repository and the tq home (root only; skipped with the
+    reason elsewhere)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mount("-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt))
+    monkeypatch.setenv("TQ_HOME", str(mnt / "tqhome"))
+    disk = SmallDisk(mnt, tmp_path)
+    try:
+        yield disk
+    finally:
+        stop_everything(tmp_path)
+        disk.unmount_all()
 
 
 # ---------------------------------------------------------------- a real Slurm cluster

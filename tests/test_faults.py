@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import git, open_gate, show, submit, tq, wait_state, wait_until
+from conftest import SmallDisk, git, open_gate, show, submit, tq, wait_state, wait_until
 
 
 def run_files(job_id: int, suffix: str) -> list[Path]:
@@ -27,7 +25,8 @@ def test_a_job_whose_supervisor_was_killed_keeps_its_exit_status(repo: Path,
                                                                   tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     j = submit(repo, "--cpu", "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done; "
-               "echo bye; exit 5")
+               "echo bye; echo result > out.txt; echo '{\"loss\": 2}' > \"$TQ_METRICS\"; "
+               "exit 5")
     wait_until(lambda: bool(run_files(j, "ident")))
     ident = json.loads(run_files(j, "ident")[0].read_text())
     os.kill(ident["supervisor"][0], signal.SIGKILL)  # the OOM killer, a careless kill -9
@@ -37,8 +36,35 @@ def test_a_job_whose_supervisor_was_killed_keeps_its_exit_status(repo: Path,
     data = wait_state(repo, j, "failed")
     assert (data["exit_code"], data["signal"], data["outcome"]) == (5, None, "exit 5")
     assert "the daemon reaped the job" in data["detail"]
-    log = Path(data["log"]).read_text()
+    # Recorded like any ending: its outputs, metrics and log too.
+    assert data["outputs"]["files"] == 1 and data["metrics"] == {"loss": 2}
+    assert git(repo, "show", f"refs/tq/jobs/{j}:out.txt") == "result\n"
+    Path(data["log"]).unlink()  # the copy kept in git
+    log = tq(repo, "view", "--raw", str(j)).stdout
     assert "bye" in log and "exited with code 5" in log
+
+
+@pytest.mark.usefixtures("autostart")
+def test_what_a_hook_leaves_running_is_reaped(repo: Path, tmp_path: Path) -> None:
+    """The daemon is a child subreaper: a hook's background process becomes its child
+    when the hook exits, and must not stay a zombie once it ends."""
+    import psutil
+
+    started = tmp_path / "started"
+    hook = repo / ".git" / "hooks" / "tq-start"
+    hook.write_text(f"#!/bin/sh\nsleep 0.2 &\necho $! > {started}.part; "
+                    f"mv {started}.part {started}\n")
+    hook.chmod(0o755)
+    submit(repo, "--cpu", "true")
+    wait_until(started.exists)
+    left = int(started.read_text())
+    daemon = psutil.Process(json.loads(
+        (Path(os.environ["TQ_HOME"]) / "daemon.json").read_text())["pid"])
+
+    def zombies() -> list[int]:
+        return [c.pid for c in daemon.children() if c.status() == psutil.STATUS_ZOMBIE]
+
+    wait_until(lambda: not psutil.pid_exists(left) and not zombies())
 
 
 @pytest.mark.usefixtures("autostart")
@@ -85,46 +111,33 @@ def test_a_job_ref_at_a_missing_object_is_named_and_can_be_forgotten(repo: Path)
                                    f"points at {bad[:12]}"), p.stderr
     assert f"job {first} is broken" in tq(repo, "gc").stdout
     assert show(repo, second)["state"] == "pending"
-    assert "forgotten" in tq(repo, "rm", "--forget", str(first)).stdout
-    assert git(repo, "for-each-ref", f"refs/tq/jobs/{first}") == ""
+    # All or nothing: job 2 cannot be forgotten (pending), so the broken job 1 stays too.
+    p = tq(repo, "rm", "--forget", f"{first},{second}", check=False)
+    assert (p.returncode, len(p.stderr.splitlines())) == (1, 1), p.stderr
+    assert "only finished jobs can be forgotten" in p.stderr
+    assert (repo / ".git" / "refs" / "tq" / "jobs" / str(first)).exists()
+    tq(repo, "rm", str(second))  # cancelled: now it can go
+    out = tq(repo, "rm", "--forget", f"{first},{second}").stdout
+    assert out.count("forgotten") == 2, out
+    assert git(repo, "for-each-ref", "refs/tq/jobs/") == ""
+    assert submit(repo, "--cpu", "true") == second + 1  # no id given twice
     p = tq(repo, "ls", "--all")
-    assert p.stderr == "" and "two" in p.stdout
+    assert p.stderr == "" and "true" in p.stdout and "two" not in p.stdout
 
 
 # ------------------------------------------------------------ a full disk
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """An 8 MB tmpfs holding the repository and the tq home (root only)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {p.stderr.strip()}")
-    monkeypatch.setenv("TQ_HOME", str(mnt / "tqhome"))
-    try:
-        yield mnt
-    finally:
-        from conftest import stop_everything
-
-        stop_everything(tmp_path)
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
 @pytest.mark.usefixtures("autostart")
-def test_a_full_disk_loses_no_exit_status(small_disk: Path) -> None:
-    repo = small_disk / "repo"
+def test_a_full_disk_loses_no_exit_status(small_disk: SmallDisk) -> None:
+    repo = small_disk.path / "repo"
     repo.mkdir()
     git(repo, "init", "-q")
     (repo / "a.txt").write_text("a\n")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "initial")
-    big = small_disk / "big"
-    go = small_disk.parent / "go"  # off the small disk
+    big = small_disk.path / "big"
+    go = small_disk.scratch / "go"  # off the small disk
     # It fills the disk only once its start is on record (`.ident`): a disk full before
     # then holds the supervisor's write of it until space returns, which is not this test.
     j = submit(repo, "--cpu", "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.01; done; "

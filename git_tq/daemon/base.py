@@ -5,16 +5,17 @@ mixin class in its own file, listed in the package's docstring) sees them all.
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 import subprocess
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from git_tq import pause as pausing
-from git_tq.errors import NoSpace
+from git_tq.errors import NO_SPACE, NoSpace
+from git_tq.gitrepo import free_space
 from git_tq.home import Home, RunFiles
 from git_tq.localjobs import LocalJobs
 from git_tq.model import Job
@@ -25,6 +26,27 @@ if TYPE_CHECKING:
     from git_tq.daemon.worktrees import Checkout, Spare
 
 log = logging.getLogger("git-tq-daemon")
+
+ROOM_MARGIN = 64 << 10  # free bytes beyond what a failed start needed (or had) to try again
+
+
+@dataclass(frozen=True)
+class NoRoom:
+    """A start that failed for want of space: the job stays pending, out of the plan (so
+    that it neither fails again each cycle nor preempts anyone for a start that cannot
+    happen) until its filesystem has room again."""
+
+    path: str  # a folder on the filesystem that was full
+    free: int  # bytes free there when the start failed
+    needed: int  # bytes the start needs there (a worktree's files); 0 when not known
+    reason: str  # why it waits, for `ls` (waiting.json)
+
+    def room_again(self) -> bool:
+        """Whether to try again: the space it needs is free, or (not knowing what it
+        needs) more than when it failed, with a margin; or the folder cannot be looked
+        at."""
+        free = free_space(self.path)
+        return free is None or free >= (self.needed or self.free) + ROOM_MARGIN
 
 
 class DaemonBase:
@@ -59,8 +81,13 @@ class DaemonBase:
         # Exit statuses the daemon reaped that could not be written (a full disk), by
         # the `.exit` path they belong at.
         self.reaped: dict[str, dict[str, Any]] = {}
+        # Stand-ins finishing reaped orphans' attempts (outputs, `.exit`): pid -> the
+        # `.exit` path and the exit status they were given.
+        self.concluding: dict[int, tuple[str, dict[str, Any]]] = {}
         # Writes of a record that failed for want of space, logged once each (job, event).
         self.no_space: set[tuple[str, int, str]] = set()
+        # Pending jobs whose start failed for want of space, by (repository, job).
+        self.no_room: dict[tuple[str, int], NoRoom] = {}
         self.removals: dict[int, str] = {}  # forked worktree removals: pid -> path
         self.repos: dict[str, RepoState] = {}  # by common dir, kept between cycles
         self.read_everything = True  # the next cycle reads every repository's refs
@@ -95,13 +122,13 @@ class DaemonBase:
         is logged once per job and `what` (retried each cycle, silently, until it lands),
         and the caller goes on. False for any other error (the caller's to handle)."""
         if not isinstance(exc, NoSpace) and not (
-                isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+                isinstance(exc, OSError) and exc.errno in NO_SPACE):
             return False
         key = (rs.key, job_id, what)
         if key not in self.no_space:
             self.no_space.add(key)
             log.warning("job %d: could not %s: no space left on device (%s); tried again "
-                        "each cycle until it lands", job_id, what, exc)
+                        "until it lands", job_id, what, exc)
         return True
 
     def space_again(self, rs: RepoState, job_id: int, what: str) -> None:

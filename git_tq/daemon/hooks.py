@@ -29,7 +29,13 @@ class Hooks(DaemonBase):
         rf = RunFiles(self.home, rs.key, job.id)
         if os.path.exists(rf.announced):
             return
-        rf.write(rf.announced, {"snapshot": job.snapshot})
+        try:
+            rf.write(rf.announced, {"snapshot": job.snapshot})
+        except OSError as exc:
+            if self.short_of_space(rs, job.id, "note its tq-submit hook", exc):
+                return  # run once there is room to remember it ran
+            raise
+        self.space_again(rs, job.id, "note its tq-submit hook")
         self.run_hook(rs, job, "submit")
 
     # --- tq.autoPush ----------------------------------------------------------------
@@ -98,12 +104,13 @@ class Hooks(DaemonBase):
             return
         env = {**without_repo_vars(os.environ), **hook_env(job, event, rs.common)}
         try:
-            self.hooks.append(subprocess.Popen([path], env=env, stdin=subprocess.DEVNULL,
-                                               stdout=subprocess.DEVNULL,
-                                               stderr=subprocess.DEVNULL,
-                                               start_new_session=True, cwd=rs.common))
+            proc = subprocess.Popen([path], env=env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=rs.common)
         except OSError as exc:
             log.warning("hook %s failed to start: %s", path, exc)
+            return
+        self.hooks.append(proc)
 
 
 def hook_env(job: Job, event: str, common: str) -> dict[str, str]:

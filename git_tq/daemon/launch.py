@@ -13,17 +13,17 @@ import os
 import signal
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 from git_tq import jobtree, results, supervisor
-from git_tq.daemon.base import log
+from git_tq.daemon.base import NoRoom, log
 from git_tq.daemon.hooks import Hooks
 from git_tq.daemon.repostate import RepoState, advance
 from git_tq.daemon.worktrees import Worktrees
-from git_tq.errors import InvalidTransition, NotOurs, RefRace, TqError
-from git_tq.gitrepo import without_repo_vars
+from git_tq.errors import NO_SPACE, InvalidTransition, NotOurs, RefRace, TqError
+from git_tq.gitrepo import free_space, without_repo_vars
 from git_tq.home import RunFiles
-from git_tq.lifecycle import now_iso
+from git_tq.lifecycle import apply_event, now_iso
 from git_tq.localjobs import LocalSpec
 from git_tq.model import Job, launch_stop_signal, stop_signal_number
 from git_tq.procs import ProcessId, kill, plan_stop, shell_argv
@@ -36,43 +36,46 @@ class Launching(Worktrees, Hooks):
 
     def start(self, rs: RepoState, job: Job, assigned: tuple[int, ...]) -> None:
         """Run one of our pending jobs: what runs (command, cwd, environment, code) comes
-        from the private record named by the ledger, never from the job's record."""
+        from the private record named by the ledger, never from the job's record.
+
+        Everything a start writes besides the record (the worktree, the launch file) is
+        made while the record still says pending, and the record moves only then: a
+        start that finds no space (a full disk) leaves the job pending, its attempt not
+        used, with nothing half-made left (`no_room_to_start`); it starts by itself once
+        there is room."""
         entry = rs.ours(job)
         if entry is None:
             return
         spec = rs.local.load_spec(entry.submission)
         # A retry's next attempt is a start again; after a preemption it is a resume.
         event = "resumed" if job.attempt > 0 and job.event != "retry" else "started"
+        when = now_iso()
         try:
-            job = advance(rs, job, event, now_iso(), assigned_gpus=assigned)
-        except (InvalidTransition, RefRace, NotOurs) as exc:
+            attempt = apply_event(job, event, when, assigned_gpus=assigned)  # not stored yet
+        except InvalidTransition as exc:
             log.info("job %d not started: %s", job.id, exc)
-            self.read_everything = True  # someone else wrote it: read it again
+            self.read_everything = True
             return
-        except (TqError, OSError) as exc:
-            if self.short_of_space(rs, job.id, "start", exc):
-                return  # still pending: started when there is room
-            raise
-        self.space_again(rs, job.id, "start")
-        self.remember(rs, job)
         rf = RunFiles(self.home, rs.key, job.id)
-        logfile = rs.store.log_path(job)
+        logfile = rs.store.log_path(attempt)
+        failure: Optional[str] = None
+        launch: dict[str, Any] = {}
+        at = os.path.dirname(self.home.worktree_dir(rs.key, job.id))  # what is written where
         try:
             if spec is None:
                 raise TqError("its private record in the tq home is missing (submitted by an "
                               "older git tq, or deleted); requeue it")
-            worktree = self.ensure_worktree(rs, job, entry.submission, spec)
-            settings = self.checkout_settings(rs)
-            if settings is not None and not spec.nested and not spec.present:
-                self.made_with[(rs.key, job.id)] = settings
-            env = self.job_env(job, spec, assigned, logfile, worktree, rf.metrics)
+            worktree = self.ensure_worktree(rs, attempt, entry.submission, spec)
+            env = self.job_env(attempt, spec, assigned, logfile, worktree, rf.metrics)
             argv = shell_argv(spec.command[0]) if spec.shell else list(spec.command)
             cwd = safe_join(worktree, spec.cwd)
-            rf.clear()
+            at = rf.folder
+            rf.clear_attempt()  # what an earlier attempt left
             launch = {
                 "gpus": list(assigned),
-                "job_id": job.id, "attempt": job.attempt, "argv": argv, "cwd": cwd, "env": env,
-                "log": logfile, "banner": banner(job, rs, worktree, assigned),
+                "job_id": job.id, "attempt": attempt.attempt, "argv": argv, "cwd": cwd,
+                "env": env, "log": logfile,
+                "banner": banner(attempt, rs, worktree, assigned),
                 "lock": rf.lock, "ident": rf.ident, "exit": rf.exit, "stop": rf.stop,
                 "ended": rf.ended,
                 "stop_signal": spec.stop_signal, "stop_target": spec.stop_target,
@@ -84,19 +87,65 @@ class Launching(Worktrees, Hooks):
                             "limits": results.Limits.from_config(rs.config).to_json()},
             }
             rf.write(rf.launch, launch)
-            self.supervisors.add(fork_supervisor(launch))
         except (TqError, OSError) as exc:
-            reason = f"could not start: {exc}"
+            if self.no_room_to_start(rs, job, rf, exc, at):
+                return
+            failure = f"could not start: {exc}"
+        try:
+            job = advance(rs, job, event, when, assigned_gpus=assigned)
+        except (InvalidTransition, RefRace, NotOurs) as exc:
+            log.info("job %d not started: %s", job.id, exc)
+            self.read_everything = True  # someone else wrote it: read it again
+            with contextlib.suppress(OSError):
+                os.unlink(rf.launch)
+            return
+        except (TqError, OSError) as exc:
+            if self.no_room_to_start(rs, job, rf, exc, rs.common):
+                return  # still pending: started when there is room
+            raise
+        self.space_again(rs, job.id, "start")
+        self.no_room.pop((rs.key, job.id), None)
+        self.remember(rs, job)
+        with contextlib.suppress(OSError):
+            os.unlink(rf.announced)  # the tq-submit hook ran: it never runs again
+        if failure is None:
+            settings = self.checkout_settings(rs)
+            if settings is not None and spec is not None and not spec.nested \
+                    and not spec.present:
+                self.made_with[(rs.key, job.id)] = settings
+            try:
+                self.supervisors.add(fork_supervisor(launch))
+            except OSError as exc:
+                failure = f"could not start: {exc}"
+        if failure is not None:
             from git_tq.home import ensure_log_folder, open_private
 
             with contextlib.suppress(OSError):  # a full disk, say: the record still says why
                 ensure_log_folder(logfile)  # 0600 in 0700 folders, as the supervisor's
                 with open(open_private(logfile), "a", encoding="utf-8") as fh:
-                    fh.write(banner(job, rs, "", assigned) + f"\n[git tq] {reason}\n")
-            self.record(rs, job, "start-failed", rf, detail=reason)
+                    fh.write(banner(job, rs, "", assigned) + f"\n[git tq] {failure}\n")
+            self.record(rs, job, "start-failed", rf, detail=failure)
             return
         log.info("job %d in %s: %s on GPUs %s", job.id, rs.common, event, assigned or "cpu")
         self.run_hook(rs, job, "resume" if event == "resumed" else "start")
+
+    def no_room_to_start(self, rs: RepoState, job: Job, rf: RunFiles, exc: BaseException,
+                         at: str) -> bool:
+        """Whether a start failed for want of space (then the job stays pending: logged
+        once, its launch file removed, and `NoRoom` holds it out of the plan until the
+        filesystem of `at`, the folder being written, has room again). False for any
+        other error."""
+        if not self.short_of_space(rs, job.id, "start", exc):
+            return False
+        with contextlib.suppress(OSError):
+            os.unlink(rf.launch)
+        path = getattr(exc, "path", None) or at
+        where = {os.path.dirname(self.home.worktree_dir(rs.key, job.id)): "for its worktree",
+                 rf.folder: "for its run files", rs.common: "to record its start"}
+        self.no_room[(rs.key, job.id)] = NoRoom(
+            path, free_space(path) or 0, int(getattr(exc, "needed", 0) or 0),
+            f"no space left on device {where.get(path, 'to start it')}")
+        return True
 
     def job_env(self, job: Job, spec: LocalSpec, assigned: tuple[int, ...], logfile: str,
                 worktree: str, metrics_file: str) -> dict[str, str]:
@@ -149,12 +198,24 @@ class Launching(Worktrees, Hooks):
             # it went to if the main process ends at once.
             stop = {**stop, "signalled": True, "signalled_at": time.time(), "signal": sig,
                     "target": plan.target}
-            rf.write(rf.stop, stop)
-            plan.send(sig)
-            log.info("job %d: %s sent to %s", job.id, signal.Signals(sig).name,
-                     {"main": "its main process", "children": "the children of its shell",
-                      "group": "its process group", "none": "nobody (it had ended)"}
-                     [plan.target])
+            said = (rf.folder, job.id, "send its stop signal")
+            try:
+                rf.write(rf.stop, stop)
+            except OSError as exc:
+                if exc.errno not in NO_SPACE:
+                    raise
+                if said not in self.no_space:  # sent once recorded; SIGKILL at the deadline
+                    self.no_space.add(said)
+                    log.warning("job %d: its stop signal waits for room to record it (%s)",
+                                job.id, exc)
+                stop = {**stop, "signalled": False}
+            else:
+                self.no_space.discard(said)
+                plan.send(sig)
+                log.info("job %d: %s sent to %s", job.id, signal.Signals(sig).name,
+                         {"main": "its main process", "children": "the children of its shell",
+                          "group": "its process group", "none": "nobody (it had ended)"}
+                         [plan.target])
         if time.time() >= float(stop["deadline"]):
             kill(target, pgid, reaper)
 

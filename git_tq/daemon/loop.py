@@ -32,7 +32,7 @@ from git_tq.daemon.worktrees import Worktrees
 from git_tq.errors import TqError
 from git_tq.home import Home, RunFiles, ensure_private_dir, tighten_home, write_private_file
 from git_tq.model import Job, State
-from git_tq.procs import become_subreaper, group_alive, reap_group
+from git_tq.procs import become_subreaper, group_alive, reap_group, zombie_children
 from git_tq.server import BadRequest, RequestServer, check_request
 from git_tq.store import file_stamp, settled
 
@@ -177,11 +177,14 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
                 self.removals.pop(pid, None)
                 self.dirty = True
         self.reap_orphans()
+        self.reap_concluding()
         for pgid in list(self.orphan_groups):  # what their groups left comes to us too
             reap_group(pgid)
             if not group_alive(pgid):
                 self.orphan_groups.discard(pgid)
         self.hooks = [h for h in self.hooks if h.poll() is None]
+        for spare in self.spares.values():
+            spare.proc.poll()  # reaped now (no zombie); its status kept for `take_spare`
         self.packing = {c: p for c, p in self.packing.items() if p.poll() is None}
         self.reap_pushes()
         declined = []
@@ -196,6 +199,49 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
         for path in declined:  # prepared the usual way by the next cycle
             del self.preparing[path]
             self.dirty = True
+        self.reap_strays()
+
+    def reap_strays(self) -> None:
+        """Reap the exited children that nobody waits for. As child subreaper the daemon
+        inherits every orphan below it: what a tq-* hook or a push left running (`sleep
+        60 &`), what a job left when its supervisor died, what a killed git left. Each
+        would stay a zombie. The children whose status someone reads are left to them:
+        supervisors, stand-ins, checkouts, spares, removals, hooks, pushes, `pack-refs`,
+        and followed orphans; so is every running job's main process, a group leader
+        whose supervisor may just have died (its status is `adopt_orphan`'s)."""
+        zombies = zombie_children()
+        if not zombies:
+            return
+        owned = {*self.supervisors, *self.removals, *self.orphans, *self.concluding,
+                 *(p.pid for p in self.hooks), *(p.pid for p in self.packing.values()),
+                 *(p.pid for p, _, _ in self.pushing.values()),
+                 *(c.proc.pid for c in self.preparing.values()),
+                 *(s.proc.pid for s in self.spares.values())}
+        jobs: Optional[set[int]] = None
+        for pid in zombies:
+            if pid in owned:
+                continue
+            try:
+                leader = os.getpgid(pid) == pid
+            except OSError:
+                continue
+            if leader:
+                jobs = self.running_job_pids() if jobs is None else jobs
+                if pid in jobs:
+                    continue
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+    def running_job_pids(self) -> set[int]:
+        """The main processes of the running and stopping jobs, from their `.ident`."""
+        pids: set[int] = set()
+        for rs in self.repos.values():
+            for job in rs.active.values():
+                if job.state in (State.RUNNING, State.STOPPING):
+                    rf = RunFiles(self.home, rs.key, job.id)
+                    with contextlib.suppress(OSError, KeyError, TypeError, ValueError):
+                        pids.add(int((rf.read(rf.ident) or {})["job"][0]))
+        return pids
 
     # --- the socket -------------------------------------------------------------
 
@@ -269,6 +315,8 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
         # Jobs Slurm runs, by repository, and those of them whose dependencies are met.
         elsewhere: dict[str, tuple[RepoState, list[Job]]] = {}
         slurm_ready: set[scheduler.JobKey] = set()
+        pending_keys: set[scheduler.JobKey] = set()
+        held_for_room: dict[scheduler.JobKey, tuple[RepoState, Job]] = {}
         for rs in repos:
             verdicts = self.follow_dependencies(rs)
             for job_id in sorted(rs.tampered - rs.active.keys()):
@@ -316,6 +364,11 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
                                                      job.state is State.STOPPING))
                     jobs[key] = (rs, job)
                 elif job.state is State.PENDING:
+                    pending_keys.add(key)
+                    room = self.no_room.get(key)
+                    if room is not None and not room.room_again():
+                        held_for_room[key] = (rs, job)  # its last start found no space
+                        continue
                     verdict = verdicts.get(job.id)
                     # One still here with a broken dependency (its cancellation lost a
                     # race) waits for the next cycle's judgement, never starts.
@@ -360,6 +413,13 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
         for s in plan.starts:
             rs, job = jobs[s.key]
             self.start(rs, job, s.gpus)
+        # Jobs whose start found no space wait for room, and say so (`ls`).
+        jobs.update(held_for_room)
+        for key in list(self.no_room):
+            if key not in pending_keys and key[0] in {rs.key for rs in repos}:
+                del self.no_room[key]  # it left the queue
+            elif key in jobs and jobs[key][1].state is State.PENDING:
+                reasons[key] = scheduler.Reason("space", self.no_room[key].reason)
         # Endings are recorded after the starts they made room for: storing the log and
         # writing the record take a dozen milliseconds the next job need not wait.
         endings, self.endings = self.endings, []
@@ -368,7 +428,7 @@ class Daemon(SlurmJobs, Reconciling, Launching, Worktrees, Reading, Hooks, Daemo
         if endings:
             self.dirty = True  # a preempted job is waiting again: plan with it at once
         self.counts = {"running": len(holding) + len(plan.starts), "pending":
-                       len(waiting) - len(plan.starts), "repos": len(repos),
+                       len(waiting) - len(plan.starts) + len(held_for_room), "repos": len(repos),
                        "held": sum(1 for r in plan.reasons.values() if r.kind == "paused")}
         self.update_deadline(repos)
         self.tell_reasons(repos, reasons, jobs)

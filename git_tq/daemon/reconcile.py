@@ -9,13 +9,14 @@ and their deadlines; and the GPUs that processes not ours use.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import time
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from git_tq import deps, gpus, results, scheduler
+from git_tq import deps, gpus, results, scheduler, supervisor
 from git_tq.daemon.base import log
 from git_tq.daemon.launch import Launching
 from git_tq.daemon.repostate import RepoState, advance, open_repo
@@ -167,6 +168,8 @@ class Reconciling(Launching):
                 return job  # the supervisor is still starting
             if ident:
                 outcome = self.adopt_orphan(job, rf, ident)
+                if outcome is None and self.supervisor_alive(rf):
+                    return job  # reaped: its stand-in collects what it produced
         if outcome is None:
             if ident and ProcessId(*ident["job"]).alive():
                 if stop:  # orphaned job, supervisor gone: still ours to stop
@@ -226,10 +229,12 @@ class Reconciling(Launching):
                     self.orphan_ended(rf, ProcessId(*ident["job"]), int(ident["pgid"]), status)
 
     def orphan_ended(self, rf: RunFiles, job: ProcessId, pgid: int,
-                     status: int) -> dict[str, Any]:
+                     status: int) -> Optional[dict[str, Any]]:
         """Do for a reaped orphan what its supervisor would have: kill what the job left
-        in its group, and write its exit status to `.exit` (kept in memory if that
-        write fails, e.g. on a full disk). Its outputs are not collected."""
+        in its group, and have a stand-in (`conclude_in_background`) collect its outputs,
+        metrics and log and write its exit status to `.exit`, as any ending is recorded
+        (None then). Where no stand-in can be started, the exit status alone is written
+        here (returned; kept in memory if that write fails)."""
         ended = time.time()
         code = os.waitstatus_to_exitcode(status)
         signum = -code if code < 0 else None
@@ -248,12 +253,71 @@ class Reconciling(Launching):
             fh.write(f"\n[git tq] job {launch['job_id']} attempt {launch['attempt']} "
                          f"{text} at {now_iso()} (its supervisor had died; reaped by the "
                          "daemon)\n".encode())
+        if launch.get("results") and self.conclude_in_background(rf, launch, outcome):
+            return None
         try:
             rf.write(rf.exit, outcome)
         except OSError as exc:
             log.warning("%s: %s; the exit status is kept in memory", rf.exit, exc)
             self.reaped[rf.exit] = outcome
         return outcome
+
+    def conclude_in_background(self, rf: RunFiles, launch: dict[str, Any],
+                               outcome: dict[str, Any]) -> bool:
+        """Finish a reaped orphan's attempt as its supervisor would have
+        (`supervisor.conclude`: `.ended`, its outputs, metrics and log collected, `.exit`
+        written until it lands) in a forked stand-in that holds the job's lock, taken
+        here before the fork: until the stand-in is done every daemon (this one, or one
+        restarted meanwhile) sees a live supervisor and waits. False when it cannot be
+        started (the lock is held, no fork)."""
+        try:
+            fd = os.open(rf.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            pid = os.fork()
+        except OSError:
+            os.close(fd)
+            return False
+        if pid:
+            os.close(fd)  # the lock stays with the stand-in's copy of the descriptor
+            self.concluding[pid] = (rf.exit, outcome)
+            return True
+        code = 70
+        try:
+            os.setsid()
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            os.closerange(3, fd)  # the daemon's lock and socket above all; the job's stays
+            os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+            try:
+                fh: Any = open(open_private(str(launch["log"])), "ab", buffering=0)  # noqa: SIM115
+            except (OSError, KeyError):
+                fh = None
+            supervisor.conclude(launch, outcome, supervisor.Log(fh))
+            os.close(fd)
+            supervisor.nudge(launch["socket"], (launch.get("results") or {}).get("common"))
+            code = 0
+        except BaseException:  # noqa: BLE001 - a child must never return into the loop
+            log.exception("the stand-in supervisor of %s failed", rf.exit)
+        finally:
+            os._exit(code)
+
+    def reap_concluding(self) -> None:
+        """Reap the stand-ins that finished (`conclude_in_background`); one that died
+        before writing `.exit` leaves the exit status it was given to be recorded."""
+        for pid, (exit_path, outcome) in list(self.concluding.items()):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                del self.concluding[pid]
+                self.dirty = True
+                if not os.path.exists(exit_path):
+                    self.reaped[exit_path] = outcome
 
     def finish(self, rs: RepoState, job: Job, rf: RunFiles, outcome: Mapping[str, Any],
                stop: Optional[Mapping[str, Any]]) -> Job:
@@ -359,17 +423,19 @@ class Reconciling(Launching):
             try:
                 rs.store.store_series(job, series_blob)
             except (TqError, OSError) as exc:
-                if not self.short_of_space(rs, job.id, f"record {event}", exc):
-                    log.warning("job %d: its metric series could not be kept in git: %s",
-                                job.id, exc)
+                if self.short_of_space(rs, job.id, f"record {event}", exc):
+                    return job  # its run files stay: the next cycle stores it, then the rest
+                log.warning("job %d: its metric series could not be kept in git: %s",
+                            job.id, exc)
         if log_blob:
             # Before the ending is recorded: a crash in between leaves the exit file,
             # so the next daemon stores it again (the same blob) and records the end.
             try:
                 rs.store.store_log(job, log_blob)
             except (TqError, OSError) as exc:
-                if not self.short_of_space(rs, job.id, f"record {event}", exc):
-                    log.warning("job %d: its log could not be kept in git: %s", job.id, exc)
+                if self.short_of_space(rs, job.id, f"record {event}", exc):
+                    return job  # its run files stay: the next cycle stores both
+                log.warning("job %d: its log could not be kept in git: %s", job.id, exc)
         try:
             new = advance(rs, job, event, when, tree, **fields)
         except (InvalidTransition, RefRace, NotOurs) as exc:
@@ -429,8 +495,14 @@ class Reconciling(Launching):
         if rf.read(rf.stop):
             return
         grace = 0 if now else job.spec.grace
-        rf.write(rf.stop, {"kind": kind, "reason": reason, "deadline": time.time() + grace,
-                           "signalled": False})
+        try:
+            rf.write(rf.stop, {"kind": kind, "reason": reason,
+                               "deadline": time.time() + grace, "signalled": False})
+        except OSError as exc:
+            if self.short_of_space(rs, job.id, f"stop it ({reason})", exc):
+                return  # a stop is never sent unrecorded: asked again next cycle
+            raise
+        self.space_again(rs, job.id, f"stop it ({reason})")
         if job.state is State.RUNNING:
             try:
                 self.remember(rs, advance(rs, job, "stopping", now_iso(), detail=reason))

@@ -20,11 +20,12 @@ from typing import Any, Optional, Protocol
 from git_tq import jobtree
 from git_tq.daemon.base import log
 from git_tq.daemon.repostate import Reading, RepoState, config_stamp
-from git_tq.errors import TqError
-from git_tq.gitrepo import run_git, without_repo_vars
+from git_tq.errors import NO_SPACE, NoSpace, TqError
+from git_tq.gitrepo import free_space, out_of_space, run_git, without_repo_vars
 from git_tq.home import ensure_private_dir
 from git_tq.localjobs import LocalSpec
 from git_tq.model import Job, State
+from git_tq.results import human_size
 from git_tq.store import file_stamp, settled
 
 # Parallel checkout (one worker per core) pays for big trees; below 1,000 files its two
@@ -61,6 +62,8 @@ class Forked:
 
 
 class Waitable(Protocol):
+    pid: int
+
     def poll(self) -> Optional[int]: ...
     def wait(self) -> int: ...
 
@@ -88,6 +91,7 @@ class Checkout:
     spec: LocalSpec
     linked: bool = False
     error: Optional[str] = None  # completing the worktree failed: the start will say why
+    no_space: bool = False  # ...for want of space: the start waits for room
     recycled_from: Optional[str] = None  # the finished job's worktree being recycled
 
 
@@ -105,6 +109,8 @@ class Worktrees(Reading):
                 jobtree.mark_complete(path, checkout.spec.submission)
             except (OSError, TqError) as exc:
                 checkout.error = str(exc)
+                checkout.no_space = isinstance(exc, NoSpace) or \
+                    isinstance(exc, OSError) and exc.errno in NO_SPACE
 
     def prepare_worktree(self, rs: RepoState, job: Job) -> None:
         """Begin checking out a waiting job's worktree in the background (a `git worktree
@@ -123,7 +129,7 @@ class Worktrees(Reading):
                 jobtree.complete(rs.common, path, spec, rs.config)
                 jobtree.mark_complete(path, entry.submission)
             except (OSError, TqError):
-                self.drop_spare(rs, path)  # its start checks it out the long way
+                self.discard_worktree(rs, path)  # its start checks it out the long way
             return
         proc = subprocess.Popen(
             ["git", *CHECKOUT_OPTIONS, "--git-dir", rs.common, "worktree", "add", "--detach",
@@ -144,11 +150,13 @@ class Worktrees(Reading):
         if early is not None:
             if early.proc.wait() == 0:
                 self.finish_checkout(path, early)
+                if early.no_space:  # half-completed: gone, and the job waits for room
+                    self.discard_worktree(rs, path)
+                    raise self.no_room_for(rs, path, submission, early.error or "")
                 if early.error:
                     raise TqError(f"preparing the worktree failed: {early.error}")
                 return path
-            shutil.rmtree(path, ignore_errors=True)  # a failed checkout: try again below
-            run_git(["--git-dir", rs.common, "worktree", "prune"], rs.common, check=False)
+            self.discard_worktree(rs, path)  # a failed checkout: tried again below
         elif os.path.isdir(path) and os.listdir(path):
             mark, ran = jobtree.completed(path), job.attempt > 1
             if mark == submission or (mark is None and ran and jobtree.head(path) == submission):
@@ -161,7 +169,7 @@ class Worktrees(Reading):
             # A checkout or completion cut short, of a job that never ran: made again.
             log.warning("job %d: %s is not a complete checkout of its code; checked out "
                         "again", job.id, path)
-            self.drop_spare(rs, path)
+            self.discard_worktree(rs, path)
         ensure_private_dir(os.path.dirname(path))
         rs.last_submission = submission  # the next spare worktree starts from it
         if not self.take_spare(rs, path, submission, spec):
@@ -169,11 +177,40 @@ class Worktrees(Reading):
                          "--detach", "-f", "--", path, submission], rs.common,
                         env=without_repo_vars(os.environ), check=False)
             if p.returncode != 0:
-                raise TqError("git worktree add failed: "
-                              + p.stderr.decode(errors="replace").strip().splitlines()[-1])
-        jobtree.complete(rs.common, path, spec, rs.config)
-        jobtree.mark_complete(path, submission)
+                said = (p.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+                # git removes what it made of a checkout that failed, unless it was killed.
+                self.discard_worktree(rs, path)
+                room = self.no_room_for(rs, path, submission, said)
+                # ("unable to write file" is a checkout's write that failed: a full disk,
+                # which may have been freed by the time it is measured)
+                if out_of_space(p.stderr) or b"unable to write file" in p.stderr or \
+                        room.needed > (free_space(path) or 0):
+                    raise room
+                raise TqError("git worktree add failed: " + said)
+        try:
+            jobtree.complete(rs.common, path, spec, rs.config)
+            jobtree.mark_complete(path, submission)
+        except (OSError, NoSpace) as exc:
+            if not isinstance(exc, NoSpace) and exc.errno not in NO_SPACE:
+                raise
+            self.discard_worktree(rs, path)  # never left half-completed
+            raise self.no_room_for(rs, path, submission, str(exc)) from None
         return path
+
+    def no_room_for(self, rs: RepoState, path: str, submission: str, said: str) -> NoSpace:
+        """The error for a worktree that could not be made for want of space: how much
+        its checkout needs (the sizes of its files), how much is free where it goes."""
+        p = run_git(["--git-dir", rs.common, "ls-tree", "-r", "-l", "-z", "--end-of-options",
+                     submission], rs.common, env=without_repo_vars(os.environ), check=False)
+        needed = 0
+        for entry in p.stdout.split(b"\0"):
+            size = entry.partition(b"\t")[0].split()[-1:] if entry else []
+            if size and size[0].isdigit():
+                needed += int(size[0])
+        free = free_space(path) or 0
+        return NoSpace(f"no space left on device for its worktree {path} (it needs "
+                       f"{human_size(needed)}, {human_size(free)} free): {said}",
+                       path=os.path.dirname(path), needed=needed)
 
     # --- the spare worktree -------------------------------------------------------
 
@@ -189,7 +226,7 @@ class Worktrees(Reading):
             return  # the waiting jobs' checkouts first
         path = self.spare_path(rs)
         if os.path.lexists(path):  # left by an earlier daemon: never trusted as pristine
-            self.drop_spare(rs, path)
+            self.discard_worktree(rs, path)
         ensure_private_dir(os.path.dirname(path))
         with contextlib.suppress(OSError):
             proc = subprocess.Popen(
@@ -250,10 +287,10 @@ class Worktrees(Reading):
             log.debug("spare worktree not used: %s", exc)
             for leftover in (spare.path, path):
                 if os.path.lexists(leftover):
-                    self.drop_spare(rs, leftover)
+                    self.discard_worktree(rs, leftover)
             return False
 
-    def drop_spare(self, rs: RepoState, path: str) -> None:
+    def discard_worktree(self, rs: RepoState, path: str) -> None:
         from git_tq.gitrepo import remove_worktree
 
         with contextlib.suppress(TqError, OSError):
