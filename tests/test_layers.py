@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"cli"},
     {"top"},
     {"rows"},  # ready-to-print rows of ls and log, cached by tip
-    {"output"},  # CLI-side rendering
+    {"output", "plotting"},  # CLI-side rendering (plotting: terminal curves, plotext)
     {"service"},
     {"daemon"},
     {"sharing"},  # push, fetch and the notes merge (the git CLI's own)
