@@ -735,9 +735,14 @@ def plot(jobs: tuple[str, ...], metric: tuple[str, ...], x_axis: str, smooth: in
     wanted = (names + ["epoch"] if x_axis == "epoch" else names) if names else None
     hints: list[str] = []
 
+    tty = output.is_tty()
+    width = shutil.get_terminal_size((100, 24)).columns if tty else 100
+    # A terminal shows a few points per column: more would only cost time to draw.
+    drawn_points = None if as_json or as_csv else plotting.DRAWN_PER_COLUMN * width
+
     def curves() -> list[series.JobCurves]:
         return service.job_curves(ctx, service.curve_jobs(ctx, jobs, every=every), wanted,
-                                  hints=hints)
+                                  hints=hints, points=drawn_points)
 
     found = curves()
     if as_json or as_csv:
@@ -746,9 +751,7 @@ def plot(jobs: tuple[str, ...], metric: tuple[str, ...], x_axis: str, smooth: in
         else:
             click.echo(plotting.to_csv(found), nl=False)
         return
-    tty = output.is_tty()
     color = tty and not os.environ.get("NO_COLOR")
-    width = shutil.get_terminal_size((100, 24)).columns if tty else 100
     said: set[str] = set()
     try:
         while True:

@@ -20,6 +20,7 @@ from git_tq.series import JobCurves, Point, Series
 
 MAX_PANELS = 6  # metrics drawn when none is named
 X_AXES = ("step", "time", "epoch")
+DRAWN_PER_COLUMN = 2  # points per terminal column worth drawing (braille: 2 dots wide)
 
 
 @dataclass(frozen=True)
