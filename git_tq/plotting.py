@@ -1,6 +1,9 @@
 """Metric curves drawn in the terminal (plotext): one panel per metric, one line per job,
 resumes marked; the x axis (step, time, epoch), smoothing and log scale; and the CSV form.
 
+plotext 5 (its last line): plotext 6 builds its documentation when imported, ~0.5 s of
+a plot's 1 s budget (BENCHMARKS.md).
+
 Pure rendering: `JobCurves` in, text out. Every label that comes from a record (tags,
 params, metric names) goes through safetext.
 """
@@ -10,7 +13,6 @@ from __future__ import annotations
 import bisect
 import csv
 import io
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -95,53 +97,55 @@ def render(curves: Sequence[JobCurves], metrics: Sequence[str], *, x: str = "ste
            window: int = 1, log: bool = False, width: int = 100, height: int = 0,
            color: bool = True) -> Drawn:
     """The panels as text (ANSI colours only with `color`)."""
-    import plotext
+    import plotext as plt
 
     notes: list[str] = []
     origin = min((p.time for c in curves for s in c.series.values() for p in s.points[:1]),
                  default=0.0)
-    fig = plotext.figure
-    fig.clear()
     panels = max(len(metrics), 1)
-    fig.plot_size(max(width, 40), height or max(12, min(24, 48 // panels)) * panels)
+    plt.clear_figure()
+    plt.plotsize(max(width, 40), height or max(12, min(24, 48 // panels)) * panels)
     if panels > 1:
-        fig.subplots(panels, 1)
+        plt.subplots(panels, 1)
     no_epoch = [c.job for c in curves if x == "epoch" and _epochs(c) is None]
     if no_epoch:
         notes.append("no epoch metric for job " + ", ".join(visible(j) for j in no_epoch))
     for row, name in enumerate(metrics, start=1):
-        panel = fig.subplot(row, 1) if panels > 1 else fig
-        title = visible(name) + (f" (smoothed over {window})" if window > 1 else "")
-        panel.title(f"log10 {title}" if log else title)
-        panel.label({"step": "step", "time": "seconds since the first point",
-                     "epoch": "epoch"}[x])
+        if panels > 1:
+            plt.subplot(row, 1)
+        plt.title(visible(name) + (f" (smoothed over {window})" if window > 1 else ""))
+        plt.xlabel({"step": "step", "time": "seconds since the first point",
+                    "epoch": "epoch"}[x])
+        if log:
+            plt.yscale("log")
         drawn = 0
         for c in curves:
             s: Optional[Series] = c.series.get(name)
             if s is None or not s.points:
                 continue
-            xs = x_of(s.points, x, origin, _epochs(c))
+            epochs = _epochs(c)
+            xs = x_of(s.points, x, origin, epochs)
             pairs = [(a, p.value) for a, p in zip(xs, s.points) if a is not None]
             ys = smooth([v for _, v in pairs], window)
-            xy = [(a, v) for (a, _), v in zip(pairs, ys)]
-            if log:
-                xy = [(a, math.log10(v)) for a, v in xy if v > 0]
+            xy = [(a, v) for (a, _), v in zip(pairs, ys) if v > 0 or not log]
             if not xy:
                 continue
-            label = legend(c) + (f" ({s.total} points, {len(s.points)} drawn)"
-                                 if s.total > len(s.points) else "")
-            panel.draw(panel.signal([a for a, _ in xy], [v for _, v in xy]).lines()
-                       .label(label))
+            marks = [m for m in (x_of([Point(r.step, 0.0, r.time, r.attempt)], x, origin,
+                                      epochs)[0] for r in c.resumes) if m is not None]
+            label = legend(c)
+            if s.total > len(s.points):
+                label += f" ({len(s.points)} of {s.total} points)"
+            if marks:
+                label += " | resumed at " + ", ".join(f"{m:g}" for m in marks)
+            plt.plot([a for a, _ in xy], [v for _, v in xy], label=label, marker="braille")
+            for m in marks:
+                plt.vline(m)
             drawn += 1
-            for r in c.resumes:
-                rx = x_of([Point(r.step, 0.0, r.time, r.attempt)], x, origin, _epochs(c))[0]
-                if rx is not None:
-                    panel.line(rx, orientation=1, label=f"{legend(c)}: attempt {r.attempt}")
         if not drawn:
             notes.append(f"{visible(name)}: no points")
-    text = fig.build().string(colorless=not color)
-    fig.clear()
-    return Drawn(text, tuple(notes))
+    text = plt.build()
+    plt.clear_figure()
+    return Drawn(text if color else plt.uncolorize(text), tuple(notes))
 
 
 def to_csv(curves: Sequence[JobCurves]) -> str:

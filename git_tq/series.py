@@ -184,7 +184,7 @@ def _attempt_of(raw: bytes, max_points: int) -> Optional[AttemptSeries]:
         if not isinstance(name, str) or not _NAME.fullmatch(name) or not isinstance(col, dict):
             continue
         steps, values, dts = (_numbers(col.get(k), max_points) for k in ("step", "value", "dt"))
-        rows = [(s, v, t0 + d / 1000) for s, v, d in zip(steps, values, dts)]
+        rows = list(zip(steps, values, [t0 + d / 1000 for d in dts]))
         if len(rows) != len(steps) or len(rows) != len(values):
             rows = []  # columns of different lengths: not ours
         n = col.get("n")

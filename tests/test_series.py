@@ -127,8 +127,8 @@ def test_series_of_a_resumed_job_a_csv_logger_and_tensorboard(repo: Path, tmp_pa
     assert rows[6].startswith(f"{victim},loss,2,5,")
     drawn = tq(repo, "plot", str(victim), str(logger), "-m", "loss,train_loss", "--smooth", "2",
                "--log")
-    assert "\x1b" not in drawn.stdout and "log10 loss (smoothed over 2)" in drawn.stdout
-    assert f"{victim} base" in drawn.stdout
+    assert "\x1b" not in drawn.stdout and "loss (smoothed over 2)" in drawn.stdout
+    assert f"{victim} base | resumed at 5" in drawn.stdout
     assert "epoch" in tq(repo, "plot", str(logger), "--x", "epoch", "-m",
                          "train_loss").stdout
 
