@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,18 @@ with open(os.environ["TQ_METRICS"], "a") as fh:
         fh.write(json.dumps({{"step": step, "loss": 1 / (step + 1), "acc": step / {points}}})
                  + "\\n")
 """
+
+
+def cpu_seconds(cmd: list[str], cwd: Path, rounds: int) -> float:
+    """Median CPU seconds (user + system) of a command: on a machine others load, its
+    own cost, where the wall time also counts the wait for a core."""
+    samples = []
+    for _ in range(rounds):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run(cmd, cwd=cwd, env=ENV, check=True, stdout=subprocess.DEVNULL)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        samples.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return statistics.median(samples)
 
 
 def main() -> None:
@@ -58,14 +72,19 @@ def main() -> None:
                 "plot --json": [*tq, "plot", jobs, "--json"],
                 "plot --csv": [*tq, "plot", jobs, "--csv"],
             }, repo, args.rounds)
+            cpu = {name: cpu_seconds(cmd, repo, args.rounds) for name, cmd in (
+                ("plot (2 panels, piped)", [*tq, "plot", jobs]),
+                ("plot --json", [*tq, "plot", jobs, "--json"]))}
             note = git(repo, "notes", "--ref=tq-series", "list").split()[0]
             size = int(git(repo, "cat-file", "-s", note))
         finally:
             subprocess.run([*tq, "stop"], cwd=repo, env=env, capture_output=True)
     print(f"{args.jobs} jobs x {args.points} points x 2 metrics; {machine()}; {which_git_tq()}")
     print(f"one attempt's series blob: {size / 1024:.0f} KiB")
+    print(f"  {'':28s} {'wall':>7s}    {'CPU (user+sys)':>14s}")
     for name, seconds in times.items():
-        print(f"  {name:28s} {seconds * 1000:7.0f} ms")
+        used = f"{cpu[name] * 1000:7.0f} ms" if name in cpu else ""
+        print(f"  {name:28s} {seconds * 1000:7.0f} ms {used}")
 
 
 if __name__ == "__main__":
