@@ -759,6 +759,89 @@ def serve(host: str, port: Optional[int]) -> None:
     app.serve(os.getcwd(), host, port, announce)
 
 
+@cli.command(context_settings=CONTEXT)
+@click.argument("jobs", nargs=-1, shell_complete=complete_jobs)
+@click.option("-m", "--metric", "metric", multiple=True, metavar="NAMES",
+              help="Metrics to draw, one panel each (comma-separated; default: those the "
+                   "jobs share).")
+@click.option("--x", "x_axis", type=click.Choice(["step", "time", "epoch"]), default="step",
+              show_default=True, help="The x axis: the step, the wall time, or the value of "
+                                      "the epoch metric.")
+@click.option("--smooth", type=click.IntRange(min=1, max=100000), default=1, metavar="N",
+              help="Moving average over N points.")
+@click.option("--log", "log_scale", is_flag=True, help="Log scale for y (log10).")
+@click.option("-a", "--all", "every", is_flag=True, help="Every job, fetched ones too.")
+@click.option("-f", "--follow", is_flag=True,
+              help="Draw again every 2 s while the jobs run (Ctrl-C stops).")
+@json_option
+@click.option("--csv", "as_csv", is_flag=True,
+              help="Print the points as CSV: job,metric,attempt,step,time,value.")
+def plot(jobs: tuple[str, ...], metric: tuple[str, ...], x_axis: str, smooth: int,
+         log_scale: bool, every: bool, follow: bool, as_json: bool, as_csv: bool) -> None:
+    """Metric curves of JOBS in the terminal: one panel per metric, one line per job,
+    resumed attempts marked.
+
+    JOBS: ids, ranges (12-15), a tag or a sweep name (or --all).
+    """
+    import shutil
+    import time
+
+    from git_tq import output, plotting, series, service
+    from git_tq.errors import UsageError
+    from git_tq.model import State
+
+    if not jobs and not every:
+        raise UsageError("name the jobs to plot (ids, ranges, a tag, a sweep) or give --all")
+    ctx = open_context()
+    names = service.metric_names(metric)
+    wanted = (names + ["epoch"] if x_axis == "epoch" else names) if names else None
+    hints: list[str] = []
+
+    tty = output.is_tty()
+    width = shutil.get_terminal_size((100, 24)).columns if tty else 100
+    # A terminal shows a few points per column: more would only cost time to draw.
+    drawn_points = None if as_json or as_csv else plotting.DRAWN_PER_COLUMN * width
+
+    def curves() -> list[series.JobCurves]:
+        return service.job_curves(ctx, service.curve_jobs(ctx, jobs, every=every), wanted,
+                                  hints=hints, points=drawn_points)
+
+    found = curves()
+    if as_json or as_csv:
+        if as_json:
+            output.print_json(series.to_json(found))
+        else:
+            click.echo(plotting.to_csv(found), nl=False)
+        return
+    color = tty and not os.environ.get("NO_COLOR")
+    said: set[str] = set()
+    try:
+        while True:
+            panels, total = (names, len(names)) if names else \
+                plotting.shared_metrics(found, x_axis)
+            if not panels:
+                raise UsageError("no numeric metrics in these jobs (they write them to "
+                                 "$TQ_METRICS or the files tq.metrics names)")
+            drawn = plotting.render(found, panels, x=x_axis, window=smooth, log=log_scale,
+                                    width=width, color=color)
+            if follow and tty:
+                click.echo("\x1b[H\x1b[2J", nl=False)
+            click.echo(drawn.text)
+            notes = list(drawn.notes)
+            if total > len(panels):
+                notes.append(f"{len(panels)} of {total} metrics drawn: -m names others")
+            for line in notes + hints:
+                if line not in said or follow:
+                    say(f"git tq: {line}", err=True)
+                    said.add(line)
+            if not follow or all(State(c.state).finished for c in found):
+                return
+            time.sleep(2)
+            found = curves()
+    except KeyboardInterrupt:
+        return
+
+
 # --- code ----------------------------------------------------------------------
 
 

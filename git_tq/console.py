@@ -63,6 +63,8 @@ HELP: dict[str, dict[str, str]] = {
     "logs": {
         "ls": "show the current folder again",
         "view N [-f]": "show log N (-f follows it; Ctrl-C stops following)",
+        "plot N... [OPTIONS]": "metric curves of the jobs of logs N... (plot 2 3 -m loss; "
+                               "git tq plot's options)",
         "note N TEXT": "annotate the job of log N",
         "catg N FOLDER": "file log N under FOLDER",
         "lcd FOLDER": "go to a folder of the log tree (.. goes up; never above the root)",
@@ -453,6 +455,15 @@ class Console:
         if ids:
             run_cli(["view", *(["-f"] if follow else []), ids[0]])
 
+    def logs_plot(self, args: list[str]) -> None:
+        cut = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
+        numbers, options = args[:cut], args[cut:]
+        ids = self._ids(numbers) if numbers else None
+        if ids:
+            run_cli(["plot", *ids, *options])
+        elif not numbers:
+            self.out("git tq: plot N... [-m METRICS] (numbers as ls shows them)")
+
     def logs_note(self, args: list[str]) -> None:
         ids = self._ids(args[:1])
         if ids:
@@ -493,7 +504,8 @@ class Console:
                 return [str(g) for g in machine_gpus(service.Context.open().config)] + ["any"]
             except TqError:
                 return []
-        if cmd in ("view", "note", "catg", "rm", "p", "g", "t", "edit") and len(before) == 1:
+        if cmd == "plot" or cmd in ("view", "note", "catg", "rm", "p", "g", "t", "edit") \
+                and len(before) == 1:
             return [str(n) for n in self.numbers]
         if cmd in ("hist", "lcd") or (cmd == "catg" and len(before) == 2):
             try:

@@ -232,6 +232,7 @@ class FileSeries:
         self.header: Optional[list[str]] = None
         self._records = 0
         self._whole = False  # the last read took the file as one object
+        self._quiet = False
 
     def read(self, checkpoints: Optional[Checkpoints] = None, final: bool = False) -> None:
         """Read what was added since the last read; `final`: a last line without its
@@ -306,9 +307,10 @@ class FileSeries:
         counted = self.skip <= 0
         if not counted:
             self.skip -= 1
+        self._quiet = not counted  # an earlier attempt's line: its problems were told
         if not raw.strip() or len(raw) > MAX_LINE:
             if len(raw) > MAX_LINE:
-                self.problems.add(f"line {self.line_no}: longer than {MAX_LINE // MiB} MiB")
+                self._problem(f"line {self.line_no}: longer than {MAX_LINE // MiB} MiB")
             return
         if self.kind == "json":
             self._json_line(raw, when, counted, self.line_no - 1)
@@ -316,6 +318,10 @@ class FileSeries:
             self.header = [metric_name(c.strip()) for c in self._cells(raw)]
         else:
             self._csv_line(raw, when, counted)
+
+    def _problem(self, text: str) -> None:
+        if not self._quiet:
+            self.problems.add(text)
 
     def _add(self, values: Iterable[tuple[str, Metric]], step: Optional[float], when: float,
              counted: bool, index: int) -> None:
@@ -339,10 +345,10 @@ class FileSeries:
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError):
-            self.problems.add(f"line {self.line_no}: not a JSON object")
+            self._problem(f"line {self.line_no}: not a JSON object")
             return
         if not isinstance(data, dict):
-            self.problems.add(f"line {self.line_no}: not a JSON object")
+            self._problem(f"line {self.line_no}: not a JSON object")
             return
         values = flatten(data)
         step = next((finite(v) for k, v in values if k in STEP_KEYS), None)
@@ -354,7 +360,7 @@ class FileSeries:
         index = self.data_rows
         self.data_rows += 1
         if len(cells) != len(self.header):
-            self.problems.add(f"line {self.line_no}: {len(cells)} columns, the header has "
+            self._problem(f"line {self.line_no}: {len(cells)} columns, the header has "
                               f"{len(self.header)}")
             return
         step: Optional[float] = None
@@ -366,7 +372,7 @@ class FileSeries:
             try:
                 number = float(cell)
             except ValueError:
-                self.problems.add(f"line {self.line_no}: not a number")
+                self._problem(f"line {self.line_no}: not a number")
                 continue
             if name in STEP_KEYS:
                 step = finite(number)

@@ -12,8 +12,11 @@ form (`git tq plot --json`, the web pages).
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
+import re
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
@@ -144,12 +147,27 @@ def decode_attempts(data: bytes, max_points: int = DEFAULT_MAX_POINTS) -> list[A
     return [found[k] for k in sorted(found)]
 
 
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/@+-]{0,127}")
+
+
+def _numbers(column: object, limit: int) -> list[float]:
+    """A stored column as floats (at most `limit`); [] unless every item is a finite
+    number (NaN and Infinity were read as None: see decode_attempts)."""
+    if not isinstance(column, list):
+        return []
+    try:
+        numbers = array("d", column[:limit])  # C speed; refuses None, texts, lists
+    except (TypeError, OverflowError):
+        return []
+    return numbers.tolist() if all(map(math.isfinite, numbers)) else []
+
+
 def _attempt_of(raw: bytes, max_points: int) -> Optional[AttemptSeries]:
     raw = raw.strip()
     if not raw.startswith(b"{"):
         return None
     try:
-        line = json.loads(raw)
+        line = json.loads(raw, parse_constant=lambda _: None)  # NaN, Infinity: no number
     except (ValueError, RecursionError):
         return None
     if not isinstance(line, dict):
@@ -163,16 +181,12 @@ def _attempt_of(raw: bytes, max_points: int) -> Optional[AttemptSeries]:
     columns: dict[str, tuple[tuple[float, float, float], ...]] = {}
     totals: dict[str, int] = {}
     for name, col in list(series.items())[:MAX_SERIES]:
-        if not isinstance(name, str) or not name or len(name) > 128 or not isinstance(col, dict):
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or not isinstance(col, dict):
             continue
-        steps, values, dts = col.get("step"), col.get("value"), col.get("dt")
-        if not (isinstance(steps, list) and isinstance(values, list) and isinstance(dts, list)):
-            continue
-        rows = []
-        for s, v, d in zip(steps[:max_points], values[:max_points], dts[:max_points]):
-            fs, fv, fd = finite(s), finite(v), finite(d)
-            if fs is not None and fv is not None and fd is not None:
-                rows.append((fs, fv, t0 + fd / 1000))
+        steps, values, dts = (_numbers(col.get(k), max_points) for k in ("step", "value", "dt"))
+        rows = list(zip(steps, values, [t0 + d / 1000 for d in dts]))
+        if len(rows) != len(steps) or len(rows) != len(values):
+            rows = []  # columns of different lengths: not ours
         n = col.get("n")
         total = n if isinstance(n, int) and not isinstance(n, bool) else 0
         columns[name] = tuple(rows)
@@ -186,26 +200,36 @@ def _attempt_of(raw: bytes, max_points: int) -> Optional[AttemptSeries]:
 def merge_attempts(attempts: Iterable[AttemptSeries], metrics: Optional[Sequence[str]] = None,
                    max_points: int = DEFAULT_MAX_POINTS) \
         -> tuple[tuple[Resume, ...], dict[str, Series]]:
-    """One series per metric over every attempt (in attempt order), and where each attempt
-    after the first began."""
+    """One series per metric over every attempt (in attempt order), at most `max_points`
+    points each (picked evenly; the count kept), and where each attempt after the first
+    began."""
     wanted = None if metrics is None else set(metrics)
-    points: dict[str, list[Point]] = {}
+    # Per metric: every attempt's rows in order, and where each attempt's begin.
+    rows: dict[str, list[tuple[float, float, float]]] = {}
+    starts: dict[str, tuple[list[int], list[int]]] = {}
     totals: dict[str, int] = {}
     resumes: list[Resume] = []
     for a in sorted(attempts, key=lambda a: a.attempt):
         first: Optional[tuple[float, float]] = None
-        for name, rows in a.columns.items():
+        for name, column in a.columns.items():
             if wanted is not None and name not in wanted:
                 continue
-            points.setdefault(name, []).extend(Point(s, v, t, a.attempt) for s, v, t in rows)
-            totals[name] = totals.get(name, 0) + max(a.totals.get(name, len(rows)), len(rows))
-            if rows and (first is None or rows[0][0] < first[0]):
-                first = (rows[0][0], rows[0][2])
+            found = rows.setdefault(name, [])
+            at, numbers = starts.setdefault(name, ([], []))
+            at.append(len(found))
+            numbers.append(a.attempt)
+            found.extend(column)
+            totals[name] = totals.get(name, 0) + max(a.totals.get(name, len(column)),
+                                                     len(column))
+            if column and (first is None or column[0][0] < first[0]):
+                first = (column[0][0], column[0][2])
         if a.attempt > 1 and first is not None:
             resumes.append(Resume(a.attempt, first[0], a.started or first[1]))
     series = {}
-    for name, pts in points.items():
-        kept = downsample(pts, max_points)
+    for name, found in rows.items():
+        at, numbers = starts[name]
+        kept = tuple(Point(*found[i], numbers[bisect.bisect_right(at, i) - 1])
+                     for i in downsample(range(len(found)), max_points))
         series[name] = Series(name, kept, max(totals[name], len(kept)))
     return tuple(resumes), series
 

@@ -1413,14 +1413,17 @@ def curve_jobs(ctx: Context, tokens: Sequence[str], *, every: bool = False) -> l
 
 def job_curves(ctx: Context, jobs: Sequence[str] | Sequence[Job],
                metrics: Optional[Sequence[str]] = None, *,
-               hints: Optional[list[str]] = None) -> list[JobCurves]:
+               hints: Optional[list[str]] = None,
+               points: Optional[int] = None) -> list[JobCurves]:
     """Every metric series of `jobs` (job list tokens, or jobs already resolved), per
     job in order: the series stored in git for ended attempts, plus, for a running job
     of ours, the points written so far in its metrics files (read incrementally: a
     process that asks again reads only what was added). `metrics` keeps only those
     names (all numeric ones when None). A job recorded before series were kept shows
     its final metrics as one point each. `hints` gets a line for what could not be
-    read (TensorBoard files without the extra)."""
+    read (TensorBoard files without the extra). `points`: at most this many points per
+    series, picked evenly (for drawing; `total` keeps the count), instead of
+    tq.metrics.maxPoints."""
     from git_tq import series
     from git_tq.results import max_points_setting
 
@@ -1440,7 +1443,8 @@ def job_curves(ctx: Context, jobs: Sequence[str] | Sequence[Job],
         trust = ctx.store.trust(job, entries)
         if trust == LOCAL and job.state in (State.RUNNING, State.STOPPING):
             attempts += _live_attempt(ctx, job, limit, hints)
-        resumes, curves = series.merge_attempts(attempts, metrics, limit)
+        resumes, curves = series.merge_attempts(attempts, metrics,
+                                                min(points or limit, limit))
         if not attempts and job.metrics:
             when = epoch(job.ended_at) or epoch(job.started_at) or 0.0
             curves = {k: v for k, v in series.from_final_metrics(job.metrics, job.attempt,

@@ -4,8 +4,8 @@ Both run git's own `push` and `fetch` with explicit refspecs (never a `+` for
 job refs, so a push or fetch that would rewind a job's history is refused by
 git), and touch only git tq's refs: this machine's jobs go to
 `refs/tq/origins/<origin>/jobs/<id>` on the remote; everyone else's come back
-under the same names; `refs/notes/tq` and `refs/notes/tq-logs` travel both
-ways. The remote's notes are first fetched into tracking refs
+under the same names; `refs/notes/tq`, `refs/notes/tq-logs` and `refs/notes/tq-series`
+(metric series) travel both ways. The remote's notes are first fetched into tracking refs
 (`refs/tq/remotes/<remote>/notes/...`) and merged into ours with
 `git notes merge -s cat_sort_uniq` (both sides' text kept) on a scratch copy,
 landed by compare-and-swap like every other notes write (`JobStore._edit_notes`);
@@ -26,9 +26,10 @@ from git_tq.errors import GitFailed, RefRace, ShareRefused, TqError, UnknownRemo
 from git_tq.gitrepo import Repo
 from git_tq.localjobs import is_oid
 from git_tq.model import ORIGINS_PREFIX
+from git_tq.series import SERIES_REF
 from git_tq.store import CAS_ATTEMPTS, JOBS_PREFIX, LOGS_REF, NOTES_REF, JobStore, _canonical
 
-NOTES_REFS = (NOTES_REF, LOGS_REF)
+NOTES_REFS = (NOTES_REF, LOGS_REF, SERIES_REF)  # series travel as logs do
 TRACKING_PREFIX = "refs/tq/remotes/"
 PUSH_ROUNDS = 3  # a notes push that lost to another pusher is fetched, merged, pushed again
 # Options that keep a push or fetch to our refs: no hooks, no tags, no submodules, no

@@ -5,7 +5,9 @@ its own. The supervisor holds the job's lock file for its whole life (so a
 restarted daemon knows it is alive), starts the command in a new process group
 with the log as stdout and stderr, records both processes' identities, waits,
 and writes the exit status where any later daemon can read it (on a full disk it
-tries again, lock held, until the write lands: a known status is never lost). It survives
+tries again, lock held, until the write lands: a known status is never lost). While the
+job runs, a thread notes when its metrics files grow (metricfiles.Watch: the times of
+its points, and where its attempt began in each file). It survives
 the daemon's death; it ignores SIGTERM/SIGINT/SIGHUP (signals go to the job).
 
 When the job's main process ends, whatever it left behind is SIGKILLed at

@@ -147,6 +147,7 @@ def test_logs_mode(screen: Screen, repo: Path, tmp_path: Path) -> None:
     assert "<- you are here" in out and "1. #1" in out and "[one]" in out
     out = screen.run("view 1")
     assert "first" in out and "exited with code 0" in out
+    assert "loss: no points" in screen.run("plot 1 -m loss")  # git tq plot 1 -m loss
     screen.ask("view 2 -f", r"waiting")
     screen.child.sendintr()  # Ctrl-C ends following, and we stay in Logs mode
     screen.wait(screen.prompt)

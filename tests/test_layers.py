@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"cli"},
     {"top", "web"},  # the dashboard · report and serve (the web stack, imported lazily)
     {"rows"},  # ready-to-print rows of ls and log, cached by tip
-    {"output"},  # CLI-side rendering
+    {"output", "plotting"},  # CLI-side rendering (plotting: terminal curves, plotext)
     {"service"},
     {"submission"},  # `git tq run`: imported without the other actions
     {"joblists"},  # ids, ranges, tags, sweep names -> jobs

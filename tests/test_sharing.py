@@ -90,6 +90,10 @@ def test_two_machines_share_jobs_logs_outputs_metrics_and_notes(lab: Any) -> Non
         ["bob@gpu2:1"]
     assert [j["name"] for j in alice.json("ls", "--all", "--origin", "alice@gpu1")] == ["1"]
 
+    # Metric series travel in refs/notes/tq-series: both jobs' notes, read by plot.
+    assert len(git(alice.path, "notes", "--ref=tq-series", "list").split()) == 4
+    plotted = json.loads(alice.tq("plot", "bob@gpu2:1", "--json").stdout)["jobs"][0]
+    assert plotted["job"] == "bob@gpu2:1" and plotted["series"]["loss"]["total"] == 1
     # view: the log came in refs/notes/tq-logs; show, log, compare, diff, checkout read it.
     assert "hello from bob@gpu2" in alice.tq("view", "bob@gpu2:1").stdout
     assert "hello from alice@gpu1" in alice.tq("view", "1").stdout
