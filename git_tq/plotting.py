@@ -17,10 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
+from git_tq.errors import UsageError
 from git_tq.safetext import visible
 from git_tq.series import JobCurves, Point, Series
 
 MAX_PANELS = 6  # metrics drawn when none is named
+DRAWABLE = 1e300  # points with a larger |x| or |y| are left out: plotext's ranges overflow
 X_AXES = ("step", "time", "epoch")
 DRAWN_PER_COLUMN = 2  # points per terminal column worth drawing (braille: 2 dots wide)
 
@@ -116,8 +118,6 @@ def render(curves: Sequence[JobCurves], metrics: Sequence[str], *, x: str = "ste
         plt.title(visible(name) + (f" (smoothed over {window})" if window > 1 else ""))
         plt.xlabel({"step": "step", "time": "seconds since the first point",
                     "epoch": "epoch"}[x])
-        if log:
-            plt.yscale("log")
         drawn = 0
         for c in curves:
             s: Optional[Series] = c.series.get(name)
@@ -127,11 +127,18 @@ def render(curves: Sequence[JobCurves], metrics: Sequence[str], *, x: str = "ste
             xs = x_of(s.points, x, origin, epochs)
             pairs = [(a, p.value) for a, p in zip(xs, s.points) if a is not None]
             ys = smooth([v for _, v in pairs], window)
-            xy = [(a, v) for (a, _), v in zip(pairs, ys) if v > 0 or not log]
+            xy = [(a, v) for (a, _), v in zip(pairs, ys)
+                  if (v > 0 or not log) and abs(a) <= DRAWABLE and abs(v) <= DRAWABLE]
+            if len(xy) < len(pairs):
+                notes.append(f"{visible(name)}, job {visible(c.job)}: "
+                             f"{len(pairs) - len(xy)} points left out "
+                             f"({'not above 0 on a log scale, or ' if log else ''}"
+                             "too large to draw)")
             if not xy:
                 continue
             marks = [m for m in (x_of([Point(r.step, 0.0, r.time, r.attempt)], x, origin,
-                                      epochs)[0] for r in c.resumes) if m is not None]
+                                      epochs)[0] for r in c.resumes)
+                     if m is not None and abs(m) <= DRAWABLE]
             label = legend(c)
             if s.total > len(s.points):
                 label += f" ({len(s.points)} of {s.total} points)"
@@ -141,10 +148,17 @@ def render(curves: Sequence[JobCurves], metrics: Sequence[str], *, x: str = "ste
             for m in marks:
                 plt.vline(m)
             drawn += 1
+        if log and drawn:  # plotext fails on a log axis with nothing on it
+            plt.yscale("log")
         if not drawn:
             notes.append(f"{visible(name)}: no points")
-    text = plt.build()
-    plt.clear_figure()
+    try:
+        text = plt.build()
+    except (ArithmeticError, ValueError, IndexError, TypeError) as exc:  # plotext's own
+        raise UsageError(f"cannot draw these values in a terminal ({exc}): "
+                         "`git tq plot --json` prints them") from None
+    finally:
+        plt.clear_figure()
     return Drawn(text if color else plt.uncolorize(text), tuple(notes))
 
 

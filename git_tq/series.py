@@ -184,9 +184,11 @@ def _attempt_of(raw: bytes, max_points: int) -> Optional[AttemptSeries]:
         if not isinstance(name, str) or not _NAME.fullmatch(name) or not isinstance(col, dict):
             continue
         steps, values, dts = (_numbers(col.get(k), max_points) for k in ("step", "value", "dt"))
-        rows = list(zip(steps, values, [t0 + d / 1000 for d in dts]))
-        if len(rows) != len(steps) or len(rows) != len(values):
-            rows = []  # columns of different lengths: not ours
+        times = [t0 + d / 1000 for d in dts]
+        rows = list(zip(steps, values, times))
+        if len(rows) != len(steps) or len(rows) != len(values) \
+                or not all(map(math.isfinite, times)):
+            rows = []  # columns of different lengths, or times past a float: not ours
         n = col.get("n")
         total = n if isinstance(n, int) and not isinstance(n, bool) else 0
         columns[name] = tuple(rows)

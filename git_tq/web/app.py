@@ -97,7 +97,8 @@ class TokenGate:
             rest = [(k, v) for k, v in urllib.parse.parse_qsl(
                 scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
                 if k != "token"]
-            where = urllib.parse.quote(scope["path"]) + (
+            # one leading slash: `//host/` would send the browser to another site
+            where = "/" + urllib.parse.quote(scope["path"].lstrip("/")) + (
                 "?" + urllib.parse.urlencode(rest) if rest else "")
             cookie = f"{self.cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict"
             await send({"type": "http.response.start", "status": 303,
