@@ -318,3 +318,12 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     line = config.stash.get(_SLURM_SUMMARY, None)
     if line:
         terminalreporter.write_line(line)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_not_ignored() -> None:
+    """Children inherit an ignored SIGINT (exec keeps SIG_IGN): a browser or server test
+    that left it ignored in this worker would make later Ctrl-C tests hang."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
